@@ -1,0 +1,22 @@
+# Developer commands. Each is a thin alias: without `just`, run the command after the colon.
+
+# List the recipes.
+default:
+    @just --list
+
+# Start Postgres (DATABASE_URL, or a throwaway cluster) and migrate; ctrl-c stops it.
+up:
+    cargo xtask up
+
+# Run the whole test suite against a self-provisioned Postgres.
+test *args:
+    cargo xtask test {{args}}
+
+# Formatting and lints, exactly as CI checks them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format the code.
+fmt:
+    cargo fmt --all

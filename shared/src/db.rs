@@ -1,0 +1,67 @@
+//! Postgres connections: a pool for ordinary queries and dedicated connections for the jobs a
+//! pooled connection cannot do (holding a session advisory lock for migrations, `LISTEN`).
+
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseSettings;
+
+pub type Pool = deadpool_postgres::Pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("could not build the connection pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+    #[error("could not connect to Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+}
+
+/// The shared pool. Connections are opened lazily, so building it never touches the network;
+/// the first query reports an unreachable database.
+pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        connection_config(settings),
+        NoTls,
+        // `Fast` skips the test query on checkout; a broken connection fails its query and is
+        // dropped, and callers retry at the unit-of-work level anyway.
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(settings.pool_max_size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(settings.connect_timeout))
+        .wait_timeout(Some(settings.connect_timeout))
+        .build()?)
+}
+
+/// A connection of its own, outside the pool, with its driver task. The task ends when the
+/// client is dropped or the connection breaks.
+pub async fn connect(
+    settings: &DatabaseSettings,
+) -> Result<(Client, JoinHandle<Result<(), tokio_postgres::Error>>), DbError> {
+    let (client, connection) = connection_config(settings)
+        .connect(NoTls)
+        .await
+        .map_err(DbError::Connect)?;
+    Ok((client, tokio::spawn(connection)))
+}
+
+fn connection_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
+    let mut config = settings.config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(settings.connect_timeout);
+    }
+    if config.get_application_name().is_none() {
+        if let Some(name) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        {
+            // Shows which service a backend belongs to in pg_stat_activity.
+            config.application_name(&name);
+        }
+    }
+    config
+}

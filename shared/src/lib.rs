@@ -1,0 +1,13 @@
+//! Shared foundation of the ETL services: one place for configuration, the Postgres pool, the
+//! embedded schema migrations, logging start-up and the shutdown signal, so the three services
+//! behave the same way and stay thin.
+
+pub mod config;
+pub mod db;
+pub mod migrate;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{ConfigError, DatabaseSettings};
+pub use db::{DbError, Pool};
+pub use migrate::{migrate, MigrateError, MigrationReport};

@@ -1,0 +1,221 @@
+//! Test harness: every test gets its own database, cloned from a template that was migrated once,
+//! and dropped when the test ends. Tests therefore run in parallel (nextest runs each in its own
+//! process) without seeing each other's rows.
+//!
+//! The server comes from `DATABASE_URL`, which `cargo xtask test` sets to the Postgres it
+//! provisioned (an existing one, or a throwaway cluster).
+
+use std::time::Duration;
+
+use etl_shared::DatabaseSettings;
+use tokio_postgres::{Client, NoTls};
+
+/// Serializes template creation across test processes (session advisory lock on the server).
+const TEMPLATE_LOCK_KEY: i64 = 0x6574_6c5f_746d_706c; // "etl_tmpl"
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub name: String,
+    /// Connection URL for this database, as a service would get it in `DATABASE_URL`.
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// A fresh database with the current schema.
+    pub async fn new() -> Self {
+        let admin_url = admin_url();
+        let template = ensure_template(&admin_url).await;
+        Self::create(admin_url, Some(&template)).await
+    }
+
+    /// A fresh database with no schema at all (for testing the migrations themselves).
+    pub async fn empty() -> Self {
+        Self::create(admin_url(), None).await
+    }
+
+    async fn create(admin_url: String, template: Option<&str>) -> Self {
+        let name = format!("etl_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&admin_url).await;
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {} TEMPLATE {}", ident(&name), ident(t)),
+            None => format!("CREATE DATABASE {}", ident(&name)),
+        };
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let url = with_database(&admin_url, &name);
+        Self {
+            name,
+            url,
+            admin_url,
+        }
+    }
+
+    pub fn settings(&self) -> DatabaseSettings {
+        DatabaseSettings::from_url(&self.url).expect("test database URL is valid")
+    }
+
+    /// A connection of its own to this database.
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop cannot be async, and we may be inside a runtime: do it on a thread of its own.
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&self.name));
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for dropping a test database")
+                .block_on(async { connect(&admin_url).await.batch_execute(&sql).await })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// The server URL the harness works from.
+pub fn admin_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "DATABASE_URL is not set. Run the suite with `cargo xtask test` (or `just test`), which \
+             starts a throwaway Postgres, or point DATABASE_URL at a server where this user may \
+             CREATE DATABASE."
+        ),
+    }
+}
+
+/// Creates (once per migration set) a migrated template database and returns its name. The name
+/// carries a checksum of the embedded migrations, so editing a migration yields a new template
+/// instead of silently testing the old schema.
+async fn ensure_template(admin_url: &str) -> String {
+    let name = format!("etl_template_{:016x}", migrations_checksum());
+    let admin = connect(admin_url).await;
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await
+        .expect("template lock");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("look up template")
+        .is_some();
+    if !exists {
+        let building = format!("{name}_building");
+        // Left over if an earlier run died mid-migration. (Two statements: DROP DATABASE cannot
+        // share an implicit transaction.)
+        for sql in [
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            "CREATE DATABASE {}",
+        ] {
+            admin
+                .batch_execute(&sql.replace("{}", &ident(&building)))
+                .await
+                .expect("create template database");
+        }
+        let settings =
+            DatabaseSettings::from_url(&with_database(admin_url, &building)).expect("template URL");
+        etl_shared::migrate(&settings)
+            .await
+            .expect("migrate the template database");
+        // Renamed only once complete, so a crash mid-migration never leaves a half template.
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                ident(&building),
+                ident(&name)
+            ))
+            .await
+            .expect("publish template database");
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await
+        .expect("template unlock");
+    name
+}
+
+fn migrations_checksum() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    etl_shared::migrate::embedded_migrations().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A connection with its driver running in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// `url` with its database name replaced. Only `postgres://` URLs are supported here, which is
+/// what `cargo xtask test` provides.
+pub fn with_database(url: &str, dbname: &str) -> String {
+    let scheme_end = url
+        .find("://")
+        .map(|i| i + 3)
+        .unwrap_or_else(|| panic!("DATABASE_URL must be a postgres:// URL for the test harness"));
+    let (base, query) = match url.find('?') {
+        Some(q) => url.split_at(q),
+        None => (url, ""),
+    };
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{dbname}{query}", &base[..authority_end])
+}
+
+/// A quoted SQL identifier (names here are generated, but quoting keeps them exact).
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Polls `condition` until it returns `Some`, failing the test after `deadline`. Tests wait for
+/// what they expect instead of sleeping for a guessed time.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn with_database_replaces_only_the_database_name() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h:5/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h:5", "t1"), "postgres://h:5/t1");
+        assert_eq!(
+            with_database("postgresql://h/db", "t2"),
+            "postgresql://h/t2"
+        );
+    }
+}

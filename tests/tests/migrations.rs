@@ -1,0 +1,365 @@
+//! The schema: every table and constraint the services rely on exists, and migrating is safe to
+//! repeat and to run from several processes at once.
+
+use etl_shared::migrate::embedded_migrations;
+use etl_tests::TestDb;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+const TABLES: [&str; 6] = [
+    "raw_api_data",
+    "raw_csv_data",
+    "normalized_data",
+    "etl_checkpoint",
+    "etl_runs",
+    "etl_rejects",
+];
+
+async fn columns(client: &Client, table: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Column lists of the UNIQUE and PRIMARY KEY constraints of `table`, e.g. `["source,source_id"]`.
+async fn unique_keys(client: &Client, table: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT string_agg(a.attname, ',' ORDER BY k.ord)
+             FROM pg_constraint c
+             CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+             WHERE c.conrelid = $1::text::regclass AND c.contype IN ('u', 'p')
+             GROUP BY c.oid ORDER BY 1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn sql_state(client: &Client, sql: &str) -> Option<SqlState> {
+    client.batch_execute(sql).await.err().map(|e| {
+        e.code()
+            .cloned()
+            .expect("a database error, not a connection error")
+    })
+}
+
+#[tokio::test]
+async fn migrations_create_every_table_with_the_columns_the_services_use() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+
+    let expected: [(&str, &[&str]); 6] = [
+        (
+            "raw_api_data",
+            &[
+                "id",
+                "source",
+                "source_id",
+                "data",
+                "ingested_at",
+                "change_id",
+                "changed_at",
+            ],
+        ),
+        (
+            "raw_csv_data",
+            &[
+                "id",
+                "source",
+                "source_id",
+                "data",
+                "ingested_at",
+                "change_id",
+                "changed_at",
+            ],
+        ),
+        (
+            "normalized_data",
+            &[
+                "id",
+                "source",
+                "source_id",
+                "name",
+                "value",
+                "description",
+                "created_at",
+                "updated_at",
+            ],
+        ),
+        (
+            "etl_checkpoint",
+            &[
+                "source",
+                "last_processed_id",
+                "last_processed_at",
+                "total_processed",
+                "updated_at",
+            ],
+        ),
+        (
+            "etl_runs",
+            &[
+                "id",
+                "service",
+                "source",
+                "started_at",
+                "ended_at",
+                "duration_seconds",
+                "records_processed",
+                "records_inserted",
+                "records_updated",
+                "records_unchanged",
+                "records_rejected",
+                "status",
+                "error_message",
+                "created_at",
+            ],
+        ),
+        (
+            "etl_rejects",
+            &[
+                "id",
+                "run_id",
+                "stage",
+                "source",
+                "source_id",
+                "line",
+                "page",
+                "item",
+                "raw_id",
+                "reason",
+                "raw",
+                "created_at",
+            ],
+        ),
+    ];
+    for (table, cols) in expected {
+        assert_eq!(columns(&client, table).await, cols, "columns of {table}");
+    }
+}
+
+#[tokio::test]
+async fn raw_and_normalized_tables_are_unique_per_source_and_source_id() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+
+    for table in ["raw_api_data", "raw_csv_data", "normalized_data"] {
+        let keys = unique_keys(&client, table).await;
+        assert!(
+            keys.contains(&"source,source_id".to_string()),
+            "{table}: {keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|k| k == "source_id"),
+            "{table} must not key on source_id alone"
+        );
+    }
+    assert_eq!(unique_keys(&client, "etl_checkpoint").await, ["source"]);
+
+    // The same id from two sources is two records; the same id twice in one source is refused.
+    client
+        .batch_execute(
+            "INSERT INTO raw_csv_data (source, source_id, data) VALUES ('a', '1', '{}'), ('b', '1', '{}')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sql_state(
+            &client,
+            "INSERT INTO raw_csv_data (source, source_id, data) VALUES ('a', '1', '{}')"
+        )
+        .await,
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+}
+
+#[tokio::test]
+async fn normalized_values_may_repeat_but_must_be_finite_and_named() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+
+    client
+        .batch_execute(
+            "INSERT INTO normalized_data (source, source_id, name, value)
+             VALUES ('s', '1', 'one', 42), ('s', '2', 'two', 42)",
+        )
+        .await
+        .expect("the seed's `value UNIQUE` was a drawing slip: values repeat");
+
+    for bad in ["'NaN'", "'Infinity'", "'-Infinity'"] {
+        let sql = format!(
+            "INSERT INTO normalized_data (source, source_id, name, value) VALUES ('s', 'x', 'n', {bad})"
+        );
+        assert_eq!(
+            sql_state(&client, &sql).await,
+            Some(SqlState::CHECK_VIOLATION),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        sql_state(
+            &client,
+            "INSERT INTO normalized_data (source, source_id, name, value) VALUES ('s', 'y', '', 1)"
+        )
+        .await,
+        Some(SqlState::CHECK_VIOLATION)
+    );
+}
+
+#[tokio::test]
+async fn raw_changes_get_increasing_change_ids() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+
+    let ids: Vec<i64> = client
+        .query(
+            "INSERT INTO raw_api_data (source, source_id, data)
+             SELECT 'api', g::text, '{}' FROM generate_series(1, 3) g RETURNING change_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let csv: i64 = client
+        .query_one(
+            "INSERT INTO raw_csv_data (source, source_id, data) VALUES ('csv', '1', '{}') RETURNING change_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(csv > ids[2], "one sequence across both raw tables");
+}
+
+#[tokio::test]
+async fn runs_and_rejects_refuse_inconsistent_rows() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+
+    let cases = [
+        ("unknown service", "INSERT INTO etl_runs (service, source) VALUES ('cron', 's')"),
+        ("unknown status", "INSERT INTO etl_runs (service, source, status) VALUES ('ingester', 's', 'done')"),
+        (
+            "finished without an end",
+            "INSERT INTO etl_runs (service, source, status) VALUES ('ingester', 's', 'success')",
+        ),
+        (
+            "failed without an error",
+            "INSERT INTO etl_runs (service, source, status, ended_at) VALUES ('ingester', 's', 'failed', now())",
+        ),
+        (
+            "unknown stage",
+            "INSERT INTO etl_rejects (stage, source, reason, raw) VALUES ('load', 's', 'r', '\\x00')",
+        ),
+        (
+            "reject without a reason",
+            "INSERT INTO etl_rejects (stage, source, reason, raw) VALUES ('ingest', 's', '', '\\x00')",
+        ),
+    ];
+    for (what, sql) in cases {
+        assert_eq!(
+            sql_state(&client, sql).await,
+            Some(SqlState::CHECK_VIOLATION),
+            "{what}"
+        );
+    }
+
+    // A normalize-stage reject is the current state of one raw record: one per (source, source_id).
+    client
+        .batch_execute(
+            "INSERT INTO etl_rejects (stage, source, source_id, reason, raw)
+             VALUES ('normalize', 's', '1', 'no name', '\\x7b7d')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sql_state(
+            &client,
+            "INSERT INTO etl_rejects (stage, source, source_id, reason, raw)
+             VALUES ('normalize', 's', '1', 'no name', '\\x7b7d')"
+        )
+        .await,
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+    // Rejected bytes are kept exactly, NUL and invalid UTF-8 included.
+    client
+        .batch_execute(
+            "INSERT INTO etl_rejects (stage, source, line, reason, raw)
+             VALUES ('ingest', 's', 7, 'ragged row', '\\x00ff0a')",
+        )
+        .await
+        .unwrap();
+    let raw: Vec<u8> = client
+        .query_one("SELECT raw FROM etl_rejects WHERE line = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(raw, [0x00, 0xff, 0x0a]);
+}
+
+#[tokio::test]
+async fn migrating_an_up_to_date_database_again_changes_nothing() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let history = "SELECT count(*) FROM refinery_schema_history";
+    let before: i64 = client.query_one(history, &[]).await.unwrap().get(0);
+    assert_eq!(before as usize, embedded_migrations().len());
+
+    let report = etl_shared::migrate(&db.settings()).await.unwrap();
+
+    assert!(
+        report.applied.is_empty(),
+        "applied again: {:?}",
+        report.applied
+    );
+    let after: i64 = client.query_one(history, &[]).await.unwrap().get(0);
+    assert_eq!(after, before);
+}
+
+#[tokio::test]
+async fn concurrent_migrations_of_an_empty_database_all_succeed_and_apply_once() {
+    let db = TestDb::empty().await;
+    let settings = db.settings();
+
+    let runs = (0..6).map(|_| {
+        let settings = settings.clone();
+        tokio::spawn(async move { etl_shared::migrate(&settings).await })
+    });
+    let reports: Vec<_> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|joined| joined.unwrap().expect("every concurrent migrate succeeds"))
+        .collect();
+
+    let applied: usize = reports.iter().map(|r| r.applied.len()).sum();
+    assert_eq!(
+        applied,
+        embedded_migrations().len(),
+        "each migration applied exactly once"
+    );
+    let client = db.client().await;
+    for table in TABLES {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(exists, "{table} missing");
+    }
+}

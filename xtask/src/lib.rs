@@ -1,0 +1,4 @@
+//! Developer tooling behind `cargo xtask`. The library part is the Postgres bootstrap, kept here
+//! so its tests can drive it directly.
+
+pub mod pg;

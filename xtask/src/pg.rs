@@ -1,0 +1,452 @@
+//! The Postgres bootstrap behind `cargo xtask test` and `cargo xtask up`: use the server at
+//! `DATABASE_URL` when it answers, otherwise make a throwaway cluster with the machine's own
+//! `initdb`/`pg_ctl` under the build folder, and remove it again when done.
+//!
+//! `initdb` and `postgres` refuse to run as root (CI runs as root), so as root the cluster is
+//! created and run as the unprivileged `postgres` system user.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Where Debian-style packages put versioned server binaries (`/usr/lib/postgresql/15/bin`).
+pub const VERSIONED_BIN_ROOT: &str = "/usr/lib/postgresql";
+
+const INSTALL_HINT: &str = "install the PostgreSQL server binaries (Debian/Ubuntu: \
+    `apt-get install postgresql`; Fedora: `dnf install postgresql-server`; macOS: \
+    `brew install postgresql@15`), or set DATABASE_URL to a server you run";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("no PostgreSQL server binaries found: looked for initdb and pg_ctl on PATH and under {VERSIONED_BIN_ROOT}/*/bin; {INSTALL_HINT}")]
+    NoBinaries,
+    #[error("running as root, and initdb/postgres refuse to run as root; no unprivileged `postgres` user exists to run them as (create one with `useradd --system postgres`, or run as a normal user)")]
+    NoUnprivilegedUser,
+    #[error("{step} failed: {detail}")]
+    Step { step: String, detail: String },
+    #[error("I/O error while {doing}: {source}")]
+    Io {
+        doing: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(doing: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootstrapError {
+    let doing = doing.into();
+    move |source| BootstrapError::Io { doing, source }
+}
+
+/// The folder holding `initdb`, `pg_ctl` and `postgres`.
+#[derive(Debug, Clone)]
+pub struct PgBinaries {
+    pub bin_dir: PathBuf,
+}
+
+impl PgBinaries {
+    /// Finds the binaries on `PATH`, then under `/usr/lib/postgresql/<newest>/bin`.
+    pub fn find() -> Result<Self, BootstrapError> {
+        let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        Self::find_in(&path_dirs, Path::new(VERSIONED_BIN_ROOT))
+    }
+
+    /// As [`find`](Self::find), over explicit places (so tests can show the not-found message).
+    pub fn find_in(path_dirs: &[PathBuf], versioned_root: &Path) -> Result<Self, BootstrapError> {
+        let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+        if let Some(dir) = path_dirs.iter().find(|d| has_both(d)) {
+            return Ok(Self {
+                bin_dir: dir.clone(),
+            });
+        }
+        let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir(versioned_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = entry.path().join("bin");
+                has_both(&bin).then_some((version, bin))
+            })
+            .collect();
+        versioned.sort();
+        versioned
+            .pop()
+            .map(|(_, bin_dir)| Self { bin_dir })
+            .ok_or(BootstrapError::NoBinaries)
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// The database the suite or the stack runs against.
+#[derive(Debug)]
+pub enum Database {
+    /// The server at `DATABASE_URL`, left as it was found.
+    External { url: String },
+    /// A cluster made for this run, removed by [`Database::shutdown`] (or on drop).
+    Throwaway(Cluster),
+}
+
+impl Database {
+    /// A URL for the `postgres` maintenance database (or the external one as given); the test
+    /// harness creates its databases from there.
+    pub fn url(&self) -> String {
+        match self {
+            Database::External { url } => url.clone(),
+            Database::Throwaway(cluster) => cluster.url(),
+        }
+    }
+
+    pub fn shutdown(self) -> Result<(), BootstrapError> {
+        match self {
+            Database::External { .. } => Ok(()),
+            Database::Throwaway(cluster) => cluster.stop(),
+        }
+    }
+}
+
+/// Uses `database_url` when it answers; otherwise starts a throwaway cluster under
+/// `clusters_dir`. Clusters left behind by a killed earlier run are removed first.
+pub async fn provision(
+    database_url: Option<&str>,
+    clusters_dir: &Path,
+) -> Result<Database, BootstrapError> {
+    if let Some(url) = database_url.filter(|u| !u.is_empty()) {
+        match answers(url).await {
+            Ok(()) => {
+                return Ok(Database::External {
+                    url: url.to_owned(),
+                })
+            }
+            Err(why) => eprintln!(
+                "DATABASE_URL is set but does not answer ({why}); starting a throwaway cluster instead"
+            ),
+        }
+    }
+    let binaries = PgBinaries::find()?;
+    reap_stale(clusters_dir);
+    tokio::task::spawn_blocking({
+        let dir = clusters_dir.to_owned();
+        move || Cluster::start(&binaries, &dir)
+    })
+    .await
+    .expect("cluster start-up panicked")
+    .map(Database::Throwaway)
+}
+
+/// Whether a server at `url` accepts a connection and a query within a few seconds.
+pub async fn answers(url: &str) -> Result<(), String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+    let attempt = async {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let result = client.simple_query("SELECT 1").await.map(|_| ());
+        drop(client);
+        let _ = driver.await;
+        result
+    };
+    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 3 s".into()),
+    }
+}
+
+/// A running throwaway cluster: TCP on 127.0.0.1 only, trust auth, durability off (it is
+/// deleted afterwards, and fsync would only slow the suite down).
+#[derive(Debug)]
+pub struct Cluster {
+    /// Holds `data/`, `server.log` and `owner.pid` (the process that may remove it).
+    pub root: PathBuf,
+    pub port: u16,
+    binaries: PgBinaries,
+    run_as: Option<(u32, u32)>,
+    stopped: bool,
+}
+
+const SERVER_SETTINGS: &str = "
+# Added by xtask: a throwaway cluster for tests and local runs.
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+max_connections = 200
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+";
+
+impl Cluster {
+    /// Creates and starts a cluster in a new folder under `clusters_dir`.
+    pub fn start(binaries: &PgBinaries, clusters_dir: &Path) -> Result<Self, BootstrapError> {
+        let run_as = unprivileged_user()?;
+        let root = make_cluster_root(clusters_dir, run_as)?;
+        let mut cluster = Cluster {
+            root,
+            port: 0,
+            binaries: binaries.clone(),
+            run_as,
+            stopped: true,
+        };
+        fs::write(
+            cluster.root.join("owner.pid"),
+            std::process::id().to_string(),
+        )
+        .map_err(io("writing owner.pid"))?;
+        let data = cluster.data_dir();
+        cluster.run(
+            "initdb",
+            Command::new(binaries.tool("initdb"))
+                .arg("--pgdata")
+                .arg(&data)
+                .args(["--username=postgres", "--auth=trust", "--encoding=UTF8"])
+                .args(["--no-locale", "--no-sync"]),
+        )?;
+        let conf = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).map_err(io("reading postgresql.conf"))?;
+        text.push_str(SERVER_SETTINGS);
+        fs::write(&conf, text).map_err(io("writing postgresql.conf"))?;
+
+        // A free port can be taken between our probe and the server's bind: try a few.
+        let mut last_error = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            let log = cluster.root.join("server.log");
+            let started = cluster.run(
+                "pg_ctl start",
+                Command::new(binaries.tool("pg_ctl"))
+                    .arg("--pgdata")
+                    .arg(&data)
+                    .arg("--log")
+                    .arg(&log)
+                    .args(["--wait", "--timeout=60", "-o"])
+                    .arg(format!("-p {}", cluster.port))
+                    .arg("start"),
+            );
+            match started {
+                Ok(_) => {
+                    cluster.stopped = false;
+                    return Ok(cluster);
+                }
+                Err(e) => {
+                    let log_tail = tail(&log, 15);
+                    let port_taken = log_tail.contains("could not bind");
+                    last_error = Some(BootstrapError::Step {
+                        step: "starting the throwaway cluster".into(),
+                        detail: format!("{e}\n--- {} ---\n{log_tail}", log.display()),
+                    });
+                    if !port_taken {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error.expect("at least one start attempt"))
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// Stops the server (fast shutdown: sessions are disconnected) and deletes the folder.
+    pub fn stop(mut self) -> Result<(), BootstrapError> {
+        self.stop_and_remove()
+    }
+
+    fn stop_and_remove(&mut self) -> Result<(), BootstrapError> {
+        if !self.stopped {
+            self.stopped = true;
+            stop_server(&self.binaries, &self.data_dir(), self.run_as)?;
+        }
+        if self.root.exists() {
+            fs::remove_dir_all(&self.root).map_err(io(format!(
+                "removing the cluster folder {}",
+                self.root.display()
+            )))?;
+        }
+        Ok(())
+    }
+
+    fn run(&self, step: &str, command: &mut Command) -> Result<Output, BootstrapError> {
+        run_as(command, self.run_as, &self.root);
+        checked(step, command)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_and_remove() {
+            eprintln!("could not clean up the throwaway cluster: {e}");
+        }
+    }
+}
+
+/// Stops and deletes clusters under `clusters_dir` whose owning process is gone (a run that was
+/// killed before it could clean up), so they neither pile up nor keep ports and memory.
+pub fn reap_stale(clusters_dir: &Path) {
+    let Ok(entries) = fs::read_dir(clusters_dir) else {
+        return;
+    };
+    let Ok(binaries) = PgBinaries::find() else {
+        return;
+    };
+    let run_as = unprivileged_user().ok().flatten();
+    for root in entries.flatten().map(|e| e.path()) {
+        let owner = fs::read_to_string(root.join("owner.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if owner.is_some_and(process_alive) {
+            continue;
+        }
+        let data = root.join("data");
+        if data.join("postmaster.pid").exists() {
+            let _ = stop_server(&binaries, &data, run_as);
+        }
+        match fs::remove_dir_all(&root) {
+            Ok(()) => eprintln!("removed a stale throwaway cluster: {}", root.display()),
+            Err(e) => eprintln!("could not remove stale cluster {}: {e}", root.display()),
+        }
+    }
+}
+
+fn stop_server(
+    binaries: &PgBinaries,
+    data: &Path,
+    user: Option<(u32, u32)>,
+) -> Result<(), BootstrapError> {
+    let stop = |mode: &str| {
+        let mut command = Command::new(binaries.tool("pg_ctl"));
+        command
+            .arg("--pgdata")
+            .arg(data)
+            .args(["--wait", "--timeout=30", "--mode", mode, "stop"]);
+        run_as(&mut command, user, data.parent().unwrap_or(data));
+        checked("pg_ctl stop", &mut command)
+    };
+    // A fast stop waits for the shutdown checkpoint; if that hangs, an immediate one still ends it.
+    stop("fast").or_else(|_| stop("immediate")).map(|_| ())
+}
+
+/// `None` when already unprivileged; the `postgres` user's (uid, gid) when running as root.
+fn unprivileged_user() -> Result<Option<(u32, u32)>, BootstrapError> {
+    if id(&["-u"]).as_deref() != Some("0") {
+        return Ok(None);
+    }
+    let uid = id(&["-u", "postgres"]).and_then(|s| s.parse().ok());
+    let gid = id(&["-g", "postgres"]).and_then(|s| s.parse().ok());
+    match (uid, gid) {
+        (Some(uid), Some(gid)) => Ok(Some((uid, gid))),
+        _ => Err(BootstrapError::NoUnprivilegedUser),
+    }
+}
+
+fn id(args: &[&str]) -> Option<String> {
+    let out = Command::new("id").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A new, empty folder for one cluster that the server's user can write. Prefers the build
+/// folder; falls back to the system temp folder when the server's user cannot reach it (e.g. a
+/// checkout under a home directory that is closed to other users).
+fn make_cluster_root(
+    clusters_dir: &Path,
+    user: Option<(u32, u32)>,
+) -> Result<PathBuf, BootstrapError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "cluster-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let preferred = clusters_dir.join(&name);
+    fs::create_dir_all(&preferred).map_err(io(format!("creating {}", preferred.display())))?;
+    let Some((uid, gid)) = user else {
+        return Ok(preferred);
+    };
+    std::os::unix::fs::chown(&preferred, Some(uid), Some(gid)).map_err(io(format!(
+        "handing {} to the postgres user",
+        preferred.display()
+    )))?;
+    if writable_by(&preferred, user) {
+        return Ok(preferred);
+    }
+    let _ = fs::remove_dir_all(&preferred);
+    let fallback = std::env::temp_dir().join(format!("etl-pg-{name}"));
+    eprintln!(
+        "the postgres user cannot reach {}; using {} for the throwaway cluster",
+        preferred.display(),
+        fallback.display()
+    );
+    fs::create_dir_all(&fallback).map_err(io(format!("creating {}", fallback.display())))?;
+    std::os::unix::fs::chown(&fallback, Some(uid), Some(gid)).map_err(io(format!(
+        "handing {} to the postgres user",
+        fallback.display()
+    )))?;
+    Ok(fallback)
+}
+
+fn writable_by(dir: &Path, user: Option<(u32, u32)>) -> bool {
+    let mut command = Command::new("test");
+    command.arg("-w").arg(dir);
+    run_as(&mut command, user, Path::new("/"));
+    command.output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs `command` as `user` (when given), from a folder that user can enter: Postgres tools
+/// complain when they cannot read their working directory.
+fn run_as(command: &mut Command, user: Option<(u32, u32)>, cwd: &Path) {
+    use std::os::unix::process::CommandExt;
+    command.current_dir(cwd);
+    if let Some((uid, gid)) = user {
+        command.uid(uid).gid(gid);
+    }
+}
+
+fn checked(step: &str, command: &mut Command) -> Result<Output, BootstrapError> {
+    let output = command.output().map_err(io(format!("running {step}")))?;
+    if output.status.success() {
+        return Ok(output);
+    }
+    Err(BootstrapError::Step {
+        step: step.into(),
+        detail: format!(
+            "{}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    })
+}
+
+fn free_port() -> Result<u16, BootstrapError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("finding a free port"))
+}
+
+fn process_alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let Ok(file) = fs::File::open(path) else {
+        return String::from("(no server log)");
+    };
+    let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
