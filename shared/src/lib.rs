@@ -5,9 +5,15 @@
 pub mod config;
 pub mod db;
 pub mod migrate;
+pub mod runs;
 pub mod shutdown;
+pub mod sources;
 pub mod telemetry;
 
 pub use config::{ConfigError, DatabaseSettings};
 pub use db::{DbError, Pool};
 pub use migrate::{migrate, MigrateError, MigrationReport};
+
+/// The `NOTIFY` channel on which the ingester announces new raw changes; the payload is the
+/// source name. Notifications are only hints: the normalizer also polls.
+pub const RAW_READY_CHANNEL: &str = "etl_raw_ready";

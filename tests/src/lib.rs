@@ -202,6 +202,99 @@ where
     }
 }
 
+/// An HTTP server on 127.0.0.1 with a free port, serving `endpoint` until the test's runtime
+/// ends. Sources in tests are real servers, fetched over real HTTP.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+}
+
+impl TestServer {
+    pub async fn start(endpoint: impl poem::Endpoint + 'static) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().unwrap();
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
+        tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(endpoint));
+        Self { addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A `LISTEN`ing connection whose notifications arrive on a channel, for asserting what the
+/// services announce (and, with [`Listener::quiet_until_marker`], what they do not).
+pub struct Listener {
+    client: Client,
+    url: String,
+    channel: String,
+    notifications: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+}
+
+impl Listener {
+    pub async fn start(url: &str, channel: &str) -> Self {
+        use futures_util::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("connect listener");
+        let (tx, notifications) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", ident(channel)))
+            .await
+            .expect("LISTEN");
+        Self {
+            client,
+            url: url.into(),
+            channel: channel.into(),
+            notifications,
+        }
+    }
+
+    /// The next notification's payload, failing the test after `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> String {
+        tokio::time::timeout(deadline, self.notifications.recv())
+            .await
+            .expect("no notification before the deadline")
+            .expect("listener connection closed")
+            .payload()
+            .to_owned()
+    }
+
+    /// Everything notified before now: sends a marker from another session and collects what
+    /// arrives ahead of it. Postgres delivers notifications in commit order, so anything
+    /// committed earlier shows up here.
+    pub async fn drain(&mut self) -> Vec<String> {
+        let marker = format!("marker-{}", uuid::Uuid::new_v4());
+        let other = connect(&self.url).await;
+        other
+            .execute("SELECT pg_notify($1, $2)", &[&self.channel, &marker])
+            .await
+            .expect("send marker");
+        let mut before = Vec::new();
+        loop {
+            let payload = self.next(Duration::from_secs(10)).await;
+            if payload == marker {
+                return before;
+            }
+            before.push(payload);
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

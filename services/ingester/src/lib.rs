@@ -1,20 +1,207 @@
-//! The ingester service. Pulls REST and CSV sources over HTTP into the raw tables and notifies the normalizer.
+//! The ingester service: pulls REST and CSV sources over HTTP into the raw tables, records every
+//! run in `etl_runs` and every unusable record in `etl_rejects`, and notifies the normalizer.
 //!
-//! `main.rs` only parses the command line and starts logging; everything a test needs to start
-//! and stop the service lives here.
+//! `main.rs` only parses the command line and starts logging; [`Application`] (the daemon) and
+//! [`Ingester::run_source`] (one run) are what tests and the binary start.
+
+pub mod admin;
+mod csv;
+pub mod daemon;
+pub mod http;
+pub mod land;
+pub mod metrics;
+mod rest;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
+use etl_shared::runs::{Run, RunCounts, RunError, Service};
+use etl_shared::sources::{SourceKind, Sources, SourcesError};
+use etl_shared::Pool;
+use reqwest::header::HeaderMap;
+use tokio_util::sync::CancellationToken;
+
+pub use daemon::Application;
+
+use crate::http::{Fetcher, GaveUp, HeaderError};
+use crate::land::{LandError, Lander};
+use crate::metrics::Metrics;
 
 /// Everything the ingester reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    pub sources: Sources,
+    /// Per source, its request headers with the secrets already read from the environment.
+    pub headers: HashMap<String, HeaderMap>,
+    /// Where `/health/*`, `/metrics` and `POST /sources/{name}/run` are served.
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Sources(#[from] SourcesError),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
 }
 
 impl Settings {
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+    pub const ADMIN_ADDR_VAR: &'static str = "INGESTER_ADMIN_ADDR";
+
+    /// Reads `DATABASE_*`, `SOURCES_FILE` (required) and `INGESTER_ADMIN_ADDR` (default
+    /// `0.0.0.0:8081`), and the environment variables the sources' headers name.
+    pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
+        let database = DatabaseSettings::from_env(env)?;
+        let path: PathBuf = env
+            .required(Sources::FILE_VAR, "path of the sources file (TOML)")?
+            .into();
+        let sources = Sources::load(&path)?;
+        let mut headers = HashMap::new();
+        for source in &sources.sources {
+            let resolved = http::resolve_headers(source, |var| env.get(var).ok().flatten())?;
+            headers.insert(source.name.clone(), resolved);
+        }
+        let admin_addr = env
+            .parse(Self::ADMIN_ADDR_VAR)?
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8081)));
         Ok(Self {
-            database: DatabaseSettings::from_env(env)?,
+            database,
+            sources,
+            headers,
+            admin_addr,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("unknown source `{0}`")]
+    UnknownSource(String),
+    #[error(transparent)]
+    Fetch(Box<GaveUp>),
+    #[error(transparent)]
+    Land(#[from] LandError),
+    #[error("{0}")]
+    Source(String),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+impl From<GaveUp> for IngestError {
+    fn from(e: GaveUp) -> Self {
+        // Boxed: a URL and a response body make this variant several times larger than the rest.
+        IngestError::Fetch(Box::new(e))
+    }
+}
+
+/// The outcome of one run of one source.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub source: String,
+    pub run_id: i64,
+    pub counts: RunCounts,
+    /// Why the run failed; `None` on success.
+    pub error: Option<String>,
+}
+
+/// Runs sources. Cheap to clone; every clone shares the pool, metrics and shutdown signal.
+#[derive(Clone)]
+pub struct Ingester {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    sources: Sources,
+    headers: HashMap<String, HeaderMap>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+impl Ingester {
+    pub fn new(settings: &Settings, pool: Pool, shutdown: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                sources: settings.sources.clone(),
+                headers: settings.headers.clone(),
+                metrics: Metrics::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn sources(&self) -> &Sources {
+        &self.inner.sources
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Fetches and lands one source, recorded as one row of `etl_runs`. `Err` only when the run
+    /// could not even be recorded (unknown source, database down); a source that fails gives
+    /// `Ok` with `error` set, and its run row says why.
+    #[tracing::instrument(skip(self), fields(run_id))]
+    pub async fn run_source(&self, name: &str) -> Result<RunSummary, IngestError> {
+        let inner = &self.inner;
+        let source = inner
+            .sources
+            .get(name)
+            .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
+        let started = std::time::Instant::now();
+        let mut run = Run::start(&inner.pool, Service::Ingester, name).await?;
+        let run_id = run.id;
+        tracing::Span::current().record("run_id", run_id);
+        let (counts, outcome) = {
+            let headers = inner.headers.get(name).cloned().unwrap_or_default();
+            let client = run.client_mut();
+            let mut lander = Lander::new(client, &source.name, source.kind, run_id);
+            let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
+                Ok(fetcher) => match source.kind {
+                    SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
+                    SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
+                },
+                Err(e) => Err(e.into()),
+            };
+            let outcome = match fetched {
+                Ok(()) => lander.flush().await.map_err(IngestError::from),
+                Err(e) => Err(e),
+            };
+            (lander.committed(), outcome)
+        };
+        let error = outcome.err().map(|e| e.to_string());
+        run.finish(&inner.pool, counts, error.clone().map_or(Ok(()), Err))
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        inner
+            .metrics
+            .record_run(name, &counts, error.is_none(), seconds);
+        match &error {
+            None => tracing::info!(?counts, "ingest run succeeded"),
+            Some(e) => tracing::warn!(?counts, error = %e, "ingest run failed"),
+        }
+        Ok(RunSummary {
+            source: name.into(),
+            run_id,
+            counts,
+            error,
         })
     }
 }

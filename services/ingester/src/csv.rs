@@ -1,0 +1,229 @@
+//! CSV sources, streamed: the HTTP body flows through (optional) gzip decoding into csv-async
+//! and out in batches, so memory stays flat however large the file. Each row becomes a JSON
+//! object keyed by the header; a row that does not fit (wrong field count, invalid UTF-8, no
+//! id) is rejected with its line number and the rest of the file goes on.
+
+use std::io;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use csv_async::{AsyncReaderBuilder, ByteRecord};
+use etl_shared::sources::Source;
+use futures_util::TryStreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio_util::io::StreamReader;
+use url::Url;
+
+use crate::http::{FetchError, Fetcher};
+use crate::land::{Lander, Position, RawJson, RawRecord, Reject};
+use crate::IngestError;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+pub async fn ingest(
+    source: &Source,
+    fetcher: &Fetcher,
+    lander: &mut Lander<'_>,
+) -> Result<(), IngestError> {
+    let options = source.csv_options();
+    let url = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;
+    // Retries cover getting a successful response; once rows are streaming, a broken
+    // connection fails the run (what was landed stays landed, and the next run re-reads it).
+    let response = fetcher.get(&url, |r| async { Ok(r) }).await?;
+    let body = StreamReader::new(
+        response
+            .bytes_stream()
+            .map_err(|e| io::Error::other(FetchError::from_reqwest(e))),
+    );
+    let mut body = BufReader::with_capacity(64 * 1024, body);
+    let starts_gzipped = body
+        .fill_buf()
+        .await
+        .map_err(|e| read_error(&url, e))?
+        .starts_with(&GZIP_MAGIC);
+    let reader: Box<dyn AsyncRead + Unpin + Send> = if options.gzip.unwrap_or(starts_gzipped) {
+        let mut decoder = GzipDecoder::new(body);
+        decoder.multiple_members(true);
+        Box::new(decoder)
+    } else {
+        Box::new(body)
+    };
+
+    let mut csv = AsyncReaderBuilder::new()
+        .delimiter(options.delimiter as u8)
+        .quote(options.quote as u8)
+        .has_headers(false)
+        .flexible(true)
+        .create_reader(reader);
+
+    let mut record = ByteRecord::new();
+    if !csv
+        .read_byte_record(&mut record)
+        .await
+        .map_err(|e| csv_error(&url, e))?
+    {
+        return Ok(()); // an empty file: nothing to land
+    }
+    let header = Header::parse(&record, source)?;
+
+    let delimiter = options.delimiter as u8;
+    while csv
+        .read_byte_record(&mut record)
+        .await
+        .map_err(|e| csv_error(&url, e))?
+    {
+        let line = record.position().map(|p| p.line() as i64);
+        let position = Position {
+            line,
+            ..Position::default()
+        };
+        match header.to_json(&record) {
+            Ok((source_id, json)) => {
+                lander
+                    .push(RawRecord {
+                        source_id,
+                        data: RawJson(json),
+                        position,
+                    })
+                    .await?
+            }
+            Err(reason) => {
+                lander
+                    .reject(Reject {
+                        position,
+                        reason,
+                        raw: reassemble(&record, delimiter),
+                    })
+                    .await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Column names, and where the id is.
+struct Header {
+    columns: Vec<String>,
+    source_id: usize,
+}
+
+impl Header {
+    fn parse(record: &ByteRecord, source: &Source) -> Result<Self, IngestError> {
+        let mut columns = Vec::with_capacity(record.len());
+        for (i, field) in record.iter().enumerate() {
+            let field = if i == 0 {
+                field.strip_prefix(UTF8_BOM).unwrap_or(field)
+            } else {
+                field
+            };
+            let name = std::str::from_utf8(field).map_err(|_| {
+                IngestError::Source(format!("the header's column {} is not valid UTF-8", i + 1))
+            })?;
+            let name = name.trim().to_owned();
+            if columns.contains(&name) {
+                return Err(IngestError::Source(format!(
+                    "the header names column {name:?} twice; rows could not be mapped unambiguously"
+                )));
+            }
+            columns.push(name);
+        }
+        let mapping = &source.mapping;
+        let mapped = [
+            ("mapping.source_id", Some(&mapping.source_id)),
+            ("mapping.name", Some(&mapping.name)),
+            ("mapping.value", Some(&mapping.value)),
+            ("mapping.description", mapping.description.as_ref()),
+        ];
+        for (field, column) in mapped {
+            if let Some(column) = column {
+                if !columns.contains(column) {
+                    return Err(IngestError::Source(format!(
+                        "the header has no column {column:?} ({field}); it has: {}",
+                        columns.join(", ")
+                    )));
+                }
+            }
+        }
+        let source_id = columns
+            .iter()
+            .position(|c| *c == mapping.source_id)
+            .expect("checked above");
+        Ok(Self { columns, source_id })
+    }
+
+    /// The row as a JSON object keyed by column, with its id; or why it cannot be one.
+    fn to_json(&self, record: &ByteRecord) -> Result<(String, String), String> {
+        if record.len() != self.columns.len() {
+            return Err(format!(
+                "expected {} fields as in the header, found {}",
+                self.columns.len(),
+                record.len()
+            ));
+        }
+        let mut json = String::with_capacity(record.as_slice().len() + self.columns.len() * 16);
+        json.push('{');
+        for (i, (column, field)) in self.columns.iter().zip(record.iter()).enumerate() {
+            let value = std::str::from_utf8(field)
+                .map_err(|_| format!("field {column:?} is not valid UTF-8"))?;
+            if i > 0 {
+                json.push(',');
+            }
+            push_json_string(&mut json, column);
+            json.push(':');
+            push_json_string(&mut json, value);
+        }
+        json.push('}');
+        let id = std::str::from_utf8(&record[self.source_id]).expect("checked in the loop");
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(format!(
+                "source_id column {:?} is empty",
+                self.columns[self.source_id]
+            ));
+        }
+        Ok((id.to_owned(), json))
+    }
+}
+
+fn push_json_string(out: &mut String, value: &str) {
+    // serde_json's escaping, written straight into our buffer.
+    out.push_str(&serde_json::to_string(value).expect("a str always serializes"));
+}
+
+/// The row's fields joined back into CSV (quoted where needed) for the reject record.
+fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(record.as_slice().len() + record.len());
+    for (i, field) in record.iter().enumerate() {
+        if i > 0 {
+            out.push(delimiter);
+        }
+        let needs_quotes = field
+            .iter()
+            .any(|&b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r');
+        if needs_quotes {
+            out.push(b'"');
+            for &b in field {
+                if b == b'"' {
+                    out.push(b'"');
+                }
+                out.push(b);
+            }
+            out.push(b'"');
+        } else {
+            out.extend_from_slice(field);
+        }
+    }
+    out
+}
+
+fn read_error(url: &Url, e: io::Error) -> IngestError {
+    IngestError::Source(format!("reading {url} failed: {e}"))
+}
+
+fn csv_error(url: &Url, e: csv_async::Error) -> IngestError {
+    let line = e
+        .position()
+        .map(|p| format!(" near line {}", p.line()))
+        .unwrap_or_default();
+    IngestError::Source(format!("reading CSV from {url} failed{line}: {e}"))
+}

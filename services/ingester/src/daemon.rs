@@ -1,0 +1,127 @@
+//! The long-running ingester: every source on its own schedule (and on demand through the admin
+//! port), interrupted runs of dead processes marked failed, and a clean stop on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etl_shared::runs::{reap_interrupted, Service};
+use poem::listener::TcpAcceptor;
+use poem::Server;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Triggers};
+use crate::{IngestError, Ingester, Settings};
+
+/// How often runs left `running` by a dead replica are looked for.
+const REAP_INTERVAL: Duration = Duration::from_secs(60);
+/// Wait before retrying a run that could not even be recorded (database unreachable).
+const DATABASE_RETRY: Duration = Duration::from_secs(5);
+
+pub struct Application {
+    ingester: Ingester,
+    triggers: Arc<Triggers>,
+    acceptor: TcpAcceptor,
+    admin_addr: SocketAddr,
+}
+
+impl Application {
+    /// Binds the admin port (port 0 picks a free one) and prepares the pool; nothing runs yet.
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let pool = etl_shared::db::pool(&settings.database)?;
+        let listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
+        let admin_addr = listener.local_addr()?;
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let ingester = Ingester::new(&settings, pool, shutdown);
+        let triggers = settings
+            .sources
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(Notify::new())))
+            .collect();
+        Ok(Self {
+            ingester,
+            triggers: Arc::new(triggers),
+            acceptor,
+            admin_addr,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn ingester(&self) -> &Ingester {
+        &self.ingester
+    }
+
+    /// Runs until the shutdown token is cancelled, then lets running batches finish (or roll
+    /// back) and returns.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = self.ingester.shutdown_token().clone();
+        let mut tasks = JoinSet::new();
+        for source in &self.ingester.sources().sources {
+            let trigger = self.triggers[&source.name].clone();
+            tasks.spawn(schedule(
+                self.ingester.clone(),
+                source.name.clone(),
+                source.schedule,
+                trigger,
+            ));
+        }
+        tasks.spawn(reap_periodically(self.ingester.clone()));
+        tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
+
+        let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(
+            admin::routes(self.ingester.clone(), self.triggers.clone()),
+            shutdown.clone().cancelled_owned(),
+            Some(Duration::from_secs(5)),
+        );
+        let served = server.await;
+        shutdown.cancel(); // the server may also have stopped on its own (an I/O error)
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("ingester stopped");
+        served.map_err(Into::into)
+    }
+}
+
+/// One source's loop: run now, then again after `every` or when triggered, until shutdown.
+async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Arc<Notify>) {
+    let shutdown = ingester.shutdown_token().clone();
+    loop {
+        let wait = match ingester.run_source(&name).await {
+            Ok(_) => every,
+            Err(e @ IngestError::Run(_)) => {
+                tracing::error!(source = %name, error = %e, "could not start a run; retrying soon");
+                DATABASE_RETRY.min(every)
+            }
+            Err(e) => {
+                tracing::error!(source = %name, error = %e, "run could not start");
+                every
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = trigger.notified() => tracing::info!(source = %name, "run triggered"),
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn reap_periodically(ingester: Ingester) {
+    let shutdown = ingester.shutdown_token().clone();
+    loop {
+        if let Err(e) = reap_interrupted(ingester.pool(), Service::Ingester).await {
+            tracing::warn!(error = %e, "could not look for interrupted runs");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REAP_INTERVAL) => {}
+        }
+    }
+}

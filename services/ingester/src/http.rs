@@ -1,0 +1,305 @@
+//! HTTP GET with the retry policy every source shares: exponential backoff with jitter on
+//! connection errors, timeouts, 5xx, 429 and unreadable bodies, honouring `Retry-After`, and
+//! stopping at once on shutdown.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use etl_shared::sources::{HttpOptions, Source};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+/// Why a fetch failed. `retryable` says whether trying again could help.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("HTTP {status}{}", snippet(body))]
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: String,
+    },
+    #[error("{0}")]
+    Transport(String),
+    #[error("{0}")]
+    Body(String),
+    #[error("response body exceeds the limit of {limit} bytes (http.max_page_bytes)")]
+    TooLarge { limit: u64 },
+    #[error("interrupted by shutdown")]
+    Shutdown,
+}
+
+fn snippet(body: &str) -> String {
+    let body = body.trim();
+    if body.is_empty() {
+        return String::new();
+    }
+    let cut: String = body.chars().take(200).collect();
+    format!(": {cut}")
+}
+
+impl FetchError {
+    fn retryable(&self) -> bool {
+        match self {
+            FetchError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            FetchError::Transport(_) | FetchError::Body(_) => true,
+            FetchError::TooLarge { .. } | FetchError::Shutdown => false,
+        }
+    }
+
+    pub fn from_reqwest(e: reqwest::Error) -> Self {
+        // The chain holds the useful part ("connection refused", "operation timed out").
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            message.push_str(": ");
+            message.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        FetchError::Transport(message)
+    }
+}
+
+/// A failure after all attempts, with the URL and how many tries it took.
+#[derive(Debug, thiserror::Error)]
+#[error("GET {url} failed after {attempts} attempt(s): {last}")]
+pub struct GaveUp {
+    pub url: Url,
+    pub attempts: u32,
+    #[source]
+    pub last: FetchError,
+}
+
+/// Fetches for one source: its client (timeouts), headers (secrets) and retry policy.
+#[derive(Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    headers: HeaderMap,
+    options: HttpOptions,
+    shutdown: CancellationToken,
+}
+
+impl Fetcher {
+    /// `headers` are the resolved secret values (see [`resolve_headers`]).
+    pub fn new(
+        source: &Source,
+        headers: HeaderMap,
+        shutdown: CancellationToken,
+    ) -> Result<Self, reqwest::Error> {
+        let options = source.http.clone();
+        let client = reqwest::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .read_timeout(options.read_timeout)
+            .user_agent(concat!("etl-ingester/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .build()?;
+        Ok(Self {
+            client,
+            headers,
+            options,
+            shutdown,
+        })
+    }
+
+    /// GETs `url` until `read` accepts a successful response or the attempts run out. `read`
+    /// consumes the body; its errors are retried like transport errors (a truncated body is
+    /// usually a dropped connection).
+    pub async fn get<T, F, Fut>(&self, url: &Url, read: F) -> Result<T, GaveUp>
+    where
+        F: Fn(Response) -> Fut,
+        Fut: Future<Output = Result<T, FetchError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = tokio::select! {
+                outcome = self.attempt(url, &read) => outcome,
+                _ = self.shutdown.cancelled() => Err(FetchError::Shutdown),
+            };
+            let error = match outcome {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            if !error.retryable() || attempt >= self.options.attempts {
+                return Err(GaveUp {
+                    url: url.clone(),
+                    attempts: attempt,
+                    last: error,
+                });
+            }
+            let wait = self.backoff(attempt, &error);
+            tracing::warn!(%url, attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => {
+                    return Err(GaveUp { url: url.clone(), attempts: attempt, last: FetchError::Shutdown });
+                }
+            }
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, url: &Url, read: &F) -> Result<T, FetchError>
+    where
+        F: Fn(Response) -> Fut,
+        Fut: Future<Output = Result<T, FetchError>>,
+    {
+        let response = self
+            .client
+            .get(url.clone())
+            .headers(self.headers.clone())
+            .send()
+            .await
+            .map_err(FetchError::from_reqwest)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let body = response.text().await.unwrap_or_default();
+            return Err(FetchError::Status {
+                status,
+                retry_after,
+                body,
+            });
+        }
+        read(response).await
+    }
+
+    /// Exponential from `initial_backoff`, half fixed and half random (so replicas retrying
+    /// together spread out), capped at `max_backoff`; a server's `Retry-After` wins, within the
+    /// same cap.
+    fn backoff(&self, attempt: u32, error: &FetchError) -> Duration {
+        let cap = self.options.max_backoff;
+        if let FetchError::Status {
+            retry_after: Some(wait),
+            ..
+        } = error
+        {
+            return (*wait).min(cap);
+        }
+        let exponential = self
+            .options
+            .initial_backoff
+            .saturating_mul(1 << (attempt - 1).min(20))
+            .min(cap);
+        let half = exponential / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub fn max_page_bytes(&self) -> u64 {
+        self.options.max_page_bytes
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Reads a whole body, refusing more than `limit` bytes (a page is parsed in memory).
+pub async fn read_body_limited(mut response: Response, limit: u64) -> Result<Vec<u8>, FetchError> {
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(FetchError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        FetchError::Body(format!(
+            "reading the body failed: {}",
+            FetchError::from_reqwest(e)
+        ))
+    })? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(FetchError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A header value resolved from the environment, or the variable that is missing.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("source `{source_name}`: header {header} needs environment variable {var}, which is not set")]
+    Missing {
+        source_name: String,
+        header: String,
+        var: String,
+    },
+    #[error("source `{source_name}`: header {header}: {reason}")]
+    Invalid {
+        source_name: String,
+        header: String,
+        reason: String,
+    },
+}
+
+/// Builds a source's headers from the environment, marking every value sensitive so it never
+/// shows in debug output.
+pub fn resolve_headers(
+    source: &Source,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<HeaderMap, HeaderError> {
+    let mut headers = HeaderMap::new();
+    for (name, from) in &source.headers {
+        let invalid = |reason: String| HeaderError::Invalid {
+            source_name: source.name.clone(),
+            header: name.clone(),
+            reason,
+        };
+        let secret =
+            lookup(&from.env)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| HeaderError::Missing {
+                    source_name: source.name.clone(),
+                    header: name.clone(),
+                    var: from.env.clone(),
+                })?;
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid("not a valid header name".into()))?;
+        let mut value =
+            HeaderValue::from_str(&format!("{}{secret}", from.prefix)).map_err(|_| {
+                invalid(format!(
+                    "the value of {} is not a valid header value",
+                    from.env
+                ))
+            })?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+        let parsed = parse_retry_after(&in_a_minute).unwrap();
+        assert!(
+            parsed > Duration::from_secs(55) && parsed <= Duration::from_secs(60),
+            "{parsed:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,332 @@
+//! Landing records in the raw tables, in batches: `COPY … FROM STDIN BINARY` into a session
+//! staging table, then one set-based upsert that writes only changed records, the batch's
+//! rejects, and one `NOTIFY` when anything changed, all in one transaction.
+//!
+//! Writes to one source are serialized by a transaction-scoped advisory lock taken just before
+//! the upsert: within a source, `change_id`s then become visible in the order they were drawn,
+//! so the normalizer's "last change id" checkpoint never skips a slower transaction.
+
+use std::collections::HashSet;
+
+use bytes::{BufMut, BytesMut};
+use etl_shared::runs::RunCounts;
+use etl_shared::sources::SourceKind;
+use etl_shared::RAW_READY_CHANNEL;
+use futures_util::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+
+/// Rows per batch: large enough to amortize the round trips, small enough to bound memory and
+/// lock time.
+pub const BATCH_ROWS: usize = 5_000;
+/// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
+pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Namespace of the per-source write lock (two-key advisory lock form: this and the source
+/// name's hash), apart from the single-key locks on run ids.
+const SOURCE_LOCK_CLASS: i32 = 0x4554_4c31; // "ETL1"
+
+/// A JSON document that is already serialized; sent as `jsonb` without being parsed again.
+#[derive(Debug, Clone)]
+pub struct RawJson(pub String);
+
+impl ToSql for RawJson {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(1); // jsonb binary format version
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+/// One record ready to land.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub source_id: String,
+    pub data: RawJson,
+    pub position: Position,
+}
+
+/// Where a record was in its source, for rejects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Position {
+    pub line: Option<i64>,
+    pub page: Option<i64>,
+    pub item: Option<i64>,
+}
+
+/// A record that cannot land, with why, and its bytes as received.
+#[derive(Debug, Clone)]
+pub struct Reject {
+    pub position: Position,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LandError {
+    #[error("writing a batch to {table} failed: {source}")]
+    Db {
+        table: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Accumulates records and rejects, flushing a batch when full.
+pub struct Lander<'a> {
+    client: &'a mut Client,
+    source: &'a str,
+    table: &'static str,
+    upsert_sql: &'static str,
+    run_id: i64,
+    batch: Vec<RawRecord>,
+    batch_ids: HashSet<String>,
+    batch_bytes: usize,
+    rejects: Vec<Reject>,
+    counts: RunCounts,
+}
+
+impl<'a> Lander<'a> {
+    pub fn new(client: &'a mut Client, source: &'a str, kind: SourceKind, run_id: i64) -> Self {
+        let (table, upsert_sql) = match kind {
+            SourceKind::Rest => ("raw_api_data", UPSERT_API),
+            SourceKind::Csv => ("raw_csv_data", UPSERT_CSV),
+        };
+        Self {
+            client,
+            source,
+            table,
+            upsert_sql,
+            run_id,
+            batch: Vec::with_capacity(BATCH_ROWS),
+            batch_ids: HashSet::with_capacity(BATCH_ROWS),
+            batch_bytes: 0,
+            rejects: Vec::new(),
+            counts: RunCounts::default(),
+        }
+    }
+
+    /// Queues a record. Checks what Postgres would refuse (NUL characters, oversized ids) here,
+    /// so one bad record is rejected alone instead of failing its whole batch.
+    pub async fn push(&mut self, record: RawRecord) -> Result<(), LandError> {
+        if let Some(reason) = unstorable(&record) {
+            return self
+                .reject(Reject {
+                    position: record.position,
+                    reason,
+                    raw: record.data.0.into_bytes(),
+                })
+                .await;
+        }
+        // The same id twice in one upsert is an error; a new batch makes the later copy an
+        // ordinary update, so the last occurrence in the source wins.
+        if self.batch_ids.contains(&record.source_id) {
+            self.flush().await?;
+        }
+        self.batch_bytes += record.source_id.len() + record.data.0.len();
+        self.batch_ids.insert(record.source_id.clone());
+        self.batch.push(record);
+        if self.batch.len() >= BATCH_ROWS || self.batch_bytes >= BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn reject(&mut self, reject: Reject) -> Result<(), LandError> {
+        self.batch_bytes += reject.raw.len();
+        self.rejects.push(reject);
+        if self.rejects.len() >= BATCH_ROWS || self.batch_bytes >= BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Counts of what has been committed so far (for a run that fails midway).
+    pub fn committed(&self) -> RunCounts {
+        self.counts
+    }
+
+    /// Lands everything queued so far, in one transaction.
+    pub async fn flush(&mut self) -> Result<(), LandError> {
+        if self.batch.is_empty() && self.rejects.is_empty() {
+            return Ok(());
+        }
+        let table = self.table;
+        let db = |source| LandError::Db { table, source };
+        let tx = self.client.transaction().await.map_err(db)?;
+        let (inserted, updated) = if self.batch.is_empty() {
+            (0, 0)
+        } else {
+            copy_into_staging(&tx, &self.batch).await.map_err(db)?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&SOURCE_LOCK_CLASS, &self.source],
+            )
+            .await
+            .map_err(db)?;
+            let row = tx
+                .query_one(self.upsert_sql, &[&self.source])
+                .await
+                .map_err(db)?;
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        };
+        insert_rejects(&tx, self.run_id, self.source, &self.rejects)
+            .await
+            .map_err(db)?;
+        if inserted + updated > 0 {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&RAW_READY_CHANNEL, &self.source],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+
+        let landed = self.batch.len() as i64;
+        let rejected = self.rejects.len() as i64;
+        self.counts.add(RunCounts {
+            processed: landed + rejected,
+            inserted,
+            updated,
+            unchanged: landed - inserted - updated,
+            rejected,
+        });
+        self.batch.clear();
+        self.batch_ids.clear();
+        self.rejects.clear();
+        self.batch_bytes = 0;
+        Ok(())
+    }
+}
+
+async fn copy_into_staging(
+    tx: &Transaction<'_>,
+    batch: &[RawRecord],
+) -> Result<(), tokio_postgres::Error> {
+    // Per session, emptied at every commit: no catalog churn per batch.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TEMP TABLE IF NOT EXISTS ingest_staging (source_id text NOT NULL, data jsonb NOT NULL)
+             ON COMMIT DELETE ROWS",
+    )
+    .await?;
+    let sink = tx
+        .copy_in("COPY ingest_staging (source_id, data) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]);
+    pin_mut!(writer);
+    for record in batch {
+        writer
+            .as_mut()
+            .write(&[&record.source_id, &record.data])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+async fn insert_rejects(
+    tx: &Transaction<'_>,
+    run_id: i64,
+    source: &str,
+    rejects: &[Reject],
+) -> Result<(), tokio_postgres::Error> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<Option<i64>> = rejects.iter().map(|r| r.position.line).collect();
+    let pages: Vec<Option<i64>> = rejects.iter().map(|r| r.position.page).collect();
+    let items: Vec<Option<i64>> = rejects.iter().map(|r| r.position.item).collect();
+    let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
+    let raws: Vec<&[u8]> = rejects.iter().map(|r| r.raw.as_slice()).collect();
+    tx.execute(
+        "INSERT INTO etl_rejects (run_id, stage, source, line, page, item, reason, raw)
+         SELECT $1, 'ingest', $2, * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bytea[])",
+        &[&run_id, &source, &lines, &pages, &items, &reasons, &raws],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Longest `source_id` accepted: it is part of a btree key, which Postgres caps near 2.7 kB.
+pub const MAX_SOURCE_ID_BYTES: usize = 512;
+
+fn unstorable(record: &RawRecord) -> Option<String> {
+    if record.source_id.is_empty() {
+        return Some("source_id is empty".into());
+    }
+    if record.source_id.len() > MAX_SOURCE_ID_BYTES {
+        return Some(format!(
+            "source_id is {} bytes long; at most {MAX_SOURCE_ID_BYTES} are accepted",
+            record.source_id.len()
+        ));
+    }
+    if record.source_id.contains('\0') || has_nul_escape(&record.data.0) {
+        return Some("contains a NUL character (\\u0000), which Postgres cannot store".into());
+    }
+    None
+}
+
+/// Whether JSON text holds the escape `\u0000` (and not merely an escaped backslash followed by
+/// the letters `u0000`).
+fn has_nul_escape(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2; // skip the escaped character, whatever it is
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// Upserts the staged batch into one raw table; returns (inserted, updated). `xmax = 0` marks
+/// a fresh insert. Rows whose data did not change are not touched at all: no new tuple, no new
+/// change id, nothing for the normalizer.
+macro_rules! upsert_into {
+    ($table:literal) => {
+        concat!(
+            "WITH upserted AS (
+                INSERT INTO ", $table, " AS r (source, source_id, data)
+                SELECT $1, source_id, data FROM ingest_staging
+                ON CONFLICT (source, source_id) DO UPDATE
+                    SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now()
+                    WHERE r.data IS DISTINCT FROM EXCLUDED.data
+                RETURNING (r.xmax = 0) AS inserted
+            )
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted"
+        )
+    };
+}
+const UPSERT_API: &str = upsert_into!("raw_api_data");
+const UPSERT_CSV: &str = upsert_into!("raw_csv_data");
+
+#[cfg(test)]
+mod tests {
+    use super::has_nul_escape;
+
+    #[test]
+    fn nul_escapes_are_told_apart_from_escaped_backslashes() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000y"}"#));
+        assert!(!has_nul_escape(r#"{"a":"x\\u0000y"}"#));
+        assert!(has_nul_escape(r#"{"a":"x\\\u0000y"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\u0001"}"#));
+    }
+}
