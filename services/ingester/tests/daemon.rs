@@ -1,0 +1,209 @@
+//! The ingester as operators run it: the daemon with its admin port, the one-shot command for
+//! cron jobs, and interrupted runs that must not stay `running` forever.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use etl_ingester::Application;
+use etl_shared::runs::{reap_interrupted, Run, Service};
+use etl_tests::{wait_for, TestDb, TestServer};
+use poem::http::StatusCode;
+use poem::{endpoint::make_sync, Request, Response, Route};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+async fn good_and_bad_sources() -> (TestServer, String) {
+    let server = TestServer::start(
+        Route::new()
+            .at(
+                "/good.csv",
+                make_sync(|_: Request| Response::builder().body("id,name,value\n1,a,1\n2,b,2\n")),
+            )
+            .at(
+                "/bad.csv",
+                make_sync(|_: Request| {
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .body("maintenance")
+                }),
+            ),
+    )
+    .await;
+    let toml = format!(
+        r#"
+        [[source]]
+        name = "good"
+        kind = "csv"
+        url = "{good}"
+        schedule = "1h"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+
+        [[source]]
+        name = "bad"
+        kind = "csv"
+        url = "{bad}"
+        schedule = "1h"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+        http = {{ attempts = 2, initial_backoff = "10ms" }}
+        "#,
+        good = server.url("/good.csv"),
+        bad = server.url("/bad.csv"),
+    );
+    (server, toml)
+}
+
+/// Finished runs of a source: (status, error).
+async fn finished_runs(db: &TestDb, source: &str) -> Vec<(String, Option<String>)> {
+    db.client()
+        .await
+        .query(
+            "SELECT status, error_message FROM etl_runs
+             WHERE service = 'ingester' AND source = $1 AND status <> 'running' ORDER BY id",
+            &[&source],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_another() {
+    let db = TestDb::new().await;
+    let (_server, toml) = good_and_bad_sources().await;
+    let shutdown = CancellationToken::new();
+    let app = Application::build(settings(&db, &toml), shutdown.clone()).await.unwrap();
+    let admin = format!("http://{}", app.admin_addr());
+    let daemon = tokio::spawn(app.run_until_stopped());
+
+    let deadline = Duration::from_secs(20);
+    wait_for("both sources to finish a run", deadline, || async {
+        let done = !finished_runs(&db, "good").await.is_empty() && !finished_runs(&db, "bad").await.is_empty();
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(finished_runs(&db, "good").await, [("success".to_string(), None)]);
+    let bad = finished_runs(&db, "bad").await;
+    assert_eq!(bad[0].0, "failed");
+    assert!(bad[0].1.as_deref().unwrap().contains("HTTP 503"), "{bad:?}");
+
+    let http = reqwest::Client::new();
+    let live = http.get(format!("{admin}/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    let ready = http.get(format!("{admin}/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = http.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"etl_ingest_rows_total{source="good",outcome="inserted"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"etl_ingest_runs_total{source="bad",status="failed"} 1"#), "{metrics}");
+
+    // Triggering runs the source now instead of in an hour.
+    let triggered = http.post(format!("{admin}/sources/good/run")).send().await.unwrap();
+    assert_eq!(triggered.status(), StatusCode::ACCEPTED);
+    wait_for("the triggered run", deadline, || async {
+        (finished_runs(&db, "good").await.len() == 2).then_some(())
+    })
+    .await;
+    let unknown = http.post(format!("{admin}/sources/nope/run")).send().await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .expect("the daemon stops on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_one_shot_command_exits_non_zero_when_a_run_fails() {
+    let db = TestDb::new().await;
+    let (_server, toml) = good_and_bad_sources().await;
+    let file = std::env::temp_dir().join(format!("sources-{}.toml", db.name));
+    std::fs::write(&file, toml).unwrap();
+    let ingest = |source: &str| {
+        let db_url = db.url.clone();
+        let file = file.clone();
+        let source = source.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_etl-ingester"))
+                .args(["ingest", "--source", &source])
+                .env("DATABASE_URL", db_url)
+                .env("SOURCES_FILE", file)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let good = ingest("good").await.unwrap();
+    let bad = ingest("bad").await.unwrap();
+
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(String::from_utf8_lossy(&good.stdout).starts_with("good: ok"));
+    assert_eq!(bad.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert!(stdout.contains("bad: FAILED") && stdout.contains("HTTP 503"), "{stdout}");
+    std::fs::remove_file(file).unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_secret_stops_the_ingester_at_start_naming_the_variable() {
+    let file = std::env::temp_dir().join(format!("sources-secret-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        r#"
+        [[source]]
+        name = "private"
+        kind = "rest"
+        url = "http://127.0.0.1:1/x"
+        headers.Authorization = { env = "PRIVATE_API_TOKEN_FOR_TEST", prefix = "Bearer " }
+        mapping = { source_id = "/id", name = "/n", value = "/v" }
+        "#,
+    )
+    .unwrap();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_etl-ingester"))
+        .args(["ingest"])
+        .env("DATABASE_URL", "postgres://u@127.0.0.1:1/db")
+        .env("SOURCES_FILE", &file)
+        .env_remove("PRIVATE_API_TOKEN_FOR_TEST")
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("PRIVATE_API_TOKEN_FOR_TEST, which is not set"), "{stderr}");
+    std::fs::remove_file(file).unwrap();
+}
+
+#[tokio::test]
+async fn runs_of_dead_processes_are_marked_failed_but_live_ones_are_left_alone() {
+    let db = TestDb::new().await;
+    let pool = etl_shared::db::pool(&db.settings()).unwrap();
+    // A run whose process died: the row says running, but no session holds its lock.
+    let dead: i64 = db
+        .client()
+        .await
+        .query_one(
+            "INSERT INTO etl_runs (service, source) VALUES ('ingester', 'x') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let live = Run::start(&pool, Service::Ingester, "y").await.unwrap();
+
+    let reaped = reap_interrupted(&pool, Service::Ingester).await.unwrap();
+
+    assert_eq!(reaped, 1);
+    let dead_run = run_row(&db, dead).await;
+    assert_eq!(dead_run.status, "failed");
+    assert!(dead_run.error.unwrap().starts_with("interrupted"));
+    assert_eq!(run_row(&db, live.id).await.status, "running");
+    let live_id = live.id;
+    live.finish(&pool, Default::default(), Ok(())).await.unwrap();
+    assert_eq!(run_row(&db, live_id).await.status, "success");
+}
