@@ -72,6 +72,14 @@ pub async fn ingest(
         .await
         .map_err(|e| csv_error(&url, e))?
     {
+        if fetcher.stopping() {
+            // The rows queued since the last batch are dropped, not half-written; the next
+            // run reads the file again.
+            return Err(IngestError::Source(format!(
+                "interrupted by shutdown{}",
+                line_suffix(&record)
+            )));
+        }
         let line = record.position().map(|p| p.line() as i64);
         let position = Position {
             line,
@@ -214,6 +222,13 @@ fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
         }
     }
     out
+}
+
+fn line_suffix(record: &ByteRecord) -> String {
+    record
+        .position()
+        .map(|p| format!(" at line {}", p.line()))
+        .unwrap_or_default()
 }
 
 fn read_error(url: &Url, e: io::Error) -> IngestError {

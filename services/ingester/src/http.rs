@@ -191,6 +191,11 @@ impl Fetcher {
         half + half.mul_f64(fastrand::f64())
     }
 
+    /// Whether shutdown was requested: streaming loops stop at the next record.
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
     pub fn max_page_bytes(&self) -> u64 {
         self.options.max_page_bytes
     }

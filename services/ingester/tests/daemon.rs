@@ -75,40 +75,78 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
     let db = TestDb::new().await;
     let (_server, toml) = good_and_bad_sources().await;
     let shutdown = CancellationToken::new();
-    let app = Application::build(settings(&db, &toml), shutdown.clone()).await.unwrap();
+    let app = Application::build(settings(&db, &toml), shutdown.clone())
+        .await
+        .unwrap();
     let admin = format!("http://{}", app.admin_addr());
     let daemon = tokio::spawn(app.run_until_stopped());
 
     let deadline = Duration::from_secs(20);
     wait_for("both sources to finish a run", deadline, || async {
-        let done = !finished_runs(&db, "good").await.is_empty() && !finished_runs(&db, "bad").await.is_empty();
+        let done = !finished_runs(&db, "good").await.is_empty()
+            && !finished_runs(&db, "bad").await.is_empty();
         done.then_some(())
     })
     .await;
-    assert_eq!(finished_runs(&db, "good").await, [("success".to_string(), None)]);
+    assert_eq!(
+        finished_runs(&db, "good").await,
+        [("success".to_string(), None)]
+    );
     let bad = finished_runs(&db, "bad").await;
     assert_eq!(bad[0].0, "failed");
     assert!(bad[0].1.as_deref().unwrap().contains("HTTP 503"), "{bad:?}");
 
     let http = reqwest::Client::new();
-    let live = http.get(format!("{admin}/health/live")).send().await.unwrap();
+    let live = http
+        .get(format!("{admin}/health/live"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(live.status(), 200);
-    let ready = http.get(format!("{admin}/health/ready")).send().await.unwrap();
+    let ready = http
+        .get(format!("{admin}/health/ready"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
-    let metrics = http.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"etl_ingest_rows_total{source="good",outcome="inserted"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"etl_ingest_runs_total{source="bad",status="failed"} 1"#), "{metrics}");
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"etl_ingest_rows_total{source="good",outcome="inserted"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"etl_ingest_runs_total{source="bad",status="failed"} 1"#),
+        "{metrics}"
+    );
 
     // Triggering runs the source now instead of in an hour.
-    let triggered = http.post(format!("{admin}/sources/good/run")).send().await.unwrap();
+    let triggered = http
+        .post(format!("{admin}/sources/good/run"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(triggered.status(), StatusCode::ACCEPTED);
     wait_for("the triggered run", deadline, || async {
         (finished_runs(&db, "good").await.len() == 2).then_some(())
     })
     .await;
-    let unknown = http.post(format!("{admin}/sources/nope/run")).send().await.unwrap();
+    let unknown = http
+        .post(format!("{admin}/sources/nope/run"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
-    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        unknown.headers()["content-type"],
+        "application/problem+json"
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), daemon)
@@ -141,11 +179,18 @@ async fn the_one_shot_command_exits_non_zero_when_a_run_fails() {
     let good = ingest("good").await.unwrap();
     let bad = ingest("bad").await.unwrap();
 
-    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
     assert!(String::from_utf8_lossy(&good.stdout).starts_with("good: ok"));
     assert_eq!(bad.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&bad.stdout);
-    assert!(stdout.contains("bad: FAILED") && stdout.contains("HTTP 503"), "{stdout}");
+    assert!(
+        stdout.contains("bad: FAILED") && stdout.contains("HTTP 503"),
+        "{stdout}"
+    );
     std::fs::remove_file(file).unwrap();
 }
 
@@ -175,7 +220,10 @@ async fn a_missing_secret_stops_the_ingester_at_start_naming_the_variable() {
 
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("PRIVATE_API_TOKEN_FOR_TEST, which is not set"), "{stderr}");
+    assert!(
+        stderr.contains("PRIVATE_API_TOKEN_FOR_TEST, which is not set"),
+        "{stderr}"
+    );
     std::fs::remove_file(file).unwrap();
 }
 
@@ -204,6 +252,87 @@ async fn runs_of_dead_processes_are_marked_failed_but_live_ones_are_left_alone()
     assert!(dead_run.error.unwrap().starts_with("interrupted"));
     assert_eq!(run_row(&db, live.id).await.status, "running");
     let live_id = live.id;
-    live.finish(&pool, Default::default(), Ok(())).await.unwrap();
+    live.finish(&pool, Default::default(), Ok(()))
+        .await
+        .unwrap();
     assert_eq!(run_row(&db, live_id).await.status, "success");
+}
+
+#[tokio::test]
+async fn shutdown_stops_a_streaming_run_between_batches_and_records_it_as_failed() {
+    let db = TestDb::new().await;
+    // An endless CSV: header, then 500 rows per chunk, forever.
+    let server = TestServer::start(Route::new().at(
+        "/endless.csv",
+        make_sync(|_: Request| {
+            let chunks = futures_util::stream::unfold(0u64, |n| async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let mut chunk = if n == 0 {
+                    String::from("id,name,value\n")
+                } else {
+                    String::new()
+                };
+                for i in n * 500..(n + 1) * 500 {
+                    chunk.push_str(&format!("{i},row {i},{i}\n"));
+                }
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
+            });
+            Response::builder().body(poem::Body::from_bytes_stream(chunks))
+        }),
+    ))
+    .await;
+    let toml = format!(
+        r#"
+        [[source]]
+        name = "endless"
+        kind = "csv"
+        url = "{}"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+        "#,
+        server.url("/endless.csv")
+    );
+    let shutdown = CancellationToken::new();
+    let app = Application::build(settings(&db, &toml), shutdown.clone())
+        .await
+        .unwrap();
+    let daemon = tokio::spawn(app.run_until_stopped());
+    let client = db.client().await;
+    wait_for("a first batch to land", Duration::from_secs(20), || async {
+        let landed: i64 = client
+            .query_one("SELECT count(*) FROM raw_csv_data", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (landed > 0).then_some(())
+    })
+    .await;
+
+    shutdown.cancel();
+
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .expect("the daemon stops promptly")
+        .unwrap()
+        .unwrap();
+    let runs = finished_runs(&db, "endless").await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].0, "failed");
+    assert!(
+        runs[0]
+            .1
+            .as_deref()
+            .unwrap()
+            .starts_with("interrupted by shutdown"),
+        "{runs:?}"
+    );
+    let landed: i64 = client
+        .query_one("SELECT count(*) FROM raw_csv_data", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        landed % etl_ingester::land::BATCH_ROWS as i64,
+        0,
+        "only whole batches landed"
+    );
 }
