@@ -2,8 +2,10 @@
 //! embedded schema migrations, logging start-up and the shutdown signal, so the three services
 //! behave the same way and stay thin.
 
+pub mod admin;
 pub mod config;
 pub mod db;
+pub mod metrics;
 pub mod migrate;
 pub mod runs;
 pub mod shutdown;

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 
 use bytes::{BufMut, BytesMut};
+use etl_shared::metrics::PipelineMetrics;
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
 use etl_shared::RAW_READY_CHANNEL;
@@ -95,10 +96,17 @@ pub struct Lander<'a> {
     batch_bytes: usize,
     rejects: Vec<Reject>,
     counts: RunCounts,
+    metrics: &'a PipelineMetrics,
 }
 
 impl<'a> Lander<'a> {
-    pub fn new(client: &'a mut Client, source: &'a str, kind: SourceKind, run_id: i64) -> Self {
+    pub fn new(
+        client: &'a mut Client,
+        source: &'a str,
+        kind: SourceKind,
+        run_id: i64,
+        metrics: &'a PipelineMetrics,
+    ) -> Self {
         let (table, upsert_sql) = match kind {
             SourceKind::Rest => ("raw_api_data", UPSERT_API),
             SourceKind::Csv => ("raw_csv_data", UPSERT_CSV),
@@ -114,6 +122,7 @@ impl<'a> Lander<'a> {
             batch_bytes: 0,
             rejects: Vec::new(),
             counts: RunCounts::default(),
+            metrics,
         }
     }
 
@@ -162,6 +171,7 @@ impl<'a> Lander<'a> {
         if self.batch.is_empty() && self.rejects.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let table = self.table;
         let db = |source| LandError::Db { table, source };
         let tx = self.client.transaction().await.map_err(db)?;
@@ -196,13 +206,16 @@ impl<'a> Lander<'a> {
 
         let landed = self.batch.len() as i64;
         let rejected = self.rejects.len() as i64;
-        self.counts.add(RunCounts {
+        let batch = RunCounts {
             processed: landed + rejected,
             inserted,
             updated,
             unchanged: landed - inserted - updated,
             rejected,
-        });
+        };
+        self.counts.add(batch);
+        self.metrics
+            .record_batch(self.source, &batch, started.elapsed().as_secs_f64());
         self.batch.clear();
         self.batch_ids.clear();
         self.rejects.clear();

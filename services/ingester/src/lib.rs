@@ -9,7 +9,6 @@ mod csv;
 pub mod daemon;
 pub mod http;
 pub mod land;
-pub mod metrics;
 mod rest;
 
 use std::collections::HashMap;
@@ -18,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
+use etl_shared::metrics::PipelineMetrics;
 use etl_shared::runs::{Run, RunCounts, RunError, Service};
 use etl_shared::sources::{SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
@@ -28,7 +28,6 @@ pub use daemon::Application;
 
 use crate::http::{Fetcher, GaveUp, HeaderError};
 use crate::land::{LandError, Lander};
-use crate::metrics::Metrics;
 
 /// Everything the ingester reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -122,7 +121,7 @@ struct Inner {
     pool: Pool,
     sources: Sources,
     headers: HashMap<String, HeaderMap>,
-    metrics: Metrics,
+    metrics: PipelineMetrics,
     shutdown: CancellationToken,
 }
 
@@ -133,7 +132,7 @@ impl Ingester {
                 pool,
                 sources: settings.sources.clone(),
                 headers: settings.headers.clone(),
-                metrics: Metrics::new(),
+                metrics: PipelineMetrics::new("etl_ingest", "ingest"),
                 shutdown,
             }),
         }
@@ -147,7 +146,7 @@ impl Ingester {
         &self.inner.sources
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &PipelineMetrics {
         &self.inner.metrics
     }
 
@@ -172,7 +171,7 @@ impl Ingester {
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let client = run.client_mut();
-            let mut lander = Lander::new(client, &source.name, source.kind, run_id);
+            let mut lander = Lander::new(client, &source.name, source.kind, run_id, &inner.metrics);
             let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
                 Ok(fetcher) => match source.kind {
                     SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
@@ -190,9 +189,7 @@ impl Ingester {
         run.finish(&inner.pool, counts, error.clone().map_or(Ok(()), Err))
             .await?;
         let seconds = started.elapsed().as_secs_f64();
-        inner
-            .metrics
-            .record_run(name, &counts, error.is_none(), seconds);
+        inner.metrics.record_run(name, error.is_none(), seconds);
         match &error {
             None => tracing::info!(?counts, "ingest run succeeded"),
             Some(e) => tracing::warn!(?counts, error = %e, "ingest run failed"),

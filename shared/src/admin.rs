@@ -1,0 +1,77 @@
+//! The admin HTTP surface every service shares: Kubernetes probes and the metrics endpoint.
+//! Each service adds its own routes to the [`Route`] this returns.
+
+use std::time::Duration;
+
+use poem::http::StatusCode;
+use poem::web::{Data, Json};
+use poem::{get, handler, IntoResponse, Response, Route};
+use serde_json::json;
+
+use crate::db::Pool;
+use crate::metrics::PipelineMetrics;
+
+/// `/health/live`, `/health/ready` and `/metrics`. Needs `.data(pool)` and `.data(metrics)` on
+/// the final endpoint.
+pub fn routes() -> Route {
+    Route::new()
+        .at("/health/live", get(live))
+        .at("/health/ready", get(ready))
+        .at("/metrics", get(metrics))
+}
+
+#[handler]
+fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers within two seconds: without it no work can be done.
+#[handler]
+async fn ready(Data(pool): Data<&Pool>) -> Response {
+    match database_answers(pool, Duration::from_secs(2)).await {
+        Ok(()) => Json(json!({ "status": "ready", "database": "up" })).into_response(),
+        Err(why) => Json(json!({ "status": "unavailable", "database": "down", "detail": why }))
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response(),
+    }
+}
+
+#[handler]
+fn metrics(Data(metrics): Data<&PipelineMetrics>) -> Response {
+    metrics_response(metrics.encode())
+}
+
+/// An OpenMetrics text response.
+pub fn metrics_response(body: String) -> Response {
+    Response::builder()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(body)
+}
+
+/// Whether a pooled connection answers `SELECT 1` within `timeout`.
+pub async fn database_answers(pool: &Pool, timeout: Duration) -> Result<(), String> {
+    let check = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", timeout.as_secs())))
+}
+
+/// An RFC 9457 problem response.
+pub fn problem(status: StatusCode, title: &str, detail: String) -> Response {
+    Json(json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    }))
+    .with_status(status)
+    .with_content_type("application/problem+json")
+    .into_response()
+}

@@ -1,0 +1,142 @@
+//! Prometheus metrics shared by the pipeline services, with one naming scheme: every service
+//! gets `<prefix>_rows_total{source,outcome}`, `<prefix>_runs_total{source,status}`,
+//! `<prefix>_run_duration_seconds{source}` and `<prefix>_batch_duration_seconds{source}`, and can
+//! register its own extras beside them.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
+
+use crate::runs::RunCounts;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RowLabels {
+    pub source: String,
+    /// inserted, updated, unchanged or rejected
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub source: String,
+    /// success or failed
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+/// Cheap to clone: every clone updates the same registry.
+#[derive(Clone)]
+pub struct PipelineMetrics {
+    registry: Arc<Mutex<Registry>>,
+    rows: Family<RowLabels, Counter>,
+    runs: Family<RunLabels, Counter>,
+    run_duration: Family<SourceLabels, Histogram>,
+    batch_duration: Family<SourceLabels, Histogram>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms to about 9 hours.
+    Histogram::new(exponential_buckets(0.001, 2.0, 25))
+}
+
+impl PipelineMetrics {
+    /// `prefix` is e.g. `etl_ingest` or `etl_normalize`; `what` words the help texts.
+    pub fn new(prefix: &str, what: &str) -> Self {
+        let rows = Family::<RowLabels, Counter>::default();
+        let runs = Family::<RunLabels, Counter>::default();
+        let run_duration = Family::<SourceLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        let batch_duration = Family::<SourceLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        let mut registry = Registry::default();
+        registry.register(
+            format!("{prefix}_rows"),
+            format!("Records processed by {what} runs, by outcome"),
+            rows.clone(),
+        );
+        registry.register(
+            format!("{prefix}_runs"),
+            format!("{what} runs finished, by status"),
+            runs.clone(),
+        );
+        registry.register(
+            format!("{prefix}_run_duration_seconds"),
+            format!("Duration of {what} runs"),
+            run_duration.clone(),
+        );
+        registry.register(
+            format!("{prefix}_batch_duration_seconds"),
+            format!("Duration of one {what} batch transaction"),
+            batch_duration.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            rows,
+            runs,
+            run_duration,
+            batch_duration,
+        }
+    }
+
+    /// Adds a service-specific metric to the same exposition.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.registry
+            .lock()
+            .expect("metrics registry lock")
+            .register(name, help, metric);
+    }
+
+    pub fn record_batch(&self, source: &str, counts: &RunCounts, seconds: f64) {
+        for (outcome, n) in [
+            ("inserted", counts.inserted),
+            ("updated", counts.updated),
+            ("unchanged", counts.unchanged),
+            ("rejected", counts.rejected),
+        ] {
+            self.rows
+                .get_or_create(&RowLabels {
+                    source: source.into(),
+                    outcome,
+                })
+                .inc_by(n.max(0) as u64);
+        }
+        self.batch_duration
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn record_run(&self, source: &str, success: bool, seconds: f64) {
+        self.runs
+            .get_or_create(&RunLabels {
+                source: source.into(),
+                status: if success { "success" } else { "failed" },
+            })
+            .inc();
+        self.run_duration
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .observe(seconds);
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
