@@ -11,13 +11,12 @@ use serde_json::json;
 use crate::db::Pool;
 use crate::metrics::PipelineMetrics;
 
-/// `/health/live`, `/health/ready` and `/metrics`. Needs `.data(pool)` and `.data(metrics)` on
-/// the final endpoint.
-pub fn routes() -> Route {
+/// `/health/live` and `/health/ready`; needs `.data(pool)` on the final endpoint. Services mount
+/// `/metrics` themselves ([`metrics`] serves a [`PipelineMetrics`] as it is).
+pub fn probes() -> Route {
     Route::new()
         .at("/health/live", get(live))
         .at("/health/ready", get(ready))
-        .at("/metrics", get(metrics))
 }
 
 #[handler]
@@ -36,8 +35,10 @@ async fn ready(Data(pool): Data<&Pool>) -> Response {
     }
 }
 
+/// `GET /metrics` for a service whose metrics need no refresh at scrape time; needs
+/// `.data(metrics)`.
 #[handler]
-fn metrics(Data(metrics): Data<&PipelineMetrics>) -> Response {
+pub fn metrics(Data(metrics): Data<&PipelineMetrics>) -> Response {
     metrics_response(metrics.encode())
 }
 

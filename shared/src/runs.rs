@@ -138,6 +138,21 @@ impl Run {
     }
 }
 
+impl Run {
+    /// Removes a run that turned out to have nothing to do (another replica took the work), so
+    /// `etl_runs` holds only runs that did something or failed.
+    pub async fn discard(mut self) -> Result<(), RunError> {
+        let client = self.client.take().expect("discard runs once");
+        client
+            .execute("DELETE FROM etl_runs WHERE id = $1", &[&self.id])
+            .await?;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&self.id])
+            .await?;
+        Ok(())
+    }
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         // Not finished (a panic, or the task was aborted): close the connection instead of

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use etl_shared::admin::problem;
 use poem::http::StatusCode;
 use poem::web::{Data, Json, Path};
-use poem::{handler, post, Endpoint, EndpointExt, IntoResponse, Response};
+use poem::{get, handler, post, Endpoint, EndpointExt, IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -17,7 +17,8 @@ use crate::Ingester;
 pub type Triggers = HashMap<String, Arc<Notify>>;
 
 pub fn routes(ingester: Ingester, triggers: Arc<Triggers>) -> impl Endpoint {
-    etl_shared::admin::routes()
+    etl_shared::admin::probes()
+        .at("/metrics", get(etl_shared::admin::metrics))
         .at("/sources/:name/run", post(trigger))
         .data(ingester.pool().clone())
         .data(ingester.metrics().clone())

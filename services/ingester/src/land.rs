@@ -12,7 +12,7 @@ use bytes::{BufMut, BytesMut};
 use etl_shared::metrics::PipelineMetrics;
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
-use etl_shared::RAW_READY_CHANNEL;
+use etl_shared::{RAW_READY_CHANNEL, RAW_WRITE_LOCK_CLASS};
 use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -23,10 +23,6 @@ use tokio_postgres::{Client, Transaction};
 pub const BATCH_ROWS: usize = 5_000;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
-
-/// Namespace of the per-source write lock (two-key advisory lock form: this and the source
-/// name's hash), apart from the single-key locks on run ids.
-const SOURCE_LOCK_CLASS: i32 = 0x4554_4c31; // "ETL1"
 
 /// A JSON document that is already serialized; sent as `jsonb` without being parsed again.
 #[derive(Debug, Clone)]
@@ -181,7 +177,7 @@ impl<'a> Lander<'a> {
             copy_into_staging(&tx, &self.batch).await.map_err(db)?;
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&SOURCE_LOCK_CLASS, &self.source],
+                &[&RAW_WRITE_LOCK_CLASS, &self.source],
             )
             .await
             .map_err(db)?;

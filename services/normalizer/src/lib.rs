@@ -1,20 +1,290 @@
-//! The normalizer service. Turns raw rows into normalized records, exactly once, with checkpoints.
+//! The normalizer service: turns raw rows into `normalized_data`, exactly once in effect, however
+//! many replicas run and whatever crashes.
 //!
-//! `main.rs` only parses the command line and starts logging; everything a test needs to start
-//! and stop the service lives here.
+//! Wake-ups come from `LISTEN` (a hint), from start-up and reconnects, and from a slow poll (the
+//! safety net); the work itself always starts from the checkpoint in the database, so a missed
+//! notification only delays a record, never loses it.
+
+pub mod admin;
+pub mod daemon;
+pub mod listen;
+pub mod mapping;
+pub mod pass;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
+use etl_shared::metrics::{PipelineMetrics, SourceLabels};
+use etl_shared::runs::{Run, RunCounts, RunError, Service};
+use etl_shared::sources::{Sources, SourcesError};
+use etl_shared::Pool;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+pub use daemon::Application;
+
+use crate::mapping::FieldPaths;
+use crate::pass::{BatchOutcome, Hook};
 
 /// Everything the normalizer reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    pub sources: Sources,
+    /// Where `/health/*` and `/metrics` are served.
+    pub admin_addr: SocketAddr,
+    /// The safety net: every source is checked this often even if no notification arrives.
+    pub poll_interval: Duration,
+    /// Raw rows per transaction: bounds memory and lock time, amortizes round trips.
+    pub batch_size: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Sources(#[from] SourcesError),
 }
 
 impl Settings {
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+    /// Reads `DATABASE_*`, `SOURCES_FILE`, `NORMALIZER_ADMIN_ADDR` (default `0.0.0.0:8082`),
+    /// `NORMALIZER_POLL_INTERVAL_SECS` (1–3600, default 30) and `NORMALIZER_BATCH_SIZE`
+    /// (1–100000, default 5000).
+    pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
+        let database = DatabaseSettings::from_env(env)?;
+        let path: PathBuf = env
+            .required(Sources::FILE_VAR, "path of the sources file (TOML)")?
+            .into();
         Ok(Self {
-            database: DatabaseSettings::from_env(env)?,
+            database,
+            sources: Sources::load(&path)?,
+            admin_addr: env
+                .parse("NORMALIZER_ADMIN_ADDR")?
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8082))),
+            poll_interval: Duration::from_secs(env.parse_in_range(
+                "NORMALIZER_POLL_INTERVAL_SECS",
+                1..=3600,
+                30,
+            )?),
+            batch_size: env.parse_in_range("NORMALIZER_BATCH_SIZE", 1..=100_000, 5_000)? as i64,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("unknown source `{0}`")]
+    UnknownSource(String),
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// How a catch-up pass ended.
+#[derive(Debug, Clone)]
+pub struct PassOutcome {
+    /// The run it recorded; `None` when it found nothing to do.
+    pub summary: Option<PassSummary>,
+    /// It stopped because another replica held the source: there may be more to do, so the
+    /// caller should try again shortly (this is what spreads a backlog over replicas).
+    pub busy: bool,
+}
+
+/// One catch-up pass over one source: a row of `etl_runs`.
+#[derive(Debug, Clone)]
+pub struct PassSummary {
+    pub source: String,
+    pub run_id: i64,
+    pub counts: RunCounts,
+    pub error: Option<String>,
+}
+
+/// Normalizes sources. Cheap to clone; clones share the pool, metrics and shutdown signal.
+#[derive(Clone)]
+pub struct Normalizer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    sources: Sources,
+    paths: HashMap<String, FieldPaths>,
+    batch_size: i64,
+    metrics: PipelineMetrics,
+    lag: Family<SourceLabels, Gauge>,
+    reconnects: Counter,
+    shutdown: CancellationToken,
+    hook: Option<Hook>,
+}
+
+impl Normalizer {
+    pub fn new(settings: &Settings, pool: Pool, shutdown: CancellationToken) -> Self {
+        Self::with_hook(settings, pool, shutdown, None)
+    }
+
+    /// As [`new`](Self::new), with a hook called inside each batch (tests use it to crash the
+    /// normalizer between the upsert and the checkpoint).
+    pub fn with_hook(
+        settings: &Settings,
+        pool: Pool,
+        shutdown: CancellationToken,
+        hook: Option<Hook>,
+    ) -> Self {
+        let metrics = PipelineMetrics::new("etl_normalize", "normalize");
+        let lag = Family::<SourceLabels, Gauge>::default();
+        metrics.register(
+            "etl_normalize_lag_rows",
+            "Raw changes not yet normalized, per source",
+            lag.clone(),
+        );
+        let reconnects = Counter::default();
+        metrics.register(
+            "etl_normalize_listen_reconnects",
+            "Times the LISTEN connection was re-established",
+            reconnects.clone(),
+        );
+        let paths = settings
+            .sources
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), FieldPaths::for_source(s)))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                sources: settings.sources.clone(),
+                paths,
+                batch_size: settings.batch_size,
+                metrics,
+                lag,
+                reconnects,
+                shutdown,
+                hook,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn sources(&self) -> &Sources {
+        &self.inner.sources
+    }
+
+    pub fn metrics(&self) -> &PipelineMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    pub(crate) fn count_reconnect(&self) {
+        self.inner.reconnects.inc();
+    }
+
+    /// Refreshes the per-source lag gauges from the database.
+    pub async fn refresh_lag(&self) -> Result<(), NormalizeError> {
+        let client = self.inner.pool.get().await?;
+        for source in &self.inner.sources.sources {
+            let lag = pass::lag(&client, source).await?;
+            self.inner
+                .lag
+                .get_or_create(&SourceLabels {
+                    source: source.name.clone(),
+                })
+                .set(lag);
+        }
+        Ok(())
+    }
+
+    /// Normalizes everything after `name`'s checkpoint, batch by batch, until caught up (or
+    /// another replica holds the source).
+    #[tracing::instrument(skip(self), fields(run_id))]
+    pub async fn catch_up(&self, name: &str) -> Result<PassOutcome, NormalizeError> {
+        let inner = &self.inner;
+        let source = inner
+            .sources
+            .get(name)
+            .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
+        let paths = &inner.paths[name];
+        let idle = PassOutcome {
+            summary: None,
+            busy: false,
+        };
+        if !pass::has_work(&**inner.pool.get().await?, source).await? {
+            return Ok(idle);
+        }
+        let started = Instant::now();
+        let mut run = Run::start(&inner.pool, Service::Normalizer, name).await?;
+        let run_id = run.id;
+        tracing::Span::current().record("run_id", run_id);
+        let mut total = RunCounts::default();
+        let mut outcome = Ok(());
+        let mut busy = false;
+        while !inner.shutdown.is_cancelled() {
+            let batch_started = Instant::now();
+            let batch = pass::process_batch(
+                run.client_mut(),
+                source,
+                paths,
+                run_id,
+                inner.batch_size,
+                inner.hook.as_ref(),
+            )
+            .await;
+            match batch {
+                Ok(BatchOutcome::Processed { counts, .. }) => {
+                    total.add(counts);
+                    inner.metrics.record_batch(
+                        name,
+                        &counts,
+                        batch_started.elapsed().as_secs_f64(),
+                    );
+                }
+                Ok(BatchOutcome::Busy) => {
+                    busy = true;
+                    break;
+                }
+                Ok(BatchOutcome::CaughtUp) => break,
+                Err(e) => {
+                    outcome = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        if total.processed == 0 && outcome.is_ok() {
+            run.discard().await?;
+            return Ok(PassOutcome { busy, ..idle });
+        }
+        let error = outcome.as_ref().err().cloned();
+        run.finish(&inner.pool, total, outcome).await?;
+        inner
+            .metrics
+            .record_run(name, error.is_none(), started.elapsed().as_secs_f64());
+        match &error {
+            None => tracing::info!(?total, "normalize pass done"),
+            Some(e) => tracing::warn!(?total, error = %e, "normalize pass failed"),
+        }
+        Ok(PassOutcome {
+            summary: Some(PassSummary {
+                source: name.into(),
+                run_id,
+                counts: total,
+                error,
+            }),
+            busy,
         })
     }
 }

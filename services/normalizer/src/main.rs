@@ -1,27 +1,49 @@
 use anyhow::Context;
-use clap::Parser;
-use etl_normalizer::Settings;
+use clap::{Parser, Subcommand};
+use etl_normalizer::{Application, Normalizer, Settings};
 use etl_shared::config::Env;
 
 /// Turns raw rows into normalized records, exactly once, with checkpoints.
+///
+/// Configuration comes from the environment: DATABASE_URL, SOURCES_FILE, NORMALIZER_ADMIN_ADDR,
+/// NORMALIZER_POLL_INTERVAL_SECS, NORMALIZER_BATCH_SIZE.
 #[derive(Parser)]
 #[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// LISTEN and normalize until SIGTERM (the default). Run as many replicas as you like.
+    Run,
     /// Apply pending schema migrations and exit (for a compose one-shot or a Helm hook).
     Migrate,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let command = Command::parse();
+    let cli = Cli::parse();
     etl_shared::telemetry::init("normalizer");
-    let settings = Settings::from_env(&Env::from_process()).context("invalid configuration")?;
-    match command {
+    let env = Env::from_process();
+    match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => {
-            let report = etl_shared::migrate(&settings.database)
+            let database =
+                etl_shared::DatabaseSettings::from_env(&env).context("invalid configuration")?;
+            let report = etl_shared::migrate(&database)
                 .await
                 .context("could not migrate the database")?;
             println!("migrations applied: {}", report.applied.len());
+        }
+        Command::Run => {
+            let settings = Settings::from_env(&env).context("invalid configuration")?;
+            let pool = etl_shared::db::pool(&settings.database)?;
+            let normalizer = Normalizer::new(&settings, pool, etl_shared::shutdown::on_signal());
+            Application::build(settings, normalizer)
+                .await?
+                .run_until_stopped()
+                .await?;
         }
     }
     Ok(())

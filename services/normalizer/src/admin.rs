@@ -1,0 +1,23 @@
+//! The normalizer's admin HTTP port: the shared probes, and `/metrics` with the lag per source
+//! read fresh from the database at every scrape.
+
+use poem::web::Data;
+use poem::{get, handler, Endpoint, EndpointExt, Response};
+
+use crate::Normalizer;
+
+pub fn routes(normalizer: Normalizer) -> impl Endpoint {
+    etl_shared::admin::probes()
+        .at("/metrics", get(metrics))
+        .data(normalizer.pool().clone())
+        .data(normalizer)
+}
+
+#[handler]
+async fn metrics(Data(normalizer): Data<&Normalizer>) -> Response {
+    if let Err(e) = normalizer.refresh_lag().await {
+        // Still serve the counters: a scrape during an outage is when they matter most.
+        tracing::warn!(error = %e, "could not refresh the lag gauges");
+    }
+    etl_shared::admin::metrics_response(normalizer.metrics().encode())
+}

@@ -1,0 +1,203 @@
+//! Shared pieces of the normalizer tests: raw rows written the way the ingester writes them,
+//! normalizers over a fresh database, an apply log, and readers.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::Path;
+use std::time::Duration;
+
+use etl_normalizer::pass::Hook;
+use etl_normalizer::{Application, Normalizer, Settings};
+use etl_shared::sources::Sources;
+use etl_tests::TestDb;
+use serde_json::Value;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// A REST source `api` (items `{id, title, price, summary}`) and a CSV source `csv`
+/// (`{id, name, value, note}`), plus any extra TOML.
+pub fn sources_toml(extra: &str) -> String {
+    format!(
+        r#"
+        [[source]]
+        name = "api"
+        kind = "rest"
+        url = "http://127.0.0.1:1/items"
+        mapping = {{ source_id = "/id", name = "/title", value = "/price", description = "/summary" }}
+
+        [[source]]
+        name = "csv"
+        kind = "csv"
+        url = "http://127.0.0.1:1/data.csv"
+        mapping = {{ source_id = "id", name = "name", value = "value", description = "note" }}
+        {extra}
+        "#
+    )
+}
+
+pub fn settings(db: &TestDb, toml: &str) -> Settings {
+    Settings {
+        database: db.settings(),
+        sources: Sources::parse(Path::new("test-sources.toml"), toml).expect("valid sources"),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        poll_interval: Duration::from_secs(3600),
+        batch_size: 1000,
+    }
+}
+
+pub fn normalizer(settings: &Settings, hook: Option<Hook>) -> Normalizer {
+    let pool = etl_shared::db::pool(&settings.database).unwrap();
+    Normalizer::with_hook(settings, pool, CancellationToken::new(), hook)
+}
+
+/// A daemon running in the background; stopped (and awaited) by [`Daemon::stop`].
+pub struct Daemon {
+    pub normalizer: Normalizer,
+    pub admin: String,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub async fn start(settings: Settings) -> Self {
+        let normalizer = normalizer(&settings, None);
+        let app = Application::build(settings, normalizer.clone())
+            .await
+            .unwrap();
+        let admin = format!("http://{}", app.admin_addr());
+        Self {
+            normalizer,
+            admin,
+            task: tokio::spawn(app.run_until_stopped()),
+        }
+    }
+
+    pub async fn stop(self) {
+        self.normalizer.shutdown_token().cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the normalizer stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Writes raw rows as the ingester does: under the source's write lock, unchanged rows untouched,
+/// changed ones with a new change id, and a NOTIFY when `notify` is set.
+pub async fn write_raw(
+    client: &mut Client,
+    table: &str,
+    source: &str,
+    items: &[Value],
+    notify: bool,
+) {
+    write_raw_json(
+        client,
+        table,
+        source,
+        &Value::Array(items.to_vec()).to_string(),
+        notify,
+    )
+    .await;
+}
+
+/// As [`write_raw`], from the JSON text of an array of items (for numbers serde_json cannot hold).
+pub async fn write_raw_json(
+    client: &mut Client,
+    table: &str,
+    source: &str,
+    items: &str,
+    notify: bool,
+) {
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&etl_shared::RAW_WRITE_LOCK_CLASS, &source],
+    )
+    .await
+    .unwrap();
+    let sql = format!(
+        "INSERT INTO {table} AS r (source, source_id, data)
+         SELECT $1, x->>'id', x FROM jsonb_array_elements($2::text::jsonb) x
+         ON CONFLICT (source, source_id) DO UPDATE
+           SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now()
+           WHERE r.data IS DISTINCT FROM EXCLUDED.data"
+    );
+    tx.execute(&sql, &[&source, &items]).await.unwrap();
+    if notify {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&etl_shared::RAW_READY_CHANNEL, &source],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+pub fn api_item(id: u64, title: &str, price: Value) -> Value {
+    serde_json::json!({ "id": id.to_string(), "title": title, "price": price, "summary": format!("about {id}") })
+}
+
+pub fn api_items(range: std::ops::RangeInclusive<u64>) -> Vec<Value> {
+    range
+        .map(|i| api_item(i, &format!("item {i}"), Value::from(i as f64 / 2.0)))
+        .collect()
+}
+
+/// Records every insert and update of `normalized_data` in `apply_log`, in the same
+/// transaction: a row applied twice shows up twice, a rolled-back apply not at all.
+pub async fn install_apply_log(client: &Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE apply_log (source text, source_id text, op text);
+             CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO apply_log VALUES (NEW.source, NEW.source_id, TG_OP); RETURN NEW; END $$;
+             CREATE TRIGGER log_apply AFTER INSERT OR UPDATE ON normalized_data
+                 FOR EACH ROW EXECUTE FUNCTION log_apply();",
+        )
+        .await
+        .unwrap();
+}
+
+/// (applies in total, rows applied other than exactly once).
+pub async fn apply_counts(client: &Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM apply_log),
+                    (SELECT count(*) FROM (SELECT 1 FROM apply_log GROUP BY source, source_id
+                                           HAVING count(*) <> 1) twice)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// normalized, rejected (normalize stage) and raw rows of a source.
+pub async fn tallies(client: &Client, source: &str) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM normalized_data WHERE source = $1),
+                    (SELECT count(*) FROM etl_rejects WHERE source = $1 AND stage = 'normalize'),
+                    (SELECT count(*) FROM raw_api_data WHERE source = $1)
+                  + (SELECT count(*) FROM raw_csv_data WHERE source = $1)",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Whether every raw change of `source` is checkpointed.
+pub async fn caught_up(client: &Client, source: &str) -> bool {
+    client
+        .query_one(
+            "SELECT coalesce((SELECT last_processed_id FROM etl_checkpoint WHERE source = $1), 0)
+                 >= coalesce(greatest(
+                        (SELECT max(change_id) FROM raw_api_data WHERE source = $1),
+                        (SELECT max(change_id) FROM raw_csv_data WHERE source = $1)), 0)",
+            &[&source],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
