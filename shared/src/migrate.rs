@@ -4,7 +4,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::DatabaseSettings;
+use crate::config::{ConfigError, DatabaseSettings, Env};
 use crate::db::{self, DbError};
 
 mod embedded {
@@ -18,6 +18,8 @@ const MIGRATION_LOCK_KEY: i64 = 0x6574_6c5f_6d69_6772;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Connect(#[from] DbError),
     #[error("could not take the migration lock: {0}")]
@@ -41,6 +43,12 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Mig
     // The lock is session-scoped: closing the connection releases it even if unlocking failed.
     let _ = connection.await;
     report
+}
+
+/// The `<service> migrate` command: reads only the database settings (so a migration job needs
+/// no sources file) and migrates.
+pub async fn migrate_from_env(env: &Env) -> Result<MigrationReport, MigrateError> {
+    migrate(&DatabaseSettings::from_env(env)?).await
 }
 
 /// Migrates over a connection the caller owns (it must not be pooled: the lock is per session).

@@ -35,65 +35,63 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     etl_shared::telemetry::init("ingester");
     let env = Env::from_process();
-    if let Some(Command::Migrate) = cli.command {
-        let database =
-            etl_shared::DatabaseSettings::from_env(&env).context("invalid configuration")?;
-        let report = etl_shared::migrate(&database)
-            .await
-            .context("could not migrate the database")?;
-        println!("migrations applied: {}", report.applied.len());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let settings = Settings::from_env(&env).context("invalid configuration")?;
-    let shutdown = etl_shared::shutdown::on_signal();
-    match cli.command {
-        None | Some(Command::Run) => {
-            let app = Application::build(settings, shutdown).await?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => {
+            let report = etl_shared::migrate::migrate_from_env(&env)
+                .await
+                .context("could not migrate the database")?;
+            println!("migrations applied: {}", report.applied.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => {
+            let settings = Settings::from_env(&env).context("invalid configuration")?;
+            let app = Application::build(settings, etl_shared::shutdown::on_signal()).await?;
             app.run_until_stopped().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Ingest { source }) => {
-            let pool = etl_shared::db::pool(&settings.database)?;
-            reap_interrupted(&pool, Service::Ingester)
-                .await
-                .context("could not reach the database")?;
-            let ingester = Ingester::new(&settings, pool, shutdown);
-            let names: Vec<String> = match source {
-                Some(name) => vec![name],
-                None => settings
-                    .sources
-                    .sources
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .collect(),
-            };
-            let runs = names.iter().map(|name| ingester.run_source(name));
-            let mut failed = 0;
-            for (name, result) in names.iter().zip(futures_util::future::join_all(runs).await) {
-                match result {
-                    Ok(summary) if summary.error.is_none() => {
-                        println!("{name}: ok (run {}): {:?}", summary.run_id, summary.counts)
-                    }
-                    Ok(summary) => {
-                        failed += 1;
-                        println!(
-                            "{name}: FAILED (run {}): {}",
-                            summary.run_id,
-                            summary.error.unwrap_or_default()
-                        );
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        println!("{name}: FAILED: {e}");
-                    }
-                }
-            }
-            Ok(if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+        Command::Ingest { source } => {
+            let settings = Settings::from_env(&env).context("invalid configuration")?;
+            ingest_once(settings, source).await
         }
-        Some(Command::Migrate) => unreachable!("handled above"),
     }
+}
+
+/// Runs the sources once, concurrently, and prints one line per source.
+async fn ingest_once(settings: Settings, only: Option<String>) -> anyhow::Result<ExitCode> {
+    let pool = etl_shared::db::pool(&settings.database)?;
+    reap_interrupted(&pool, Service::Ingester)
+        .await
+        .context("could not reach the database")?;
+    let ingester = Ingester::new(&settings, pool, etl_shared::shutdown::on_signal());
+    let names: Vec<String> = match only {
+        Some(name) => vec![name],
+        None => settings
+            .sources
+            .sources
+            .iter()
+            .map(|s| s.name.clone())
+            .collect(),
+    };
+    let runs = names.iter().map(|name| ingester.run_source(name));
+    let mut failed = 0;
+    for (name, result) in names.iter().zip(futures_util::future::join_all(runs).await) {
+        match result {
+            Ok(summary) => match summary.error {
+                None => println!("{name}: ok (run {}): {:?}", summary.run_id, summary.counts),
+                Some(error) => {
+                    failed += 1;
+                    println!("{name}: FAILED (run {}): {error}", summary.run_id);
+                }
+            },
+            Err(e) => {
+                failed += 1;
+                println!("{name}: FAILED: {e}");
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

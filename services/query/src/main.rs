@@ -1,6 +1,5 @@
 use anyhow::Context;
 use clap::Parser;
-use etl_query::Settings;
 use etl_shared::config::Env;
 
 /// Serves normalized data, stats and health over HTTP with a generated OpenAPI spec.
@@ -15,10 +14,10 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let command = Command::parse();
     etl_shared::telemetry::init("query");
-    let settings = Settings::from_env(&Env::from_process()).context("invalid configuration")?;
+    let env = Env::from_process();
     match command {
         Command::Migrate => {
-            let report = etl_shared::migrate(&settings.database)
+            let report = etl_shared::migrate::migrate_from_env(&env)
                 .await
                 .context("could not migrate the database")?;
             println!("migrations applied: {}", report.applied.len());
