@@ -107,6 +107,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "last_processed_at",
                 "total_processed",
                 "updated_at",
+                "normalized_rows",
             ],
         ),
         (

@@ -218,6 +218,7 @@ pub async fn process_batch(
         .await?;
         (row.get::<_, i64>(0), row.get::<_, i64>(1))
     };
+    let mut withdrawn = 0i64;
     if !invalid.source_ids.is_empty() {
         tx.execute(
             sql.reject,
@@ -232,11 +233,12 @@ pub async fn process_batch(
         .await?;
         // The newest raw version is the truth: a record whose new version is invalid is
         // withdrawn, so raw rows = normalized + rejected holds per source.
-        tx.execute(
-            "DELETE FROM normalized_data WHERE source = $1 AND source_id = ANY($2)",
-            &[&source.name, &invalid.source_ids],
-        )
-        .await?;
+        withdrawn = tx
+            .execute(
+                "DELETE FROM normalized_data WHERE source = $1 AND source_id = ANY($2)",
+                &[&source.name, &invalid.source_ids],
+            )
+            .await? as i64;
     }
 
     if let Some(hook) = hook {
@@ -245,11 +247,18 @@ pub async fn process_batch(
     }
 
     let processed = rows.len() as i64;
+    // normalized_rows stays exact because it moves in the same transaction as the rows.
     tx.execute(
         "UPDATE etl_checkpoint SET last_processed_id = $2, last_processed_at = now(),
-             total_processed = total_processed + $3, updated_at = now()
+             total_processed = total_processed + $3, normalized_rows = normalized_rows + $4,
+             updated_at = now()
          WHERE source = $1",
-        &[&source.name, &last_change_id, &processed],
+        &[
+            &source.name,
+            &last_change_id,
+            &processed,
+            &(inserted - withdrawn),
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -172,8 +172,17 @@ pub async fn apply_counts(client: &Client) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-/// normalized, rejected (normalize stage) and raw rows of a source.
+/// normalized, rejected (normalize stage) and raw rows of a source; also checks that the
+/// checkpoint's maintained `normalized_rows` equals the real count.
 pub async fn tallies(client: &Client, source: &str) -> (i64, i64, i64) {
+    let counted: Option<i64> = client
+        .query_opt(
+            "SELECT normalized_rows FROM etl_checkpoint WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM normalized_data WHERE source = $1),
@@ -184,7 +193,13 @@ pub async fn tallies(client: &Client, source: &str) -> (i64, i64, i64) {
         )
         .await
         .unwrap();
-    (row.get(0), row.get(1), row.get(2))
+    let normalized: i64 = row.get(0);
+    assert_eq!(
+        counted.unwrap_or(0),
+        normalized,
+        "etl_checkpoint.normalized_rows drifted"
+    );
+    (normalized, row.get(1), row.get(2))
 }
 
 /// Whether every raw change of `source` is checkpointed.
