@@ -295,6 +295,79 @@ impl Listener {
     }
 }
 
+/// A TCP proxy in front of Postgres that a test can cut and restore, to show what the services
+/// do while the database is unreachable (without stopping the server other tests share).
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpProxy {
+    /// Proxies 127.0.0.1:<free port> to the Postgres server behind `database_url`.
+    pub async fn to_database(database_url: &str) -> Self {
+        let config: tokio_postgres::Config = database_url.parse().expect("database URL");
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("the proxy needs a TCP database URL"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let target = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .expect("resolve the database host")
+            .next()
+            .expect("an address");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accept_up, accept_links) = (up.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_links.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Self { addr, up, links }
+    }
+
+    /// `url` (a postgres:// URL) pointed at this proxy instead of the server.
+    pub fn url_for(&self, url: &str) -> String {
+        let scheme_end = url.find("://").unwrap() + 3;
+        let rest = &url[scheme_end..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        let userinfo = authority.rfind('@').map_or("", |i| &authority[..=i]);
+        format!(
+            "{}{userinfo}{}{}",
+            &url[..scheme_end],
+            self.addr,
+            &rest[authority_end..]
+        )
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -199,14 +199,29 @@ impl Cluster {
         )
         .map_err(io("writing owner.pid"))?;
         let data = cluster.data_dir();
-        cluster.run(
-            "initdb",
-            Command::new(binaries.tool("initdb"))
+        let initdb = |locale: &str| {
+            let mut command = Command::new(binaries.tool("initdb"));
+            command
                 .arg("--pgdata")
                 .arg(&data)
-                .args(["--username=postgres", "--auth=trust", "--encoding=UTF8"])
-                .args(["--no-locale", "--no-sync"]),
-        )?;
+                .args([
+                    "--username=postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ])
+                .arg(locale);
+            command
+        };
+        // C.UTF-8 sorts like C but folds case beyond ASCII (ILIKE 'É' finds 'é'); where the
+        // machine lacks it, fall back to plain C.
+        if cluster
+            .run("initdb", &mut initdb("--locale=C.UTF-8"))
+            .is_err()
+        {
+            let _ = fs::remove_dir_all(&data);
+            cluster.run("initdb", &mut initdb("--no-locale"))?;
+        }
         let conf = data.join("postgresql.conf");
         let mut text = fs::read_to_string(&conf).map_err(io("reading postgresql.conf"))?;
         text.push_str(SERVER_SETTINGS);

@@ -1,20 +1,209 @@
-//! The query service. Serves normalized data, stats and health over HTTP with a generated OpenAPI spec.
+//! The query service: a read-only HTTP API over `normalized_data` and the pipeline's bookkeeping,
+//! described by a generated OpenAPI 3 spec (`/openapi.json`, `/openapi.yaml`) and browsable in
+//! Swagger UI (`/docs`, assets bundled in the binary).
 //!
-//! `main.rs` only parses the command line and starts logging; everything a test needs to start
-//! and stop the service lives here.
+//! `main.rs` parses the command line; [`Application`] is what tests and the binary start.
 
+mod api;
+pub mod data;
+mod metrics;
+pub mod problem;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
+use poem::listener::TcpAcceptor;
+use poem::middleware::Cors;
+use poem::{get, Endpoint, EndpointExt, IntoResponse, Response, Route, Server};
+use poem_openapi::OpenApiService;
+use tokio_util::sync::CancellationToken;
 
-/// Everything the query reads from its environment, validated at start-up.
+use crate::api::Api;
+use crate::metrics::HttpMetrics;
+use crate::problem::Problem;
+use crate::stats::StatsCache;
+
+/// Everything the query service reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    /// Where the API is served.
+    pub addr: SocketAddr,
+    /// Origins allowed to call the API from a browser. Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// Postgres cancels any statement running longer, so a pathological query cannot pile up.
+    pub statement_timeout: Duration,
+    /// A request not answered by then gets a 503 problem.
+    pub request_timeout: Duration,
+    /// How stale `/stats` may be.
+    pub stats_max_age: Duration,
 }
 
 impl Settings {
+    /// Reads `DATABASE_*`, `QUERY_ADDR` (default `0.0.0.0:8080`), `QUERY_CORS_ORIGINS`
+    /// (comma-separated), `QUERY_STATEMENT_TIMEOUT_MS` (10–600000, default 5000),
+    /// `QUERY_REQUEST_TIMEOUT_SECS` (1–600, default 10) and `QUERY_STATS_MAX_AGE_SECS` (0–3600,
+    /// default 5).
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let cors_origins = env
+            .get("QUERY_CORS_ORIGINS")?
+            .map(|list| {
+                list.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for origin in &cors_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin == "*" {
+                return Err(ConfigError::Invalid {
+                    var: "QUERY_CORS_ORIGINS".into(),
+                    reason: format!("{origin:?} is not an origin like https://app.example.com"),
+                });
+            }
+        }
         Ok(Self {
             database: DatabaseSettings::from_env(env)?,
+            addr: env
+                .parse("QUERY_ADDR")?
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            cors_origins,
+            statement_timeout: Duration::from_millis(env.parse_in_range(
+                "QUERY_STATEMENT_TIMEOUT_MS",
+                10..=600_000,
+                5_000,
+            )?),
+            request_timeout: Duration::from_secs(env.parse_in_range(
+                "QUERY_REQUEST_TIMEOUT_SECS",
+                1..=600,
+                10,
+            )?),
+            stats_max_age: Duration::from_secs(env.parse_in_range(
+                "QUERY_STATS_MAX_AGE_SECS",
+                0..=3600,
+                5,
+            )?),
         })
+    }
+}
+
+/// The OpenAPI service: the API and its spec. The spec does not depend on settings or the
+/// database, so it can be produced without either (see [`openapi_json`]).
+fn openapi(api: Api) -> OpenApiService<Api, ()> {
+    OpenApiService::new(api, "ETL platform query API", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Read-only access to the normalized records of every source, and to the pipeline's \
+             statistics. Errors are RFC 9457 problem details with a stable `code`.",
+        )
+        .server("/")
+}
+
+/// The spec as served at `/openapi.json`.
+pub fn openapi_json() -> String {
+    let pool = etl_shared::db::pool(
+        &DatabaseSettings::from_url("postgres://spec@localhost/spec").expect("static URL"),
+    )
+    .expect("a lazy pool needs no database");
+    openapi(Api {
+        pool,
+        stats: StatsCache::new(Duration::ZERO),
+    })
+    .spec()
+}
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Binds the port (0 picks a free one) and builds the routes; nothing is served yet.
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let mut database = settings.database.clone();
+        let options = format!(
+            "-c statement_timeout={} -c default_transaction_read_only=on",
+            settings.statement_timeout.as_millis()
+        );
+        database.config.options(&options);
+        let pool = etl_shared::db::pool(&database)?;
+        let listener = tokio::net::TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        let addr = listener.local_addr()?;
+        let endpoint = routes(&settings, pool);
+        Ok(Self {
+            acceptor: TcpAcceptor::from_tokio(listener)?,
+            addr,
+            endpoint,
+            shutdown,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the shutdown token is cancelled, then lets requests in flight finish (up to
+    /// 10 seconds).
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "query API listening; Swagger UI at /docs");
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(
+                self.endpoint,
+                self.shutdown.cancelled_owned(),
+                Some(Duration::from_secs(10)),
+            )
+            .await?;
+        tracing::info!("query API stopped");
+        Ok(())
+    }
+}
+
+fn routes(
+    settings: &Settings,
+    pool: etl_shared::Pool,
+) -> poem::endpoint::BoxEndpoint<'static, Response> {
+    let service = openapi(Api {
+        pool,
+        stats: StatsCache::new(settings.stats_max_age),
+    });
+    let metrics = HttpMetrics::new();
+    let request_timeout = settings.request_timeout;
+    let app = Route::new()
+        .at("/openapi.json", service.spec_endpoint())
+        .at("/openapi.yaml", service.spec_endpoint_yaml())
+        .nest("/docs", service.swagger_ui())
+        .at("/metrics", get(metrics::endpoint).data(metrics.clone()))
+        .nest("/", service)
+        .around(move |ep, req| async move {
+            match tokio::time::timeout(request_timeout, ep.call(req)).await {
+                Ok(result) => result.map(IntoResponse::into_response),
+                Err(_) => Ok(Problem::new(
+                    poem::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    "Request timed out",
+                    format!("no answer within {} s", request_timeout.as_secs()),
+                )
+                .into_response()),
+            }
+        })
+        .catch_all_error(|err| async move { Problem::from_error(&err).into_response() });
+    let app = metrics.wrap(app);
+    if settings.cors_origins.is_empty() {
+        app.boxed()
+    } else {
+        app.with(
+            Cors::new()
+                .allow_origins(settings.cors_origins.iter().map(String::as_str))
+                .allow_methods([poem::http::Method::GET])
+                .expose_headers(["X-Total-Count"]),
+        )
+        .map_to_response()
+        .boxed()
     }
 }

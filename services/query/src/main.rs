@@ -1,26 +1,48 @@
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use etl_query::{Application, Settings};
 use etl_shared::config::Env;
 
 /// Serves normalized data, stats and health over HTTP with a generated OpenAPI spec.
+///
+/// Configuration comes from the environment: DATABASE_URL, QUERY_ADDR, QUERY_CORS_ORIGINS,
+/// QUERY_STATEMENT_TIMEOUT_MS, QUERY_REQUEST_TIMEOUT_SECS, QUERY_STATS_MAX_AGE_SECS.
 #[derive(Parser)]
 #[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Serve the API until SIGTERM (the default).
+    Serve,
+    /// Print the OpenAPI spec (JSON) and exit.
+    Spec,
     /// Apply pending schema migrations and exit (for a compose one-shot or a Helm hook).
     Migrate,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let command = Command::parse();
+    let cli = Cli::parse();
     etl_shared::telemetry::init("query");
     let env = Env::from_process();
-    match command {
+    match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
             let report = etl_shared::migrate::migrate_from_env(&env)
                 .await
                 .context("could not migrate the database")?;
             println!("migrations applied: {}", report.applied.len());
+        }
+        Command::Spec => println!("{}", etl_query::openapi_json()),
+        Command::Serve => {
+            let settings = Settings::from_env(&env).context("invalid configuration")?;
+            Application::build(settings, etl_shared::shutdown::on_signal())
+                .await?
+                .run_until_stopped()
+                .await?;
         }
     }
     Ok(())

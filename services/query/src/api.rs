@@ -1,0 +1,213 @@
+//! The HTTP API and its OpenAPI description: every operation has an `operationId`, a summary,
+//! tags, bounded parameters, and every response documented, errors included.
+
+use std::time::Duration;
+
+use etl_shared::Pool;
+use poem_openapi::param::Query;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+
+use crate::data::{self, DataPage, DataQuery};
+use crate::problem::{self, Problem};
+use crate::stats::{Stats, StatsCache};
+
+#[derive(Tags)]
+enum Tag {
+    /// Normalized records.
+    Data,
+    /// Pipeline statistics.
+    Stats,
+    /// Liveness and readiness.
+    Health,
+}
+
+pub struct Api {
+    pub pool: Pool,
+    pub stats: StatsCache,
+}
+
+/// Service and database status.
+#[derive(Debug, Object)]
+pub struct Health {
+    /// `ok` when the database answers, else `unavailable`.
+    pub status: String,
+    /// `up` or `down`.
+    pub database: String,
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_data_request")]
+enum DataResponse {
+    /// A page of records. `X-Total-Count` repeats `total`.
+    #[oai(status = 200)]
+    Ok(Json<DataPage>, #[oai(header = "X-Total-Count")] i64),
+    /// A parameter is missing its bounds or malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// The database did not answer in time.
+    #[oai(status = 503, content_type = "application/problem+json")]
+    Unavailable(Json<Problem>),
+}
+
+fn bad_data_request(err: poem::Error) -> DataResponse {
+    DataResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
+enum StatsResponse {
+    /// Statistics per source, at most `max_age_seconds` old.
+    #[oai(status = 200)]
+    Ok(Json<Stats>),
+    /// The database did not answer in time.
+    #[oai(status = 503, content_type = "application/problem+json")]
+    Unavailable(Json<Problem>),
+}
+
+#[derive(ApiResponse)]
+enum HealthResponse {
+    /// The service and its database are up.
+    #[oai(status = 200)]
+    Ok(Json<Health>),
+    /// The database did not answer within 2 seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<Health>),
+}
+
+#[derive(ApiResponse)]
+enum LiveResponse {
+    /// The process is up (the database is not checked).
+    #[oai(status = 200)]
+    Ok(Json<Health>),
+}
+
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[OpenApi]
+impl Api {
+    /// List normalized records
+    ///
+    /// Records in a stable order (by `id`), optionally of one source and matching a search.
+    /// `total` counts every matching record; for searches, counting stops at 10,000 and
+    /// `total_exact` is then false.
+    #[oai(
+        path = "/data",
+        method = "get",
+        operation_id = "listData",
+        tag = "Tag::Data"
+    )]
+    async fn list_data(
+        &self,
+        /// Page number, from 1.
+        #[oai(
+            default = "default_page",
+            validator(minimum(value = "1"), maximum(value = "1000000"))
+        )]
+        page: Query<u32>,
+        /// Records per page.
+        #[oai(
+            default = "default_page_size",
+            validator(minimum(value = "1"), maximum(value = "100"))
+        )]
+        page_size: Query<u32>,
+        /// Only records of this source (exact match).
+        #[oai(validator(min_length = 1, max_length = 63))]
+        source: Query<Option<String>>,
+        /// Case-insensitive substring of `name` or `description`; `%`, `_` and `\` match
+        /// themselves.
+        #[oai(validator(min_length = 1, max_length = 200))]
+        search: Query<Option<String>>,
+    ) -> DataResponse {
+        let query = DataQuery {
+            page: page.0,
+            page_size: page_size.0,
+            source: source.0,
+            search: search.0,
+        };
+        match data::list(&self.pool, &query).await {
+            Ok(page) => {
+                let total = page.total;
+                DataResponse::Ok(Json(page), total)
+            }
+            Err(e) => DataResponse::Unavailable(Json(problem::from_db_error(&e))),
+        }
+    }
+
+    /// Pipeline statistics
+    ///
+    /// Per source: records, raw and rejected counts, value range, the normalizer's checkpoint
+    /// and lag, and the latest run of each service. Computed at most once every
+    /// `max_age_seconds`, so it is cheap to poll.
+    #[oai(
+        path = "/stats",
+        method = "get",
+        operation_id = "getStats",
+        tag = "Tag::Stats"
+    )]
+    async fn stats(&self) -> StatsResponse {
+        match self.stats.get(&self.pool).await {
+            Ok(stats) => StatsResponse::Ok(Json(stats)),
+            Err(e) => StatsResponse::Unavailable(Json(problem::from_db_error(&e))),
+        }
+    }
+
+    /// Service and database health
+    #[oai(
+        path = "/health",
+        method = "get",
+        operation_id = "getHealth",
+        tag = "Tag::Health"
+    )]
+    async fn health(&self) -> HealthResponse {
+        self.ready().await
+    }
+
+    /// Readiness probe
+    ///
+    /// Like `/health`: 503 while the database does not answer.
+    #[oai(
+        path = "/health/ready",
+        method = "get",
+        operation_id = "getReadiness",
+        tag = "Tag::Health"
+    )]
+    async fn ready(&self) -> HealthResponse {
+        match etl_shared::admin::database_answers(&self.pool, HEALTH_TIMEOUT).await {
+            Ok(()) => HealthResponse::Ok(Json(Health {
+                status: "ok".into(),
+                database: "up".into(),
+            })),
+            Err(why) => {
+                tracing::warn!(%why, "health check: database unavailable");
+                HealthResponse::Unavailable(Json(Health {
+                    status: "unavailable".into(),
+                    database: "down".into(),
+                }))
+            }
+        }
+    }
+
+    /// Liveness probe
+    ///
+    /// 200 while the process serves requests; does not touch the database.
+    #[oai(
+        path = "/health/live",
+        method = "get",
+        operation_id = "getLiveness",
+        tag = "Tag::Health"
+    )]
+    async fn live(&self) -> LiveResponse {
+        LiveResponse::Ok(Json(Health {
+            status: "ok".into(),
+            database: "unchecked".into(),
+        }))
+    }
+}
+
+fn default_page() -> u32 {
+    1
+}
+
+fn default_page_size() -> u32 {
+    10
+}

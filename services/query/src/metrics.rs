@@ -1,0 +1,130 @@
+//! HTTP metrics of the query API: requests by route, method and status, and latency by route.
+//! Routes are the API's own paths (anything else is `unmatched`), so a scanner cannot blow up
+//! the number of series.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use poem::web::Data;
+use poem::{handler, Endpoint, EndpointExt, IntoResponse, Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+const ROUTES: [&str; 9] = [
+    "/data",
+    "/stats",
+    "/health",
+    "/health/live",
+    "/health/ready",
+    "/openapi.json",
+    "/openapi.yaml",
+    "/metrics",
+    "/docs",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone)]
+pub struct HttpMetrics {
+    registry: Arc<Mutex<Registry>>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let mut registry = Registry::default();
+        registry.register(
+            "etl_http_requests",
+            "HTTP requests answered, by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "etl_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            latency.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            requests,
+            latency,
+        }
+    }
+
+    /// Wraps the whole app so every answer, errors included, is counted.
+    pub fn wrap(&self, app: impl Endpoint + 'static) -> impl Endpoint<Output = Response> {
+        let metrics = self.clone();
+        app.around(move |ep, req: Request| {
+            let metrics = metrics.clone();
+            async move {
+                let started = Instant::now();
+                let route = route_of(req.uri().path());
+                let method = req.method().to_string();
+                let response = match ep.call(req).await {
+                    Ok(r) => r.into_response(),
+                    Err(e) => e.into_response(),
+                };
+                metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route,
+                        method,
+                        status: response.status().as_u16(),
+                    })
+                    .inc();
+                metrics
+                    .latency
+                    .get_or_create(&RouteLabels { route })
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(response)
+            }
+        })
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn route_of(path: &str) -> &'static str {
+    let path = path.trim_end_matches('/');
+    if path.starts_with("/docs") {
+        return "/docs";
+    }
+    ROUTES
+        .iter()
+        .find(|r| **r == path)
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+#[handler]
+pub fn endpoint(Data(metrics): Data<&HttpMetrics>) -> Response {
+    etl_shared::admin::metrics_response(metrics.encode())
+}

@@ -1,0 +1,221 @@
+//! `GET /stats`: per-source counts, value ranges, checkpoints and latest runs. Exact aggregates
+//! over millions of rows take a noticeable fraction of a second, so one consistent snapshot
+//! (one repeatable-read transaction) is computed at most once per `max_age` and shared by every
+//! request in between; concurrent requests wait for the same computation instead of each
+//! starting one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etl_shared::Pool;
+use poem_openapi::Object;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use crate::data::QueryError;
+
+/// Statistics of the whole pipeline.
+#[derive(Debug, Clone, Object)]
+pub struct Stats {
+    /// When these figures were computed.
+    pub generated_at: OffsetDateTime,
+    /// They are recomputed when older than this.
+    pub max_age_seconds: u32,
+    /// Normalized records over all sources.
+    pub total_records: i64,
+    pub sources: Vec<SourceStats>,
+}
+
+/// Statistics of one source.
+#[derive(Debug, Clone, Object)]
+pub struct SourceStats {
+    pub source: String,
+    /// Normalized records.
+    pub records: i64,
+    /// Raw records landed by the ingester.
+    pub raw_records: i64,
+    /// Records the ingester could not land.
+    pub rejected_at_ingest: i64,
+    /// Raw records the normalizer rejected (their current version).
+    pub rejected_at_normalize: i64,
+    #[oai(skip_serializing_if_is_none)]
+    pub value_min: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub value_max: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub value_avg: Option<f64>,
+    /// Absent until the normalizer has looked at the source.
+    #[oai(skip_serializing_if_is_none)]
+    pub checkpoint: Option<Checkpoint>,
+    /// The latest ingest run.
+    #[oai(skip_serializing_if_is_none)]
+    pub last_ingest: Option<RunInfo>,
+    /// The latest normalize run.
+    #[oai(skip_serializing_if_is_none)]
+    pub last_normalize: Option<RunInfo>,
+}
+
+/// How far the normalizer has got with a source.
+#[derive(Debug, Clone, Object)]
+pub struct Checkpoint {
+    /// The last raw change id applied.
+    pub last_processed_id: i64,
+    #[oai(skip_serializing_if_is_none)]
+    pub last_processed_at: Option<OffsetDateTime>,
+    /// Raw changes applied since the start.
+    pub total_processed: i64,
+    /// Raw changes not yet applied.
+    pub lag: i64,
+}
+
+/// One run of a service for a source.
+#[derive(Debug, Clone, Object)]
+pub struct RunInfo {
+    pub run_id: i64,
+    /// `running`, `success` or `failed`.
+    pub status: String,
+    pub started_at: OffsetDateTime,
+    #[oai(skip_serializing_if_is_none)]
+    pub ended_at: Option<OffsetDateTime>,
+    #[oai(skip_serializing_if_is_none)]
+    pub duration_seconds: Option<f64>,
+    pub records_processed: i64,
+    pub records_inserted: i64,
+    pub records_updated: i64,
+    pub records_unchanged: i64,
+    pub records_rejected: i64,
+    /// Why it failed.
+    #[oai(skip_serializing_if_is_none)]
+    pub error_message: Option<String>,
+}
+
+/// The last computed [`Stats`], shared by requests until it is `max_age` old.
+#[derive(Clone)]
+pub struct StatsCache {
+    max_age: Duration,
+    cached: Arc<Mutex<Option<(Instant, Stats)>>>,
+}
+
+impl StatsCache {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            cached: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub async fn get(&self, pool: &Pool) -> Result<Stats, QueryError> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, stats)) = cached.as_ref() {
+            if at.elapsed() < self.max_age {
+                return Ok(stats.clone());
+            }
+        }
+        let stats = compute(pool, self.max_age).await?;
+        *cached = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+}
+
+async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
+    for row in tx.query(NORMALIZED, &[]).await? {
+        let s = entry(&mut sources, row.get(0));
+        s.records = row.get(1);
+        s.value_min = row.get(2);
+        s.value_max = row.get(3);
+        s.value_avg = row.get(4);
+    }
+    for row in tx.query(RAW, &[]).await? {
+        entry(&mut sources, row.get(0)).raw_records = row.get(1);
+    }
+    for row in tx.query(REJECTS, &[]).await? {
+        let s = entry(&mut sources, row.get(0));
+        s.rejected_at_ingest = row.get(1);
+        s.rejected_at_normalize = row.get(2);
+    }
+    for row in tx.query(CHECKPOINTS, &[]).await? {
+        entry(&mut sources, row.get(0)).checkpoint = Some(Checkpoint {
+            last_processed_id: row.get(1),
+            last_processed_at: row.get(2),
+            total_processed: row.get(3),
+            lag: row.get(4),
+        });
+    }
+    for row in tx.query(LATEST_RUNS, &[]).await? {
+        let run = RunInfo {
+            run_id: row.get(2),
+            status: row.get(3),
+            started_at: row.get(4),
+            ended_at: row.get(5),
+            duration_seconds: row.get(6),
+            records_processed: row.get(7),
+            records_inserted: row.get(8),
+            records_updated: row.get(9),
+            records_unchanged: row.get(10),
+            records_rejected: row.get(11),
+            error_message: row.get(12),
+        };
+        let s = entry(&mut sources, row.get(1));
+        match row.get::<_, &str>(0) {
+            "ingester" => s.last_ingest = Some(run),
+            _ => s.last_normalize = Some(run),
+        }
+    }
+    tx.commit().await?;
+    let sources: Vec<SourceStats> = sources.into_values().collect();
+    Ok(Stats {
+        generated_at: OffsetDateTime::now_utc(),
+        max_age_seconds: max_age.as_secs() as u32,
+        total_records: sources.iter().map(|s| s.records).sum(),
+        sources,
+    })
+}
+
+/// The stats of `name`, created empty on first sight.
+fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut SourceStats {
+    sources.entry(name.clone()).or_insert_with(|| SourceStats {
+        source: name,
+        records: 0,
+        raw_records: 0,
+        rejected_at_ingest: 0,
+        rejected_at_normalize: 0,
+        value_min: None,
+        value_max: None,
+        value_avg: None,
+        checkpoint: None,
+        last_ingest: None,
+        last_normalize: None,
+    })
+}
+
+const NORMALIZED: &str = "SELECT source, count(*), min(value), max(value), avg(value)
+    FROM normalized_data GROUP BY source";
+
+const RAW: &str = "SELECT source, sum(n)::bigint FROM (
+        SELECT source, count(*) AS n FROM raw_api_data GROUP BY source
+        UNION ALL
+        SELECT source, count(*) FROM raw_csv_data GROUP BY source
+    ) raw GROUP BY source";
+
+const REJECTS: &str = "SELECT source,
+        count(*) FILTER (WHERE stage = 'ingest'), count(*) FILTER (WHERE stage = 'normalize')
+    FROM etl_rejects GROUP BY source";
+
+const CHECKPOINTS: &str = "SELECT c.source, c.last_processed_id, c.last_processed_at, c.total_processed,
+        (SELECT count(*) FROM raw_api_data r WHERE r.source = c.source AND r.change_id > c.last_processed_id)
+      + (SELECT count(*) FROM raw_csv_data r WHERE r.source = c.source AND r.change_id > c.last_processed_id)
+    FROM etl_checkpoint c";
+
+const LATEST_RUNS: &str = "SELECT DISTINCT ON (service, source)
+        service, source, id, status, started_at, ended_at, duration_seconds, records_processed,
+        records_inserted, records_updated, records_unchanged, records_rejected, error_message
+    FROM etl_runs ORDER BY service, source, started_at DESC, id DESC";

@@ -1,0 +1,502 @@
+//! The query API through real HTTP against real Postgres: pagination math, literal search,
+//! problem+json errors, health during an outage, CORS, metrics, and the committed spec.
+
+use std::time::Duration;
+
+use etl_query::{Application, Settings};
+use etl_shared::config::Env;
+use etl_tests::{wait_for, TcpProxy, TestDb};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct App {
+    base: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    async fn start(database_url: &str, extra: &[(&str, &str)]) -> Self {
+        let mut vars = vec![
+            ("DATABASE_URL", database_url),
+            ("QUERY_ADDR", "127.0.0.1:0"),
+            ("QUERY_STATS_MAX_AGE_SECS", "0"),
+        ];
+        vars.extend_from_slice(extra);
+        let settings = Settings::from_env(&Env::from_pairs(vars)).unwrap();
+        let shutdown = CancellationToken::new();
+        let app = Application::build(settings, shutdown.clone())
+            .await
+            .unwrap();
+        let base = format!("http://{}", app.addr());
+        tokio::spawn(app.run_until_stopped());
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            shutdown,
+        }
+    }
+
+    async fn get(&self, path_and_query: &str) -> (u16, String, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.text().await.unwrap();
+        (
+            status,
+            content_type,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `rows` of (source, name, description), inserted in order, with the counts the normalizer
+/// would keep.
+async fn seed(db: &TestDb, rows: &[(&str, &str, Option<&str>)]) {
+    let client = db.client().await;
+    for (i, (source, name, description)) in rows.iter().enumerate() {
+        client
+            .execute(
+                "INSERT INTO normalized_data (source, source_id, name, value, description)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[source, &i.to_string(), name, &(i as f64), description],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            "INSERT INTO etl_checkpoint (source, normalized_rows)
+             SELECT source, count(*) FROM normalized_data GROUP BY source
+             ON CONFLICT (source) DO UPDATE SET normalized_rows = EXCLUDED.normalized_rows",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+fn ids(page: &Value) -> Vec<i64> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn pages_end_exactly_at_the_last_record_and_totals_follow_the_filters() {
+    let db = TestDb::new().await;
+    let mut rows = vec![("a", "alpha", None); 15];
+    rows.extend(vec![("b", "beta", Some("second source")); 10]);
+    seed(&db, &rows).await;
+    let app = App::start(&db.url, &[]).await;
+
+    let (status, _, first) = app.get("/data?page_size=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (first["total"].as_i64(), first["has_more"].as_bool()),
+        (Some(25), Some(true))
+    );
+    assert_eq!(
+        (first["page"].as_i64(), first["page_size"].as_i64()),
+        (Some(1), Some(10))
+    );
+    let (_, _, last) = app.get("/data?page=3&page_size=10").await;
+    assert_eq!(ids(&last).len(), 5);
+    assert_eq!(last["has_more"], false);
+    let (_, _, past) = app.get("/data?page=4&page_size=10").await;
+    assert_eq!(
+        (
+            ids(&past).len(),
+            past["has_more"].as_bool(),
+            past["total"].as_i64()
+        ),
+        (0, Some(false), Some(25))
+    );
+
+    // An exactly full last page says there is no more.
+    let (_, _, exact) = app.get("/data?source=b&page=2&page_size=5").await;
+    assert_eq!(
+        (
+            ids(&exact).len(),
+            exact["has_more"].as_bool(),
+            exact["total"].as_i64()
+        ),
+        (5, Some(false), Some(10))
+    );
+    assert!(exact["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["source"] == "b"));
+
+    // Pages are disjoint and in id order; every column is there.
+    let mut all = Vec::new();
+    for page in 1..=3 {
+        all.extend(ids(&app
+            .get(&format!("/data?page={page}&page_size=10"))
+            .await
+            .2));
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((all.len(), sorted), (25, all.clone()));
+    let record = &first["data"][0];
+    for column in [
+        "id",
+        "source",
+        "source_id",
+        "name",
+        "value",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(
+            record.get(column).is_some(),
+            "{column} missing from {record}"
+        );
+    }
+    assert!(
+        record.get("description").is_none(),
+        "absent descriptions are omitted"
+    );
+    assert_eq!(exact["data"][0]["description"], "second source");
+
+    let response = app
+        .http
+        .get(format!("{}/data?source=a", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-total-count"], "15");
+}
+
+#[tokio::test]
+async fn search_is_a_case_insensitive_literal_substring_whatever_the_characters() {
+    let db = TestDb::new().await;
+    let names = [
+        "100% cotton",
+        "1000 cotton",
+        "snake_case",
+        "snakeXcase",
+        "back\\slash",
+        "O'Brien",
+        "Naïve Café ✓",
+        "Robert'); DROP TABLE students;--",
+        "plain",
+    ];
+    let rows: Vec<(&str, &str, Option<&str>)> = names.iter().map(|n| ("s", *n, None)).collect();
+    seed(&db, &rows).await;
+    let app = App::start(&db.url, &[]).await;
+    let found = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(found(&search(&app, "%").await), ["100% cotton"]);
+    assert_eq!(found(&search(&app, "_").await), ["snake_case"]);
+    assert_eq!(found(&search(&app, "\\").await), ["back\\slash"]);
+    assert_eq!(
+        found(&search(&app, "'").await),
+        ["O'Brien", "Robert'); DROP TABLE students;--"]
+    );
+    assert_eq!(found(&search(&app, "CAFÉ").await), ["Naïve Café ✓"]);
+    assert_eq!(found(&search(&app, "✓").await), ["Naïve Café ✓"]);
+    for injection in [
+        "' OR '1'='1",
+        "1; SELECT pg_sleep(10)",
+        "\") OR 1=1 --",
+        "%' --",
+    ] {
+        let page = search(&app, injection).await;
+        assert_eq!(page["total"], 0, "{injection}");
+    }
+    assert_eq!(
+        found(&search(&app, "drop table").await),
+        ["Robert'); DROP TABLE students;--"]
+    );
+    assert_eq!(search(&app, "cotton").await["total"], 2);
+    let (_, _, all) = app.get("/data?page_size=100").await;
+    assert_eq!(all["total"], names.len() as i64, "nothing was dropped");
+}
+
+async fn search(app: &App, term: &str) -> Value {
+    let url = format!("/data?page_size=100&search={}", urlencode(term));
+    let (status, _, page) = app.get(&url).await;
+    assert_eq!(status, 200, "search {term:?}: {page}");
+    page
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
+    let db = TestDb::new().await;
+    let app = App::start(&db.url, &[]).await;
+
+    for (query, parameter) in [
+        ("page=0", "page"),
+        ("page_size=101", "page_size"),
+        ("page_size=abc", "page_size"),
+        ("page=-1", "page"),
+        ("source=", "source"),
+    ] {
+        let (status, content_type, body) = app.get(&format!("/data?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(content_type, "application/problem+json", "{query}");
+        assert_eq!(body["code"], "invalid_parameter", "{query}");
+        assert_eq!(body["parameter"], parameter, "{query}");
+        assert_eq!(body["status"], 400);
+        assert!(
+            body["detail"].as_str().unwrap().contains(parameter),
+            "{body}"
+        );
+    }
+
+    let (status, content_type, body) = app.get("/nowhere").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (404, "application/problem+json")
+    );
+    assert_eq!(body["code"], "not_found");
+
+    let response = app
+        .http
+        .post(format!("{}/data", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
+}
+
+#[tokio::test]
+async fn health_is_503_while_the_database_is_unreachable_and_200_when_it_is_back() {
+    let db = TestDb::new().await;
+    let proxy = TcpProxy::to_database(&db.url).await;
+    let app = App::start(
+        &proxy.url_for(&db.url),
+        &[("DATABASE_CONNECT_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let (status, _, body) = app.get("/health").await;
+    assert_eq!((status, body["database"].as_str()), (200, Some("up")));
+
+    proxy.cut();
+    let (status, _, body) = app.get("/health").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        serde_json::json!({ "status": "unavailable", "database": "down" })
+    );
+    let (status, content_type, problem) = app.get("/data").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (503, "application/problem+json")
+    );
+    assert_eq!(problem["code"], "unavailable");
+    assert_eq!(
+        app.get("/health/live").await.0,
+        200,
+        "liveness does not depend on the database"
+    );
+
+    proxy.restore();
+    wait_for("health to recover", Duration::from_secs(20), || async {
+        (app.get("/health").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(app.get("/data").await.0, 200);
+}
+
+#[tokio::test]
+async fn stats_report_counts_ranges_checkpoints_and_latest_runs_per_source() {
+    let db = TestDb::new().await;
+    seed(&db, &[("a", "x", None), ("a", "y", None), ("b", "z", None)]).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO raw_csv_data (source, source_id, data) VALUES ('a', '0', '{}'), ('a', '1', '{}'), ('a', '9', '{}');
+             UPDATE etl_checkpoint SET last_processed_id = (SELECT min(change_id) FROM raw_csv_data), total_processed = 1
+                 WHERE source = 'a';
+             INSERT INTO etl_rejects (stage, source, source_id, reason, raw) VALUES ('normalize', 'a', '9', 'name: nothing at name', '\\x7b7d');
+             INSERT INTO etl_rejects (stage, source, line, reason, raw) VALUES ('ingest', 'a', 4, 'expected 3 fields', '\\x78');
+             INSERT INTO etl_runs (service, source, status, started_at, ended_at, duration_seconds, records_processed, error_message)
+                 VALUES ('ingester', 'a', 'failed', now() - interval '1 hour', now() - interval '1 hour', 1.5, 3, 'old failure'),
+                        ('ingester', 'a', 'success', now(), now(), 0.5, 4, NULL);",
+        )
+        .await
+        .unwrap();
+    let app = App::start(&db.url, &[]).await;
+
+    let (status, _, stats) = app.get("/stats").await;
+
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["total_records"], 3);
+    let a = &stats["sources"][0];
+    assert_eq!(a["source"], "a");
+    assert_eq!(
+        (a["records"].as_i64(), a["raw_records"].as_i64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        (
+            a["rejected_at_ingest"].as_i64(),
+            a["rejected_at_normalize"].as_i64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (
+            a["value_min"].as_f64(),
+            a["value_max"].as_f64(),
+            a["value_avg"].as_f64()
+        ),
+        (Some(0.0), Some(1.0), Some(0.5))
+    );
+    assert_eq!(a["checkpoint"]["lag"], 2);
+    assert_eq!(
+        a["last_ingest"]["status"], "success",
+        "the latest run, not the first"
+    );
+    assert_eq!(a["last_ingest"]["records_processed"], 4);
+    assert!(a.get("last_normalize").is_none());
+    assert_eq!(stats["sources"][1]["source"], "b");
+}
+
+#[tokio::test]
+async fn cors_answers_listed_origins_only_and_nothing_when_unconfigured() {
+    let db = TestDb::new().await;
+    let open = App::start(
+        &db.url,
+        &[("QUERY_CORS_ORIGINS", "https://app.example.test")],
+    )
+    .await;
+    let closed = App::start(&db.url, &[]).await;
+    let ask = |app: &App, origin: &str| {
+        app.http
+            .get(format!("{}/data", app.base))
+            .header("origin", origin)
+            .send()
+    };
+
+    let allowed = ask(&open, "https://app.example.test").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.test"
+    );
+    let exposed = allowed.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(exposed.contains("x-total-count"), "{exposed}");
+    let other = ask(&open, "https://evil.example.test").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    let unconfigured = ask(&closed, "https://app.example.test").await.unwrap();
+    assert!(unconfigured
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let db = TestDb::new().await;
+    let app = App::start(&db.url, &[]).await;
+    app.get("/data").await;
+    app.get("/data?page=0").await;
+    app.get("/data?page=0").await;
+    app.get("/no/such/thing").await;
+
+    let (_, _, metrics) = app.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+
+    for line in [
+        r#"etl_http_requests_total{route="/data",method="GET",status="200"} 1"#,
+        r#"etl_http_requests_total{route="/data",method="GET",status="400"} 2"#,
+        r#"etl_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
+        r#"etl_http_request_duration_seconds_count{route="/data"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn the_served_spec_is_the_committed_one_and_swagger_ui_is_served() {
+    let db = TestDb::new().await;
+    let app = App::start(&db.url, &[]).await;
+    let committed: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+
+    let (_, _, served) = app.get("/openapi.json").await;
+
+    assert!(
+        served == committed,
+        "the API changed: run `cargo run -p etl-query -- spec > services/query/openapi.json` and review the diff"
+    );
+    let yaml = app
+        .http
+        .get(format!("{}/openapi.yaml", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(yaml.status(), 200);
+    assert!(yaml.text().await.unwrap().contains("operationId: listData"));
+    let docs = app
+        .http
+        .get(format!("{}/docs", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(docs.status(), 200);
+    let html = docs.text().await.unwrap();
+    assert!(
+        html.contains("swagger") && !html.contains("unpkg.com") && !html.contains("cdn"),
+        "assets must be bundled"
+    );
+    for operation in [
+        "listData",
+        "getStats",
+        "getHealth",
+        "getReadiness",
+        "getLiveness",
+    ] {
+        assert!(
+            served
+                .to_string()
+                .contains(&format!("\"operationId\":\"{operation}\"")),
+            "{operation}"
+        );
+    }
+}
