@@ -2,3 +2,4 @@
 //! so its tests can drive it directly.
 
 pub mod pg;
+pub mod pyclient;

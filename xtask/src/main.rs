@@ -54,19 +54,30 @@ async fn provision() -> Result<Database> {
     Ok(database)
 }
 
-/// `target/pg` in this workspace: the ignored build folder, so `cargo clean` removes it too.
-fn clusters_dir() -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
-        .to_owned();
+        .to_owned()
+}
+
+/// The ignored build folder, so `cargo clean` removes what xtask leaves there too.
+fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("pg")
+        .unwrap_or_else(|| workspace_dir().join("target"))
+}
+
+fn clusters_dir() -> PathBuf {
+    target_dir().join("pg")
 }
 
 async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
+    let client = tokio::task::spawn_blocking(|| {
+        xtask::pyclient::validate_and_generate(&workspace_dir(), &target_dir())
+    })
+    .await??;
+    eprintln!("xtask: OpenAPI spec valid; Python client generated");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let has_nextest = Command::new(&cargo)
         .args(["nextest", "--version"])
@@ -82,7 +93,11 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
         );
         command.args(["test", "--workspace"]);
     }
-    command.args(args).env("DATABASE_URL", database.url());
+    command
+        .args(args)
+        .env("DATABASE_URL", database.url())
+        .env("ETL_PYTHON", &client.python)
+        .env("ETL_PY_CLIENT_DIR", &client.package_dir);
     run_to_end(command).await
 }
 

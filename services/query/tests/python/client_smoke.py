@@ -1,0 +1,34 @@
+"""Drives the query API through the client generated from the committed spec.
+
+Usage: client_smoke.py BASE_URL EXPECTED_TOTAL   (the generated package on PYTHONPATH)
+"""
+import sys
+
+from etl_platform_query_api_client import Client
+from etl_platform_query_api_client.api.data import list_data
+from etl_platform_query_api_client.api.stats import get_stats
+from etl_platform_query_api_client.models import DataPage, Problem, Stats
+
+base_url, expected = sys.argv[1], int(sys.argv[2])
+client = Client(base_url=base_url, raise_on_unexpected_status=True)
+
+seen, page = [], 1
+while True:
+    result = list_data.sync(client=client, page=page, page_size=7)
+    assert isinstance(result, DataPage), result
+    assert result.total == expected and result.total_exact, result
+    seen += [record.source_id for record in result.data]
+    if not result.has_more:
+        break
+    page += 1
+assert len(seen) == expected == len(set(seen)), seen
+
+stats = get_stats.sync(client=client)
+assert isinstance(stats, Stats), stats
+assert stats.total_records == expected, stats
+
+bad = list_data.sync_detailed(client=client, page_size=101)
+assert bad.status_code == 400 and isinstance(bad.parsed, Problem), bad
+assert bad.parsed.code == "invalid_parameter" and bad.parsed.parameter == "page_size", bad.parsed
+
+print(f"paged {len(seen)} records over {page} pages; stats total {stats.total_records}")
