@@ -88,7 +88,7 @@ impl Api {
     /// List normalized records
     ///
     /// Records in a stable order (by `id`), optionally of one source and matching a search.
-    /// `total` counts every matching record; for searches, counting stops at 10,000 and
+    /// `total` counts every matching record; for searches, counting stops at 1,000 and
     /// `total_exact` is then false.
     #[oai(
         path = "/data",

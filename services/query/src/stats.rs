@@ -1,10 +1,12 @@
 //! `GET /stats`: per-source counts, value ranges, checkpoints and latest runs. Exact aggregates
 //! over millions of rows take a noticeable fraction of a second, so one consistent snapshot
 //! (one repeatable-read transaction) is computed at most once per `max_age` and shared by every
-//! request in between; concurrent requests wait for the same computation instead of each
-//! starting one.
+//! request. When it is older, the next request starts a refresh in the background and is
+//! answered with the previous snapshot (its `generated_at` says how old), so no request waits
+//! for the aggregates except the very first.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,11 +92,13 @@ pub struct RunInfo {
     pub error_message: Option<String>,
 }
 
-/// The last computed [`Stats`], shared by requests until it is `max_age` old.
+/// The last computed [`Stats`], shared by requests; refreshed in the background once older
+/// than `max_age`.
 #[derive(Clone)]
 pub struct StatsCache {
     max_age: Duration,
     cached: Arc<Mutex<Option<(Instant, Stats)>>>,
+    refreshing: Arc<AtomicBool>,
 }
 
 impl StatsCache {
@@ -102,19 +106,33 @@ impl StatsCache {
         Self {
             max_age,
             cached: Arc::new(Mutex::new(None)),
+            refreshing: Arc::new(AtomicBool::new(false)),
         }
     }
 
     pub async fn get(&self, pool: &Pool) -> Result<Stats, QueryError> {
         let mut cached = self.cached.lock().await;
-        if let Some((at, stats)) = cached.as_ref() {
-            if at.elapsed() < self.max_age {
-                return Ok(stats.clone());
+        match cached.as_ref() {
+            Some((at, stats)) if at.elapsed() < self.max_age => Ok(stats.clone()),
+            Some((_, stale)) => {
+                if !self.refreshing.swap(true, Ordering::SeqCst) {
+                    let (cache, pool) = (self.clone(), pool.clone());
+                    tokio::spawn(async move {
+                        match compute(&pool, cache.max_age).await {
+                            Ok(fresh) => *cache.cached.lock().await = Some((Instant::now(), fresh)),
+                            Err(e) => tracing::warn!(error = %e, "could not refresh /stats"),
+                        }
+                        cache.refreshing.store(false, Ordering::SeqCst);
+                    });
+                }
+                Ok(stale.clone())
+            }
+            None => {
+                let stats = compute(pool, self.max_age).await?;
+                *cached = Some((Instant::now(), stats.clone()));
+                Ok(stats)
             }
         }
-        let stats = compute(pool, self.max_age).await?;
-        *cached = Some((Instant::now(), stats.clone()));
-        Ok(stats)
     }
 }
 
