@@ -14,7 +14,7 @@ use tokio_util::io::StreamReader;
 use url::Url;
 
 use crate::http::{FetchError, Fetcher};
-use crate::land::{Lander, Position, RawJson, RawRecord, Reject};
+use crate::land::{Lander, Position};
 use crate::IngestError;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -85,26 +85,11 @@ pub async fn ingest(
             line,
             ..Position::default()
         };
-        match header.to_json(&record) {
-            Ok((source_id, json)) => {
-                lander
-                    .push(RawRecord {
-                        source_id,
-                        data: RawJson(json),
-                        position,
-                    })
-                    .await?
-            }
-            Err(reason) => {
-                lander
-                    .reject(Reject {
-                        position,
-                        reason,
-                        raw: reassemble(&record, delimiter),
-                    })
-                    .await?
-            }
-        }
+        lander
+            .land(position, header.to_json(&record), || {
+                reassemble(&record, delimiter)
+            })
+            .await?;
     }
     Ok(())
 }

@@ -148,6 +148,34 @@ impl<'a> Lander<'a> {
         Ok(())
     }
 
+    /// Queues what a source reader made of one record: its id and JSON, or why it has none
+    /// (then `raw` gives the bytes to keep with the reject).
+    pub async fn land(
+        &mut self,
+        position: Position,
+        parsed: Result<(String, String), String>,
+        raw: impl FnOnce() -> Vec<u8>,
+    ) -> Result<(), LandError> {
+        match parsed {
+            Ok((source_id, json)) => {
+                self.push(RawRecord {
+                    source_id,
+                    data: RawJson(json),
+                    position,
+                })
+                .await
+            }
+            Err(reason) => {
+                self.reject(Reject {
+                    position,
+                    reason,
+                    raw: raw(),
+                })
+                .await
+            }
+        }
+    }
+
     pub async fn reject(&mut self, reject: Reject) -> Result<(), LandError> {
         self.batch_bytes += reject.raw.len();
         self.rejects.push(reject);

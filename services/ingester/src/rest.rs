@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::http::{read_body_limited, FetchError, Fetcher};
-use crate::land::{Lander, Position, RawJson, RawRecord, Reject};
+use crate::land::{Lander, Position};
 use crate::IngestError;
 
 /// One fetched page: the JSON body (validated) and the `Link: rel="next"` target, if any.
@@ -56,26 +56,11 @@ pub async fn ingest(
                 item: Some(index as i64),
                 ..Position::default()
             };
-            match source_id_of(item, &source.mapping.source_id) {
-                Ok(source_id) => {
-                    lander
-                        .push(RawRecord {
-                            source_id,
-                            data: RawJson(item.get().to_owned()),
-                            position,
-                        })
-                        .await?
-                }
-                Err(reason) => {
-                    lander
-                        .reject(Reject {
-                            position,
-                            reason,
-                            raw: item.get().as_bytes().to_vec(),
-                        })
-                        .await?
-                }
-            }
+            let parsed =
+                source_id_of(item, &source.mapping.source_id).map(|id| (id, item.get().to_owned()));
+            lander
+                .land(position, parsed, || item.get().as_bytes().to_vec())
+                .await?;
         }
         next = next_url(&base, &url, &rest.pagination, &page, page_no, count)
             .map_err(|why| IngestError::Source(format!("page {page_no} ({url}): {why}")))?;
