@@ -4,7 +4,7 @@
 default:
     @just --list
 
-# Start Postgres (DATABASE_URL, or a throwaway cluster) and migrate; ctrl-c stops it.
+# The whole system: Postgres, migrations, the three services and a demo source; ctrl-c stops it.
 up:
     cargo xtask up
 
@@ -20,3 +20,7 @@ lint:
 # Format the code.
 fmt:
     cargo fmt --all
+
+# Stop a stack started by `just up` in another terminal.
+down:
+    cargo xtask down

@@ -3,3 +3,4 @@
 
 pub mod pg;
 pub mod pyclient;
+pub mod stack;

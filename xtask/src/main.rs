@@ -20,17 +20,36 @@ enum Cli {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Start Postgres and migrate it, then wait until ctrl-c.
+    /// Run the whole system: Postgres, the three services and a demo source, until ctrl-c.
     Up,
+    /// Stop a stack started by `up` in another terminal.
+    Down,
 }
 
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
+    match cli {
+        Cli::Down => {
+            xtask::stack::down(&target_dir())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cli::Up => {
+            if let Some(pid) = xtask::stack::running(&target_dir()) {
+                eprintln!(
+                    "a stack is already running (pid {pid}); stop it with `cargo xtask down` \
+                     (or ctrl-c in its terminal) first"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cli::Test { .. } => {}
+    }
     let database = provision().await?;
     let outcome = match cli {
         Cli::Test { args } => test(&database, args).await,
         Cli::Up => up(&database).await,
+        Cli::Down => unreachable!("handled before provisioning"),
     };
     database
         .shutdown()
@@ -79,6 +98,14 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
     .await??;
     eprintln!("xtask: OpenAPI spec valid; Python client generated");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The end-to-end tests run the real binaries as processes: build them first.
+    let built = Command::new(&cargo)
+        .args(["build", "--quiet", "--bins", "--workspace"])
+        .status()
+        .await?;
+    if !built.success() {
+        anyhow::bail!("building the service binaries failed");
+    }
     let has_nextest = Command::new(&cargo)
         .args(["nextest", "--version"])
         .output()
@@ -97,24 +124,46 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
         .args(args)
         .env("DATABASE_URL", database.url())
         .env("ETL_PYTHON", &client.python)
-        .env("ETL_PY_CLIENT_DIR", &client.package_dir);
+        .env("ETL_PY_CLIENT_DIR", &client.package_dir)
+        .env("ETL_BIN_DIR", target_dir().join("debug"));
     run_to_end(command).await
 }
 
 async fn up(database: &Database) -> Result<ExitCode> {
-    let settings = etl_shared::DatabaseSettings::from_url(&database.url())?;
-    let report = etl_shared::migrate(&settings)
+    let url = database.url();
+    let settings = etl_shared::DatabaseSettings::from_url(&url)?;
+    etl_shared::migrate(&settings)
         .await
         .context("could not migrate the database")?;
+    let target = target_dir();
+    let pid_file = xtask::stack::pid_file(&target);
+    std::fs::create_dir_all(pid_file.parent().expect("pid file has a folder"))?;
+    std::fs::write(&pid_file, std::process::id().to_string())?;
+    eprintln!("xtask: building and starting the services; the demo sources are ingested next");
+    let started = xtask::stack::start(&workspace_dir(), &target, &url).await;
+    let stack = match started {
+        Ok(stack) => stack,
+        Err(e) => {
+            let _ = std::fs::remove_file(&pid_file);
+            return Err(e);
+        }
+    };
+    let api = format!("http://{}", stack.query_addr);
     println!(
-        "Postgres is ready and migrated ({} migration(s) applied now).\n\
-         DATABASE_URL={}\n\
-         The ingester, normalizer and query services are not built yet; this holds the database \
-         until ctrl-c.",
-        report.applied.len(),
-        database.url()
+        "\nThe ETL platform is up: the demo sources are ingested and normalized.\n\n\
+         Swagger UI   {api}/docs\n\
+         OpenAPI      {api}/openapi.json\n\n\
+         Try:\n  curl '{api}/data?page=1&page_size=5'\n  curl '{api}/data?search=lamp&source=products'\n  curl '{api}/stats'\n\n\
+         Database     {url}\n\
+         Logs         {}\n\n\
+         Stop with ctrl-c here, or `cargo xtask down` (`just down`) from another terminal.",
+        stack.logs.display()
     );
     stop_requested().await;
+    eprintln!("xtask: stopping the services");
+    let stopped = stack.stop().await;
+    let _ = std::fs::remove_file(&pid_file);
+    stopped?;
     Ok(ExitCode::SUCCESS)
 }
 
