@@ -1,0 +1,64 @@
+"""Renders the Helm chart offline with Helm's own Go SDK (helm-python-sdk, no helm binary) and
+checks it: `helm lint --strict`, the values against values.schema.json, and every rendered
+object against the Kubernetes schemas (kubernetes-validate), for the default values and for each
+optional mode. Exits non-zero on any problem."""
+import pathlib
+import sys
+import tempfile
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+CHART = pathlib.Path(__file__).parent / "helm" / "etl-platform"
+KUBE_VERSION = "1.30.0"
+
+# (what, values overriding the defaults, objects expected by kind)
+VARIANTS = [
+    ("defaults with a chart-made secret", {"database": {"url": "postgres://etl:pw@db:5432/etl"}},
+     {"Deployment": 3, "Service": 1, "ConfigMap": 1, "Secret": 1, "Job": 1}),
+    ("existing secret, cronjob ingester, autoscaled query",
+     {"database": {"existingSecret": "etl-db"}, "ingester": {"mode": "cronjob"},
+      "query": {"autoscaling": {"enabled": True}, "corsOrigins": ["https://app.example.com"]}},
+     {"Deployment": 2, "CronJob": 1, "HorizontalPodAutoscaler": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
+]
+
+failures = []
+report = helm.lint(str(CHART), {"database": {"url": "postgres://etl:pw@db:5432/etl"}}, strict=True)
+for message in report.get("messages", []):
+    if message.get("severity", 0) >= 2:
+        failures.append(f"helm lint: {message}")
+failures += [f"helm lint: {e}" for e in report.get("errors", [])]
+
+chart = helm.Chart.load(str(CHART))
+for what, values, expected in VARIANTS:
+    try:
+        chart.validate_schema(values)
+        rendered = chart.render(values, name="etl", namespace="etl", is_install=True)
+    except helm.HelmError as e:
+        failures.append(f"{what}: {e}")
+        continue
+    kinds = {}
+    for path, text in rendered.items():
+        for obj in yaml.safe_load_all(text):
+            if not obj:
+                continue
+            kinds[obj["kind"]] = kinds.get(obj["kind"], 0) + 1
+            try:
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                failures.append(f"{what}: {path}: {obj['kind']} {obj['metadata']['name']}: {e.message}")
+    if kinds != expected:
+        failures.append(f"{what}: rendered {kinds}, expected {expected}")
+    print(f"ok: {what}: {sum(kinds.values())} objects valid for Kubernetes {KUBE_VERSION}")
+
+# A value outside the schema must be refused.
+try:
+    chart.validate_schema({"ingester": {"mode": "sometimes"}})
+    failures.append("values.schema.json accepted ingester.mode = sometimes")
+except helm.HelmError:
+    print("ok: values.schema.json refuses a bad value")
+
+if failures:
+    print("\n".join(failures), file=sys.stderr)
+    sys.exit(1)

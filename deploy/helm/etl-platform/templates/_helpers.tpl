@@ -1,0 +1,92 @@
+{{/* Names and labels shared by every object of the release. */}}
+{{- define "etl.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "etl.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: pass (dict "ctx" $ "component" "query"). */}}
+{{- define "etl.selector" -}}
+app.kubernetes.io/name: {{ .ctx.Chart.Name }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "etl.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "etl.databaseSecret" -}}
+{{- .Values.database.existingSecret | default (printf "%s-database" (include "etl.fullname" .)) -}}
+{{- end -}}
+
+{{/* Environment every pod gets: the database URL from the Secret, the sources file, logs. */}}
+{{- define "etl.env" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "etl.databaseSecret" . }}
+      key: {{ .Values.database.existingSecretKey }}
+- name: DATABASE_POOL_MAX_SIZE
+  value: {{ .Values.database.poolMaxSize | quote }}
+- name: SOURCES_FILE
+  value: /etc/etl/sources.toml
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "etl.podSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "etl.containerSecurity" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+{{- end -}}
+
+{{- define "etl.sourcesVolume" -}}
+volumes:
+  - name: sources
+    configMap:
+      name: {{ include "etl.fullname" . }}-sources
+{{- end -}}
+
+{{- define "etl.sourcesMount" -}}
+volumeMounts:
+  - name: sources
+    mountPath: /etc/etl
+    readOnly: true
+{{- end -}}
+
+{{/* Liveness and readiness probes on a port's /health/live and /health/ready. */}}
+{{- define "etl.probes" -}}
+livenessProbe:
+  httpGet: {path: /health/live, port: {{ . }}}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /health/ready, port: {{ . }}}
+  periodSeconds: 5
+  failureThreshold: 2
+{{- end -}}
