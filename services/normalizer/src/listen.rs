@@ -95,6 +95,7 @@ async fn listen_once(
     });
     let result = async {
         client
+            // sql: constant (a compile-time channel name; LISTEN takes no bind parameters)
             .batch_execute(&format!("LISTEN {RAW_READY_CHANNEL}"))
             .await
             .map_err(|e| ListenError::Connect(e.to_string()))?;
