@@ -368,6 +368,75 @@ impl TcpProxy {
     }
 }
 
+/// Path of a service binary built by `cargo xtask test` (which passes the folder in
+/// `ETL_BIN_DIR`), for tests that run the real binaries as processes.
+pub fn service_binary(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var("ETL_BIN_DIR").expect(
+        "ETL_BIN_DIR is not set: run the suite with `cargo xtask test`, which builds the binaries",
+    );
+    std::path::PathBuf::from(dir).join(name)
+}
+
+/// A service running as a process, its output in a log file (shown when a test fails).
+pub struct ServiceProcess {
+    pub name: &'static str,
+    pub child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl ServiceProcess {
+    pub fn start(name: &'static str, env: &[(&str, String)]) -> Self {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log =
+            std::env::temp_dir().join(format!("etl-test-{name}-{}-{n}.log", std::process::id()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(service_binary(name))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name, child, log }
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, …) to the process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = tokio::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// SIGTERM, then the exit code (failing the test if it takes over 20 s).
+    pub async fn stop(&mut self) -> Option<i32> {
+        self.signal("-TERM").await;
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not stop on SIGTERM:\n{}",
+                    self.name,
+                    self.log_tail()
+                )
+            })
+            .unwrap();
+        status.code()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

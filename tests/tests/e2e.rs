@@ -5,82 +5,20 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use etl_tests::{wait_for, TestDb, TestServer};
+use etl_tests::{wait_for, ServiceProcess as Service, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
 
 const BIG: usize = 60_000;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var("ETL_BIN_DIR").expect(
-        "ETL_BIN_DIR is not set: run the suite with `cargo xtask test`, which builds the binaries",
-    );
-    PathBuf::from(dir).join(name)
-}
 
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-}
-
-struct Service {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(name: &'static str, env: &[(&str, String)]) -> Self {
-        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "e2e-{name}-{}-{}.log",
-            std::process::id(),
-            fastrand_suffix()
-        ));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin(name))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { name, child, log }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().expect("running").to_string()
-    }
-
-    async fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-fn fastrand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 async fn sources_server() -> TestServer {
@@ -286,19 +224,9 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
 
     // SIGTERM stops every service cleanly.
     for service in [&mut ingester, &mut normalizer, &mut query] {
-        service.signal("-TERM").await;
-        let status = tokio::time::timeout(Duration::from_secs(20), service.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} did not stop on SIGTERM:\n{}",
-                    service.name,
-                    service.log_tail()
-                )
-            })
-            .unwrap();
+        let code = service.stop().await;
         assert_eq!(
-            status.code(),
+            code,
             Some(0),
             "{} exit:\n{}",
             service.name,

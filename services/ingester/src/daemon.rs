@@ -17,8 +17,8 @@ use crate::{IngestError, Ingester, Settings};
 
 /// How often runs left `running` by a dead replica are looked for.
 const REAP_INTERVAL: Duration = Duration::from_secs(60);
-/// Wait before retrying a run that could not even be recorded (database unreachable).
-const DATABASE_RETRY: Duration = Duration::from_secs(5);
+/// First wait before retrying a failed run; doubles per consecutive failure, up to the schedule.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 pub struct Application {
     ingester: Ingester,
@@ -87,20 +87,31 @@ impl Application {
     }
 }
 
-/// One source's loop: run now, then again after `every` or when triggered, until shutdown.
+/// One source's loop: run now, then again after `every` or when triggered, until shutdown. A
+/// failed run (or one that could not start) is retried sooner, backing off from 5 s up to the
+/// schedule, so an outage or a flaky source does not cost a whole interval.
 async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Arc<Notify>) {
     let shutdown = ingester.shutdown_token().clone();
+    let mut failures: u32 = 0;
     loop {
-        let wait = match ingester.run_source(&name).await {
-            Ok(_) => every,
+        let failed = match ingester.run_source(&name).await {
+            Ok(summary) => summary.error.is_some(),
             Err(e @ IngestError::Run(_)) => {
                 tracing::error!(source = %name, error = %e, "could not start a run; retrying soon");
-                DATABASE_RETRY.min(every)
+                true
             }
             Err(e) => {
                 tracing::error!(source = %name, error = %e, "run could not start");
-                every
+                true
             }
+        };
+        failures = if failed { failures + 1 } else { 0 };
+        let wait = if failed {
+            RETRY_AFTER_FAILURE
+                .saturating_mul(1 << (failures - 1).min(10))
+                .min(every)
+        } else {
+            every
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,

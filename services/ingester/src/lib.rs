@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::runs::{Run, RunCounts, RunError, Service};
+use etl_shared::runs::{reap_interrupted, Run, RunCounts, RunError, Service};
 use etl_shared::sources::{SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
@@ -165,6 +165,9 @@ impl Ingester {
             .get(name)
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
         let started = std::time::Instant::now();
+        // Runs of this source cut off by a crash or an outage are recorded as failed before a
+        // new one starts (cheap: a partial index holds only running runs).
+        reap_interrupted(&inner.pool, Service::Ingester).await?;
         let mut run = Run::start(&inner.pool, Service::Ingester, name).await?;
         let run_id = run.id;
         tracing::Span::current().record("run_id", run_id);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::{PipelineMetrics, SourceLabels};
-use etl_shared::runs::{Run, RunCounts, RunError, Service};
+use etl_shared::runs::{reap_interrupted, Run, RunCounts, RunError, Service};
 use etl_shared::sources::{Sources, SourcesError};
 use etl_shared::Pool;
 use prometheus_client::metrics::counter::Counter;
@@ -227,6 +227,8 @@ impl Normalizer {
             return Ok(idle);
         }
         let started = Instant::now();
+        // A pass cut off by a crash or an outage is recorded as failed before a new one starts.
+        reap_interrupted(&inner.pool, Service::Normalizer).await?;
         let mut run = Run::start(&inner.pool, Service::Normalizer, name).await?;
         let run_id = run.id;
         tracing::Span::current().record("run_id", run_id);
