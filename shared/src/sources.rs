@@ -146,6 +146,10 @@ pub struct HttpOptions {
     /// Largest REST page body accepted, in bytes (a page is parsed in memory).
     #[serde(default = "default_max_page_bytes")]
     pub max_page_bytes: u64,
+    /// Largest CSV file accepted, in bytes after decompression: a run reading more stops and
+    /// fails, so a runaway or hostile source cannot fill the database.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
 }
 
 impl Default for HttpOptions {
@@ -157,6 +161,7 @@ impl Default for HttpOptions {
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
             max_page_bytes: default_max_page_bytes(),
+            max_file_bytes: default_max_file_bytes(),
         }
     }
 }
@@ -477,6 +482,9 @@ fn default_max_backoff() -> Duration {
 }
 fn default_max_page_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_max_file_bytes() -> u64 {
+    16 * 1024 * 1024 * 1024
 }
 fn default_max_pages() -> u32 {
     10_000

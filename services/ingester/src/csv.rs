@@ -48,6 +48,12 @@ pub async fn ingest(
     } else {
         Box::new(body)
     };
+    // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
+    let reader = Limited {
+        inner: reader,
+        left: fetcher.max_file_bytes(),
+        limit: fetcher.max_file_bytes(),
+    };
 
     let mut csv = AsyncReaderBuilder::new()
         .delimiter(options.delimiter as u8)
@@ -207,6 +213,33 @@ fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A reader that fails once more than `limit` bytes have come through.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > self.left {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Err(io::Error::other(format!(
+                "the file is larger than the limit of {limit} bytes (http.max_file_bytes)"
+            ))));
+        }
+        self.left -= read;
+        polled
+    }
 }
 
 fn line_suffix(record: &ByteRecord) -> String {

@@ -199,6 +199,10 @@ impl Fetcher {
     pub fn max_page_bytes(&self) -> u64 {
         self.options.max_page_bytes
     }
+
+    pub fn max_file_bytes(&self) -> u64 {
+        self.options.max_file_bytes
+    }
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3).

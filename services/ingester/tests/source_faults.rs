@@ -1,0 +1,166 @@
+//! Sources that misbehave: each ends in a recorded, explained failure within a bounded time,
+//! and the process goes on.
+
+mod support;
+
+use std::time::Duration;
+
+use etl_tests::{TestDb, TestServer};
+use poem::http::StatusCode;
+use poem::{endpoint::make_sync, Response, Route};
+use support::*;
+
+/// Runs `name` and returns its recorded error; fails the test if the run takes over 30 s.
+async fn failed_run(db: &TestDb, toml: &str, name: &str) -> String {
+    let ingester = ingester(db, toml);
+    let summary = tokio::time::timeout(Duration::from_secs(30), ingester.run_source(name))
+        .await
+        .expect("the run must end in bounded time")
+        .unwrap();
+    let run = run_row(db, summary.run_id).await;
+    assert_eq!(run.status, "failed", "{run:?}");
+    run.error.expect("a failed run says why")
+}
+
+fn rest(name: &str, url: &str) -> String {
+    format!(
+        r#"
+        [[source]]
+        name = "{name}"
+        kind = "rest"
+        url = "{url}"
+        mapping = {{ source_id = "/id", name = "/n", value = "/v" }}
+        http = {{ attempts = 2, initial_backoff = "10ms", read_timeout = "300ms", connect_timeout = "1s" }}
+        "#
+    )
+}
+
+#[tokio::test]
+async fn a_source_that_accepts_and_never_answers_times_out() {
+    let db = TestDb::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket); // never read, never answered, never closed
+        }
+    });
+
+    let error = failed_run(&db, &rest("hang", &format!("http://{addr}/items")), "hang").await;
+
+    assert!(
+        error.contains("after 2 attempt(s)") && error.contains("timed out"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_dropped_mid_body_is_a_failure_not_a_short_page() {
+    let db = TestDb::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"id\": 1, \"n\": \"a\", \"v\": 1}, {\"id\"")
+                .await;
+            drop(socket); // 1000 bytes promised, far fewer sent
+        }
+    });
+
+    let error = failed_run(
+        &db,
+        &rest("dropped", &format!("http://{addr}/items")),
+        "dropped",
+    )
+    .await;
+
+    assert!(error.contains("reading the body failed"), "{error}");
+    assert!(
+        raw_ids(&db, "raw_api_data", "dropped").await.is_empty(),
+        "nothing half-landed"
+    );
+}
+
+#[tokio::test]
+async fn truncated_json_is_a_failure_that_says_so() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(Route::new().at(
+        "/items",
+        make_sync(|_| {
+            Response::builder()
+                .content_type("application/json")
+                .body(r#"[{"id": 1, "n": "a", "v": 1}, {"id": 2, "n""#)
+        }),
+    ))
+    .await;
+
+    let error = failed_run(&db, &rest("truncated", &server.url("/items")), "truncated").await;
+
+    assert!(error.contains("not valid JSON"), "{error}");
+    assert!(raw_ids(&db, "raw_api_data", "truncated").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_redirect_loop_is_a_failure_that_names_it() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(Route::new().at(
+        "/loop",
+        make_sync(|_| {
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", "/loop")
+                .finish()
+        }),
+    ))
+    .await;
+
+    let error = failed_run(&db, &rest("loop", &server.url("/loop")), "loop").await;
+
+    assert!(error.to_lowercase().contains("redirect"), "{error}");
+}
+
+#[tokio::test]
+async fn an_endless_csv_stops_at_the_size_limit_and_says_why() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(Route::new().at(
+        "/endless.csv",
+        make_sync(|_| {
+            let chunks = futures_util::stream::unfold(0u64, |n| async move {
+                let mut chunk = if n == 0 {
+                    String::from("id,name,value\n")
+                } else {
+                    String::new()
+                };
+                for i in n * 1_000..(n + 1) * 1_000 {
+                    chunk.push_str(&format!("{i},row {i},{i}\n"));
+                }
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
+            });
+            Response::builder().body(poem::Body::from_bytes_stream(chunks))
+        }),
+    ))
+    .await;
+    let toml = format!(
+        r#"
+        [[source]]
+        name = "endless"
+        kind = "csv"
+        url = "{}"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+        http = {{ max_file_bytes = 1000000 }}
+        "#,
+        server.url("/endless.csv")
+    );
+
+    let error = failed_run(&db, &toml, "endless").await;
+
+    assert!(
+        error.contains("larger than the limit of 1000000 bytes (http.max_file_bytes)"),
+        "{error}"
+    );
+}
