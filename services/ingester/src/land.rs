@@ -158,12 +158,23 @@ impl<'a> Lander<'a> {
     ) -> Result<(), LandError> {
         match parsed {
             Ok((source_id, json)) => {
-                self.push(RawRecord {
+                let record = RawRecord {
                     source_id,
                     data: RawJson(json),
                     position,
-                })
-                .await
+                };
+                match unstorable(&record) {
+                    // Keep what the source sent, not our JSON rendering of it.
+                    Some(reason) => {
+                        self.reject(Reject {
+                            position,
+                            reason,
+                            raw: raw(),
+                        })
+                        .await
+                    }
+                    None => self.push(record).await,
+                }
             }
             Err(reason) => {
                 self.reject(Reject {

@@ -1,0 +1,168 @@
+//! Hostile and odd input: every record either lands or is rejected with a reason, the run ends,
+//! and nothing panics. The inputs are generated here (deterministically) rather than committed,
+//! since some are megabytes.
+
+mod support;
+
+use etl_tests::{TestDb, TestServer};
+use poem::{endpoint::make_sync, Response, Route};
+use support::*;
+
+async fn serve(body: Vec<u8>) -> TestServer {
+    TestServer::start(Route::new().at(
+        "/:file",
+        make_sync(move |_| Response::builder().body(body.clone())),
+    ))
+    .await
+}
+
+fn csv_source(name: &str, url: &str) -> String {
+    format!(
+        r#"
+        [[source]]
+        name = "{name}"
+        kind = "csv"
+        url = "{url}"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+        "#
+    )
+}
+
+#[tokio::test]
+async fn nul_bytes_huge_fields_mixed_line_endings_and_odd_numbers_land_or_are_rejected() {
+    let db = TestDb::new().await;
+    let mut body = b"id,name,value\r\n".to_vec();
+    body.extend_from_slice(b"1,crlf line,1\r\n");
+    body.extend_from_slice(b"2,lf line,2\n");
+    body.extend_from_slice(b"3,cr line,3\r");
+    body.extend_from_slice(b"4,nul\0inside,4\n");
+    body.extend_from_slice(format!("5,{},5\n", "x".repeat(10 * 1024 * 1024)).as_bytes());
+    body.extend_from_slice(b"6,thousands,\"1,234.5\"\n");
+    body.extend_from_slice(b"7,exponent,6.02e23\n");
+    body.extend_from_slice(b"8,last,8\n");
+    let server = serve(body).await;
+
+    let summary = ingester(&db, &csv_source("odd", &server.url("/odd.csv")))
+        .run_source("odd")
+        .await
+        .unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(
+        raw_ids(&db, "raw_csv_data", "odd").await,
+        ["1", "2", "3", "5", "6", "7", "8"]
+    );
+    let rejects = rejects(&db, "odd").await;
+    assert_eq!(rejects.len(), 1);
+    assert!(rejects[0].3.contains("NUL"), "{:?}", rejects[0].3);
+    assert_eq!(rejects[0].4, b"4,nul\0inside,4", "the exact bytes are kept");
+    let long: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT length(data->>'name')::bigint FROM raw_csv_data WHERE source_id = '5'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(long, 10 * 1024 * 1024, "a 10 MB field lands whole");
+}
+
+#[tokio::test]
+async fn ten_thousand_columns_land_as_one_object() {
+    let db = TestDb::new().await;
+    let mut header = String::from("id,name,value");
+    let mut row = String::from("1,wide,1");
+    for i in 0..10_000 {
+        header.push_str(&format!(",c{i}"));
+        row.push_str(&format!(",{i}"));
+    }
+    let server = serve(format!("{header}\n{row}\n").into_bytes()).await;
+
+    let summary = ingester(&db, &csv_source("wide", &server.url("/wide.csv")))
+        .run_source("wide")
+        .await
+        .unwrap();
+
+    assert_eq!(summary.error, None);
+    let keys: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM raw_csv_data, jsonb_object_keys(data)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 10_003);
+}
+
+#[tokio::test]
+async fn ten_thousand_levels_of_nesting_land_without_overflowing_the_stack() {
+    let db = TestDb::new().await;
+    let deep = format!(
+        "[{{\"id\": 1, \"n\": {}1{}}}]",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let server = serve(deep.into_bytes()).await;
+    let toml = r#"
+        [[source]]
+        name = "deep"
+        kind = "rest"
+        url = "URL"
+        mapping = { source_id = "/id", name = "/n", value = "/v" }
+    "#
+    .replace("URL", &server.url("/deep.json"));
+
+    let summary = ingester(&db, &toml).run_source("deep").await.unwrap();
+
+    // Only the path to the id is parsed; the rest is kept as raw JSON for the normalizer, which
+    // rejects `n` as an array.
+    assert_eq!(summary.error, None);
+    assert_eq!(raw_ids(&db, "raw_api_data", "deep").await, ["1"]);
+}
+
+#[tokio::test]
+async fn duplicate_keys_and_wrong_types_land_raw_for_the_normalizer_to_judge() {
+    let db = TestDb::new().await;
+    let body = r#"[
+        {"id": 1, "n": "first", "n": "second", "v": 1},
+        {"id": 2, "n": ["not", "a", "string"], "v": {"not": "a number"}},
+        {"id": 3.5, "n": true, "v": null},
+        {"id": -4, "n": 12, "v": "1e3"}
+    ]"#;
+    let server = serve(body.as_bytes().to_vec()).await;
+    let toml = r#"
+        [[source]]
+        name = "types"
+        kind = "rest"
+        url = "URL"
+        mapping = { source_id = "/id", name = "/n", value = "/v" }
+    "#
+    .replace("URL", &server.url("/types.json"));
+
+    let summary = ingester(&db, &toml).run_source("types").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(
+        raw_ids(&db, "raw_api_data", "types").await,
+        ["-4", "1", "2", "3.5"]
+    );
+    let name: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT data->>'n' FROM raw_api_data WHERE source_id = '1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        name, "second",
+        "with duplicate keys, the last one wins (jsonb semantics)"
+    );
+}
