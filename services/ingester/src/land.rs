@@ -201,46 +201,88 @@ impl<'a> Lander<'a> {
         self.counts
     }
 
-    /// Lands everything queued so far, in one transaction.
+    /// Lands everything queued so far, in one transaction. If Postgres refuses the batch for
+    /// its data (a record it cannot store, say a number beyond `numeric`'s range), the records
+    /// are landed one by one instead, and the ones it refuses become rejects with its message.
     pub async fn flush(&mut self) -> Result<(), LandError> {
         if self.batch.is_empty() && self.rejects.is_empty() {
             return Ok(());
         }
         let started = std::time::Instant::now();
+        let records = std::mem::take(&mut self.batch);
+        let mut rejects = std::mem::take(&mut self.rejects);
+        self.batch_ids.clear();
+        self.batch_bytes = 0;
         let table = self.table;
         let db = |source| LandError::Db { table, source };
-        let tx = self.client.transaction().await.map_err(db)?;
-        let (inserted, updated) = if self.batch.is_empty() {
+        match self.write(&records, &rejects).await {
+            Ok((inserted, updated)) => {
+                self.account(records.len(), rejects.len(), inserted, updated, started);
+                Ok(())
+            }
+            Err(e) if is_data_error(&e) && !records.is_empty() => {
+                tracing::warn!(source = self.source, error = %e, "batch refused; landing its records one by one");
+                for record in records {
+                    let one = std::time::Instant::now();
+                    match self.write(std::slice::from_ref(&record), &[]).await {
+                        Ok((inserted, updated)) => self.account(1, 0, inserted, updated, one),
+                        Err(e) if is_data_error(&e) => rejects.push(Reject {
+                            position: record.position,
+                            reason: format!("Postgres refused the record: {}", db_message(&e)),
+                            raw: record.data.0.into_bytes(),
+                        }),
+                        Err(e) => return Err(db(e)),
+                    }
+                }
+                self.write(&[], &rejects).await.map_err(db)?;
+                self.account(0, rejects.len(), 0, 0, started);
+                Ok(())
+            }
+            Err(e) => Err(db(e)),
+        }
+    }
+
+    /// One transaction: the records (staged, then upserted under the source's lock), the
+    /// rejects, and a NOTIFY if anything changed. Returns (inserted, updated).
+    async fn write(
+        &mut self,
+        records: &[RawRecord],
+        rejects: &[Reject],
+    ) -> Result<(i64, i64), tokio_postgres::Error> {
+        let tx = self.client.transaction().await?;
+        let (inserted, updated) = if records.is_empty() {
             (0, 0)
         } else {
-            copy_into_staging(&tx, &self.batch).await.map_err(db)?;
+            copy_into_staging(&tx, records).await?;
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))",
                 &[&RAW_WRITE_LOCK_CLASS, &self.source],
             )
-            .await
-            .map_err(db)?;
-            let row = tx
-                .query_one(self.upsert_sql, &[&self.source])
-                .await
-                .map_err(db)?;
+            .await?;
+            let row = tx.query_one(self.upsert_sql, &[&self.source]).await?;
             (row.get::<_, i64>(0), row.get::<_, i64>(1))
         };
-        insert_rejects(&tx, self.run_id, self.source, &self.rejects)
-            .await
-            .map_err(db)?;
+        insert_rejects(&tx, self.run_id, self.source, rejects).await?;
         if inserted + updated > 0 {
             tx.execute(
                 "SELECT pg_notify($1, $2)",
                 &[&RAW_READY_CHANNEL, &self.source],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
+        Ok((inserted, updated))
+    }
 
-        let landed = self.batch.len() as i64;
-        let rejected = self.rejects.len() as i64;
+    fn account(
+        &mut self,
+        landed: usize,
+        rejected: usize,
+        inserted: i64,
+        updated: i64,
+        started: std::time::Instant,
+    ) {
+        let (landed, rejected) = (landed as i64, rejected as i64);
         let batch = RunCounts {
             processed: landed + rejected,
             inserted,
@@ -251,12 +293,18 @@ impl<'a> Lander<'a> {
         self.counts.add(batch);
         self.metrics
             .record_batch(self.source, &batch, started.elapsed().as_secs_f64());
-        self.batch.clear();
-        self.batch_ids.clear();
-        self.rejects.clear();
-        self.batch_bytes = 0;
-        Ok(())
     }
+}
+
+/// A data exception (SQLSTATE class 22): the input, not the database, is at fault.
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
 }
 
 async fn copy_into_staging(

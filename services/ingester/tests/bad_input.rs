@@ -166,3 +166,35 @@ async fn duplicate_keys_and_wrong_types_land_raw_for_the_normalizer_to_judge() {
         "with duplicate keys, the last one wins (jsonb semantics)"
     );
 }
+
+#[tokio::test]
+async fn a_record_postgres_cannot_store_is_rejected_alone_and_its_batch_lands() {
+    let db = TestDb::new().await;
+    // jsonb keeps numbers as `numeric`, which stops at 131,072 digits: 1e200000 is valid JSON
+    // that Postgres refuses, so the batch fails and is landed record by record.
+    let body = r#"[{"id": 1, "n": "a", "v": 1}, {"id": 2, "n": "b", "v": 1e200000}, {"id": 3, "n": "c", "v": 3}]"#;
+    let server = serve(body.as_bytes().to_vec()).await;
+    let toml = r#"
+        [[source]]
+        name = "huge"
+        kind = "rest"
+        url = "URL"
+        mapping = { source_id = "/id", name = "/n", value = "/v" }
+    "#
+    .replace("URL", &server.url("/huge.json"));
+
+    let summary = ingester(&db, &toml).run_source("huge").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(raw_ids(&db, "raw_api_data", "huge").await, ["1", "3"]);
+    let rejects = rejects(&db, "huge").await;
+    assert_eq!(rejects.len(), 1);
+    assert!(
+        rejects[0].3.starts_with("Postgres refused the record:"),
+        "{}",
+        rejects[0].3
+    );
+    assert_eq!(rejects[0].2, Some(1), "item 1 of the page");
+    let run = run_row(&db, summary.run_id).await;
+    assert_eq!((run.processed, run.inserted, run.rejected), (3, 2, 1));
+}
