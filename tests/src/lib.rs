@@ -437,6 +437,32 @@ impl ServiceProcess {
     }
 }
 
+/// A CSV body (`id,name,value`, rows `i,row i,i` from 0) streamed in chunks of `chunk_rows`
+/// rows, `pause` apart: `rows` in all, or without end when `None`. For sources that are slow,
+/// huge or never finish.
+pub fn streamed_csv(rows: Option<u64>, chunk_rows: u64, pause: Duration) -> poem::Body {
+    let chunks = futures_util::stream::unfold(0u64, move |n| async move {
+        let first = n * chunk_rows;
+        if rows.is_some_and(|total| first >= total) {
+            return None;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await; // the source's pace, not a synchronization
+        }
+        let last = rows.map_or(first + chunk_rows, |total| (first + chunk_rows).min(total));
+        let mut chunk = if n == 0 {
+            String::from("id,name,value\n")
+        } else {
+            String::new()
+        };
+        for i in first..last {
+            chunk.push_str(&format!("{i},row {i},{i}\n"));
+        }
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
+    });
+    poem::Body::from_bytes_stream(chunks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -6,37 +6,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use etl_tests::{wait_for, ServiceProcess, TcpProxy, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, ServiceProcess, TcpProxy, TestDb, TestServer};
 use poem::{endpoint::make_sync, Response, Route};
 
 const ROWS: u64 = 40_000;
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// A CSV of `ROWS` rows, streamed in 1,000-row chunks a few milliseconds apart, so an ingest
-/// lasts long enough to be interrupted.
+/// A CSV of `ROWS` rows, streamed in 1,000-row chunks 15 ms apart, so an ingest lasts long
+/// enough to be interrupted.
 async fn slow_csv_server() -> TestServer {
     TestServer::start(Route::new().at(
         "/slow.csv",
         make_sync(|_| {
-            let chunks = futures_util::stream::unfold(0u64, |n| async move {
-                if n * 1_000 >= ROWS {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(15)).await;
-                let mut chunk = if n == 0 {
-                    String::from("id,name,value\n")
-                } else {
-                    String::new()
-                };
-                for i in n * 1_000 + 1..=(n + 1) * 1_000 {
-                    chunk.push_str(&format!("r{i},row {i},{i}\n"));
-                }
-                Some((Ok::<_, std::io::Error>(chunk), n + 1))
-            });
-            Response::builder().body(poem::Body::from_bytes_stream(futures_util::StreamExt::map(
-                chunks,
-                |c| c.map(bytes::Bytes::from),
-            )))
+            Response::builder().body(streamed_csv(Some(ROWS), 1_000, Duration::from_millis(15)))
         }),
     ))
     .await

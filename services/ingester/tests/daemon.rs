@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etl_ingester::Application;
 use etl_shared::runs::{reap_interrupted, Run, Service};
-use etl_tests::{wait_for, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
@@ -265,19 +265,7 @@ async fn shutdown_stops_a_streaming_run_between_batches_and_records_it_as_failed
     let server = TestServer::start(Route::new().at(
         "/endless.csv",
         make_sync(|_: Request| {
-            let chunks = futures_util::stream::unfold(0u64, |n| async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                let mut chunk = if n == 0 {
-                    String::from("id,name,value\n")
-                } else {
-                    String::new()
-                };
-                for i in n * 500..(n + 1) * 500 {
-                    chunk.push_str(&format!("{i},row {i},{i}\n"));
-                }
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
-            });
-            Response::builder().body(poem::Body::from_bytes_stream(chunks))
+            Response::builder().body(streamed_csv(None, 500, Duration::from_millis(2)))
         }),
     ))
     .await;

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use etl_tests::{TestDb, TestServer};
+use etl_tests::{streamed_csv, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Response, Route};
 use support::*;
@@ -129,20 +129,7 @@ async fn an_endless_csv_stops_at_the_size_limit_and_says_why() {
     let db = TestDb::new().await;
     let server = TestServer::start(Route::new().at(
         "/endless.csv",
-        make_sync(|_| {
-            let chunks = futures_util::stream::unfold(0u64, |n| async move {
-                let mut chunk = if n == 0 {
-                    String::from("id,name,value\n")
-                } else {
-                    String::new()
-                };
-                for i in n * 1_000..(n + 1) * 1_000 {
-                    chunk.push_str(&format!("{i},row {i},{i}\n"));
-                }
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
-            });
-            Response::builder().body(poem::Body::from_bytes_stream(chunks))
-        }),
+        make_sync(|_| Response::builder().body(streamed_csv(None, 1_000, Duration::ZERO))),
     ))
     .await;
     let toml = format!(
