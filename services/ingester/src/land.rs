@@ -122,18 +122,42 @@ impl<'a> Lander<'a> {
         }
     }
 
-    /// Queues a record. Checks what Postgres would refuse (NUL characters, oversized ids) here,
-    /// so one bad record is rejected alone instead of failing its whole batch.
-    pub async fn push(&mut self, record: RawRecord) -> Result<(), LandError> {
-        if let Some(reason) = unstorable(&record) {
-            return self
-                .reject(Reject {
-                    position: record.position,
+    /// Queues what a source reader made of one record: its id and JSON, or why it has none
+    /// (then `raw` gives the bytes to keep with the reject). What Postgres would refuse (NUL
+    /// characters, oversized ids) is checked here, so one bad record is rejected alone instead
+    /// of failing its whole batch.
+    pub async fn land(
+        &mut self,
+        position: Position,
+        parsed: Result<(String, String), String>,
+        raw: impl FnOnce() -> Vec<u8>,
+    ) -> Result<(), LandError> {
+        let checked = parsed.and_then(|(source_id, json)| {
+            let record = RawRecord {
+                source_id,
+                data: RawJson(json),
+                position,
+            };
+            match unstorable(&record) {
+                Some(reason) => Err(reason),
+                None => Ok(record),
+            }
+        });
+        match checked {
+            Ok(record) => self.queue(record).await,
+            // Keep what the source sent, not our JSON rendering of it.
+            Err(reason) => {
+                self.reject(Reject {
+                    position,
                     reason,
-                    raw: record.data.0.into_bytes(),
+                    raw: raw(),
                 })
-                .await;
+                .await
+            }
         }
+    }
+
+    async fn queue(&mut self, record: RawRecord) -> Result<(), LandError> {
         // The same id twice in one upsert is an error; a new batch makes the later copy an
         // ordinary update, so the last occurrence in the source wins.
         if self.batch_ids.contains(&record.source_id) {
@@ -148,46 +172,7 @@ impl<'a> Lander<'a> {
         Ok(())
     }
 
-    /// Queues what a source reader made of one record: its id and JSON, or why it has none
-    /// (then `raw` gives the bytes to keep with the reject).
-    pub async fn land(
-        &mut self,
-        position: Position,
-        parsed: Result<(String, String), String>,
-        raw: impl FnOnce() -> Vec<u8>,
-    ) -> Result<(), LandError> {
-        match parsed {
-            Ok((source_id, json)) => {
-                let record = RawRecord {
-                    source_id,
-                    data: RawJson(json),
-                    position,
-                };
-                match unstorable(&record) {
-                    // Keep what the source sent, not our JSON rendering of it.
-                    Some(reason) => {
-                        self.reject(Reject {
-                            position,
-                            reason,
-                            raw: raw(),
-                        })
-                        .await
-                    }
-                    None => self.push(record).await,
-                }
-            }
-            Err(reason) => {
-                self.reject(Reject {
-                    position,
-                    reason,
-                    raw: raw(),
-                })
-                .await
-            }
-        }
-    }
-
-    pub async fn reject(&mut self, reject: Reject) -> Result<(), LandError> {
+    async fn reject(&mut self, reject: Reject) -> Result<(), LandError> {
         self.batch_bytes += reject.raw.len();
         self.rejects.push(reject);
         if self.rejects.len() >= BATCH_ROWS || self.batch_bytes >= BATCH_BYTES {

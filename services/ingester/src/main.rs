@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use etl_ingester::{Application, Ingester, Settings};
 use etl_shared::config::Env;
-use etl_shared::runs::{reap_interrupted, Service};
 
 /// Pulls REST and CSV sources over HTTP into the raw tables and notifies the normalizer.
 ///
@@ -58,10 +57,8 @@ async fn main() -> anyhow::Result<ExitCode> {
 
 /// Runs the sources once, concurrently, and prints one line per source.
 async fn ingest_once(settings: Settings, only: Option<String>) -> anyhow::Result<ExitCode> {
+    // Each run reaps interrupted runs of dead processes before it starts.
     let pool = etl_shared::db::pool(&settings.database)?;
-    reap_interrupted(&pool, Service::Ingester)
-        .await
-        .context("could not reach the database")?;
     let ingester = Ingester::new(&settings, pool, etl_shared::shutdown::on_signal());
     let names: Vec<String> = match only {
         Some(name) => vec![name],
