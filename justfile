@@ -12,6 +12,10 @@ up:
 test *args:
     cargo xtask test {{args}}
 
+# Measure the pipeline against Postgres's own ceiling; writes BENCHMARKS.md (`--quick`: a smoke run).
+bench *args:
+    cargo xtask bench {{args}}
+
 # Formatting and lints, exactly as CI checks them.
 lint:
     cargo fmt --all --check

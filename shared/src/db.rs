@@ -65,3 +65,38 @@ fn connection_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
     }
     config
 }
+
+/// `url` with its database name replaced, for tools that make a database per test or benchmark
+/// next to the one they were given. Only `postgres://` URLs are supported.
+pub fn url_with_database(url: &str, dbname: &str) -> String {
+    let scheme_end = url
+        .find("://")
+        .map(|i| i + 3)
+        .unwrap_or_else(|| panic!("the database URL is not a postgres:// URL"));
+    let (base, query) = match url.find('?') {
+        Some(q) => url.split_at(q),
+        None => (url, ""),
+    };
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{dbname}{query}", &base[..authority_end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_database as with_database;
+
+    #[test]
+    fn with_database_replaces_only_the_database_name() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h:5/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h:5", "t1"), "postgres://h:5/t1");
+        assert_eq!(
+            with_database("postgresql://h/db", "t2"),
+            "postgresql://h/t2"
+        );
+    }
+}

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub use etl_shared::db::url_with_database as with_database;
 use etl_shared::DatabaseSettings;
 use tokio_postgres::{Client, NoTls};
 
@@ -158,23 +159,6 @@ pub async fn connect(url: &str) -> Client {
         .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
     tokio::spawn(connection);
     client
-}
-
-/// `url` with its database name replaced. Only `postgres://` URLs are supported here, which is
-/// what `cargo xtask test` provides.
-pub fn with_database(url: &str, dbname: &str) -> String {
-    let scheme_end = url
-        .find("://")
-        .map(|i| i + 3)
-        .unwrap_or_else(|| panic!("DATABASE_URL must be a postgres:// URL for the test harness"));
-    let (base, query) = match url.find('?') {
-        Some(q) => url.split_at(q),
-        None => (url, ""),
-    };
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{dbname}{query}", &base[..authority_end])
 }
 
 /// A quoted SQL identifier (names here are generated, but quoting keeps them exact).
@@ -461,22 +445,4 @@ pub fn streamed_csv(rows: Option<u64>, chunk_rows: u64, pause: Duration) -> poem
         Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
     });
     poem::Body::from_bytes_stream(chunks)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn with_database_replaces_only_the_database_name() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5/postgres?sslmode=disable", "t1"),
-            "postgres://u:p@h:5/t1?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h:5", "t1"), "postgres://h:5/t1");
-        assert_eq!(
-            with_database("postgresql://h/db", "t2"),
-            "postgresql://h/t2"
-        );
-    }
 }

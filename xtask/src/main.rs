@@ -24,6 +24,12 @@ enum Cli {
     Up,
     /// Stop a stack started by `up` in another terminal.
     Down,
+    /// Measure the pipeline against Postgres's own ceiling; writes the table to BENCHMARKS.md.
+    Bench {
+        /// A small smoke run (as CI does); its table goes to target/bench/BENCHMARKS-quick.md.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[tokio::main]
@@ -43,12 +49,13 @@ async fn main() -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cli::Test { .. } => {}
+        Cli::Test { .. } | Cli::Bench { .. } => {}
     }
     let database = provision().await?;
     let outcome = match cli {
         Cli::Test { args } => test(&database, args).await,
         Cli::Up => up(&database).await,
+        Cli::Bench { quick } => bench(&database, quick).await,
         Cli::Down => unreachable!("handled before provisioning"),
     };
     database
@@ -165,6 +172,32 @@ async fn up(database: &Database) -> Result<ExitCode> {
     let _ = std::fs::remove_file(&pid_file);
     stopped?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(database: &Database, quick: bool) -> Result<ExitCode> {
+    let target = target_dir();
+    let bench = xtask::bench::Bench {
+        workspace: workspace_dir(),
+        admin_url: database.url(),
+        sizes: if quick {
+            xtask::bench::Sizes::QUICK
+        } else {
+            xtask::bench::Sizes::FULL
+        },
+        output: if quick {
+            target.join("bench").join("BENCHMARKS-quick.md")
+        } else {
+            workspace_dir().join("BENCHMARKS.md")
+        },
+        target,
+    };
+    tokio::select! {
+        outcome = bench.run() => outcome.map(|()| ExitCode::SUCCESS),
+        _ = stop_requested() => {
+            eprintln!("xtask: benchmark interrupted");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Runs a child to completion. On ctrl-c the child (in our process group) gets the signal too;
