@@ -23,7 +23,7 @@ const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
-    lander: &mut Lander<'_>,
+    lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let options = source.csv_options();
     let url = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;

@@ -78,50 +78,76 @@ pub enum LandError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The writer stopped at a failure of its own, which is the run's error.
+    #[error("the batch writer stopped")]
+    WriterStopped,
 }
 
-/// Accumulates records and rejects, flushing a batch when full.
-pub struct Lander<'a> {
+/// One batch on its way from the reader to the writer.
+struct Batch {
+    records: Vec<RawRecord>,
+    rejects: Vec<Reject>,
+}
+
+/// The reading side of a run: accumulates records and rejects, and hands each full batch to the
+/// [`BatchWriter`], so the next batch is fetched and parsed while Postgres writes this one.
+pub struct Lander {
+    batches: tokio::sync::mpsc::Sender<Batch>,
+    batch: Vec<RawRecord>,
+    batch_ids: HashSet<String>,
+    batch_bytes: usize,
+    rejects: Vec<Reject>,
+}
+
+/// The writing side of a run: lands batches in order, one transaction each, on the run's
+/// connection.
+pub struct BatchWriter<'a> {
     client: &'a mut Client,
     source: &'a str,
     table: &'static str,
     upsert_sql: &'static str,
     run_id: i64,
-    batch: Vec<RawRecord>,
-    batch_ids: HashSet<String>,
-    batch_bytes: usize,
-    rejects: Vec<Reject>,
+    batches: tokio::sync::mpsc::Receiver<Batch>,
     counts: RunCounts,
     metrics: &'a PipelineMetrics,
 }
 
-impl<'a> Lander<'a> {
-    pub fn new(
-        client: &'a mut Client,
-        source: &'a str,
-        kind: SourceKind,
-        run_id: i64,
-        metrics: &'a PipelineMetrics,
-    ) -> Self {
-        let (table, upsert_sql) = match kind {
-            SourceKind::Rest => ("raw_api_data", UPSERT_API),
-            SourceKind::Csv => ("raw_csv_data", UPSERT_CSV),
-        };
-        Self {
-            client,
-            source,
-            table,
-            upsert_sql,
-            run_id,
-            batch: Vec::with_capacity(BATCH_ROWS),
-            batch_ids: HashSet::with_capacity(BATCH_ROWS),
-            batch_bytes: 0,
-            rejects: Vec::new(),
-            counts: RunCounts::default(),
-            metrics,
-        }
-    }
+/// A reader and a writer for one run, joined by a one-batch queue: memory stays bounded (a batch
+/// being filled, one queued, one being written) and a failed write stops the reader at its next
+/// batch.
+pub fn pipeline<'a>(
+    client: &'a mut Client,
+    source: &'a str,
+    kind: SourceKind,
+    run_id: i64,
+    metrics: &'a PipelineMetrics,
+) -> (Lander, BatchWriter<'a>) {
+    let (table, upsert_sql) = match kind {
+        SourceKind::Rest => ("raw_api_data", UPSERT_API),
+        SourceKind::Csv => ("raw_csv_data", UPSERT_CSV),
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let lander = Lander {
+        batches: sender,
+        batch: Vec::with_capacity(BATCH_ROWS),
+        batch_ids: HashSet::with_capacity(BATCH_ROWS),
+        batch_bytes: 0,
+        rejects: Vec::new(),
+    };
+    let writer = BatchWriter {
+        client,
+        source,
+        table,
+        upsert_sql,
+        run_id,
+        batches: receiver,
+        counts: RunCounts::default(),
+        metrics,
+    };
+    (lander, writer)
+}
 
+impl Lander {
     /// Queues what a source reader made of one record: its id and JSON, or why it has none
     /// (then `raw` gives the bytes to keep with the reject). What Postgres would refuse (NUL
     /// characters, oversized ids) is checked here, so one bad record is rejected alone instead
@@ -181,23 +207,46 @@ impl<'a> Lander<'a> {
         Ok(())
     }
 
-    /// Counts of what has been committed so far (for a run that fails midway).
-    pub fn committed(&self) -> RunCounts {
-        self.counts
-    }
-
-    /// Lands everything queued so far, in one transaction. If Postgres refuses the batch for
-    /// its data (a record it cannot store, say a number beyond `numeric`'s range), the records
-    /// are landed one by one instead, and the ones it refuses become rejects with its message.
+    /// Hands everything queued so far to the writer (waiting while it is still busy with the
+    /// batch before the previous one).
     pub async fn flush(&mut self) -> Result<(), LandError> {
         if self.batch.is_empty() && self.rejects.is_empty() {
             return Ok(());
         }
-        let started = std::time::Instant::now();
-        let records = std::mem::take(&mut self.batch);
-        let mut rejects = std::mem::take(&mut self.rejects);
+        let batch = Batch {
+            records: std::mem::take(&mut self.batch),
+            rejects: std::mem::take(&mut self.rejects),
+        };
         self.batch_ids.clear();
         self.batch_bytes = 0;
+        self.batches
+            .send(batch)
+            .await
+            .map_err(|_| LandError::WriterStopped)
+    }
+}
+
+impl BatchWriter<'_> {
+    /// Lands every batch the reader sends until it is done (drops its [`Lander`]); stops at
+    /// the first failure. Returns the counts of what was committed, also when it failed.
+    pub async fn run(mut self) -> (RunCounts, Result<(), LandError>) {
+        while let Some(batch) = self.batches.recv().await {
+            if let Err(e) = self.land_batch(batch).await {
+                return (self.counts, Err(e));
+            }
+        }
+        (self.counts, Ok(()))
+    }
+
+    /// Lands one batch in one transaction. If Postgres refuses it for its data (a record it
+    /// cannot store, say a number beyond `numeric`'s range), the records are landed one by one
+    /// instead, and the ones it refuses become rejects with its message.
+    async fn land_batch(&mut self, batch: Batch) -> Result<(), LandError> {
+        let started = std::time::Instant::now();
+        let Batch {
+            records,
+            mut rejects,
+        } = batch;
         let table = self.table;
         let db = |source| LandError::Db { table, source };
         match self.write(&records, &rejects).await {

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 pub use daemon::Application;
 
 use crate::http::{Fetcher, GaveUp, HeaderError};
-use crate::land::{LandError, Lander};
+use crate::land::LandError;
 
 /// Everything the ingester reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -174,19 +174,31 @@ impl Ingester {
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let client = run.client_mut();
-            let mut lander = Lander::new(client, &source.name, source.kind, run_id, &inner.metrics);
-            let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
-                Ok(fetcher) => match source.kind {
-                    SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
-                    SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
-                },
-                Err(e) => Err(e.into()),
+            let (mut lander, writer) =
+                land::pipeline(client, &source.name, source.kind, run_id, &inner.metrics);
+            let read = async move {
+                let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
+                    Ok(fetcher) => match source.kind {
+                        SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
+                        SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                // A failed read drops what it queued since the last batch (the next run reads
+                // the source again); a whole read hands over its last batch. Either way the
+                // lander is dropped here, which tells the writer there is no more.
+                match fetched {
+                    Ok(()) => lander.flush().await.map_err(IngestError::from),
+                    Err(e) => Err(e),
+                }
             };
-            let outcome = match fetched {
-                Ok(()) => lander.flush().await.map_err(IngestError::from),
-                Err(e) => Err(e),
+            let (read, (counts, written)) = tokio::join!(read, writer.run());
+            // The writer's own failure explains a reader that stopped because of it.
+            let outcome = match (read, written) {
+                (_, Err(e)) => Err(IngestError::from(e)),
+                (read, Ok(())) => read,
             };
-            (lander.committed(), outcome)
+            (counts, outcome)
         };
         let error = outcome.err().map(|e| e.to_string());
         run.finish(&inner.pool, counts, error.clone().map_or(Ok(()), Err))

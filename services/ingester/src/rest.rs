@@ -22,7 +22,7 @@ struct Page {
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
-    lander: &mut Lander<'_>,
+    lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let rest = source.rest_options();
     let base = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;
