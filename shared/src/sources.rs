@@ -150,6 +150,13 @@ pub struct HttpOptions {
     /// fails, so a runaway or hostile source cannot fill the database.
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
+    /// Longest one response may take, body included (for a CSV, the whole file): a source that
+    /// trickles bytes, never silent long enough for `read_timeout`, still ends.
+    #[serde(
+        default = "default_max_response_time",
+        deserialize_with = "human_duration"
+    )]
+    pub max_response_time: Duration,
 }
 
 impl Default for HttpOptions {
@@ -162,6 +169,7 @@ impl Default for HttpOptions {
             max_backoff: default_max_backoff(),
             max_page_bytes: default_max_page_bytes(),
             max_file_bytes: default_max_file_bytes(),
+            max_response_time: default_max_response_time(),
         }
     }
 }
@@ -485,6 +493,9 @@ fn default_max_page_bytes() -> u64 {
 }
 fn default_max_file_bytes() -> u64 {
     16 * 1024 * 1024 * 1024
+}
+fn default_max_response_time() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_max_pages() -> u32 {
     10_000

@@ -1,52 +1,143 @@
-//! Database faults under the real binaries: the connection to Postgres is cut in the middle of an
-//! ingest (through a TCP proxy, since the server itself is shared by the suite). Every service
-//! keeps running and reconnects by itself, `/health` says 503 during the outage and 200 after,
-//! the interrupted run is recorded as failed and retried, and the final data is exact.
+//! Database faults under the real binaries, in the middle of an ingest and in the middle of a
+//! normalize pass: the connection cut (through a TCP proxy), the server restarted with a fast
+//! and with an immediate (crash) shutdown (a private cluster, since the suite's server is
+//! shared), and every service's connections killed with `pg_terminate_backend`. Every service
+//! keeps running and reconnects by itself, `/health` says 503 during an outage and 200 after,
+//! interrupted runs are recorded as failed and retried, and the final data is exact.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use etl_tests::{streamed_csv, wait_for, ServiceProcess, TcpProxy, TestDb, TestServer};
 use poem::{endpoint::make_sync, Response, Route};
+use xtask::pg::{Cluster, PgBinaries, ShutdownMode};
 
 const ROWS: u64 = 40_000;
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// A CSV of `ROWS` rows, streamed in 1,000-row chunks 15 ms apart, so an ingest lasts long
-/// enough to be interrupted.
-async fn slow_csv_server() -> TestServer {
-    TestServer::start(Route::new().at(
-        "/slow.csv",
-        make_sync(|_| {
-            Response::builder().body(streamed_csv(Some(ROWS), 1_000, Duration::from_millis(15)))
-        }),
-    ))
+/// What goes wrong with the database.
+enum Fault {
+    /// The connection cut by a proxy; the server stays up.
+    ProxyCut,
+    /// The server stopped with `mode`, then started again.
+    Restart(ShutdownMode),
+    /// Every connection of the three services killed with `pg_terminate_backend`.
+    Terminate,
+}
+
+/// When it goes wrong.
+#[derive(Clone, Copy, PartialEq)]
+enum During {
+    /// An ingest run has landed some batches and is still streaming.
+    Ingest,
+    /// The normalizer has normalized some rows and not all.
+    Normalize,
+}
+
+/// Where the services' database lives for one scenario.
+enum Database {
+    Shared(TestDb),
+    Private(Cluster),
+}
+
+impl Database {
+    fn url(&self) -> String {
+        match self {
+            Database::Shared(db) => db.url.clone(),
+            Database::Private(cluster) => cluster.url(),
+        }
+    }
+}
+
+async fn private_cluster() -> Cluster {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pg-faults");
+    let cluster = tokio::task::spawn_blocking(move || {
+        xtask::pg::reap_stale(&dir);
+        Cluster::start(&PgBinaries::find()?, &dir)
+    })
     .await
+    .unwrap()
+    .expect("a private cluster starts");
+    let settings = etl_shared::DatabaseSettings::from_url(&cluster.url()).unwrap();
+    etl_shared::migrate(&settings).await.unwrap();
+    cluster
 }
 
 async fn http_status(url: &str) -> Option<u16> {
     reqwest::get(url).await.ok().map(|r| r.status().as_u16())
 }
 
-#[tokio::test]
-async fn services_ride_out_a_database_outage_mid_ingest_and_end_exact() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let proxy = TcpProxy::to_database(&db.url).await;
-    let server = slow_csv_server().await;
-    let sources = std::env::temp_dir().join(format!("sources-faults-{}.toml", db.name));
+/// (raw, normalized, distinct normalized ids), or `None` while the database is unreachable.
+async fn counts(url: &str) -> Option<(i64, i64, i64)> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM raw_csv_data), (SELECT count(*) FROM normalized_data),
+                    (SELECT count(DISTINCT source_id) FROM normalized_data)",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some((row.get(0), row.get(1), row.get(2)))
+}
+
+/// Every run of `service` as (status, error), oldest first.
+async fn runs(url: &str, service: &str) -> Vec<(String, Option<String>)> {
+    let client = etl_tests::connect(url).await;
+    client
+        .query(
+            "SELECT status, error_message FROM etl_runs WHERE service = $1 ORDER BY id",
+            &[&service],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn scenario(fault: Fault, during: During) {
+    let mut database = match fault {
+        Fault::Restart(_) => Database::Private(private_cluster().await),
+        _ => Database::Shared(TestDb::new().await),
+    };
+    let url = database.url();
+    let proxy = match fault {
+        Fault::ProxyCut => Some(TcpProxy::to_database(&url).await),
+        _ => None,
+    };
+    // For an ingest to interrupt, a slow source (1,000 rows every 15 ms); for a normalize
+    // pass, a fast one and small normalizer batches.
+    let pause = match during {
+        During::Ingest => Duration::from_millis(15),
+        During::Normalize => Duration::ZERO,
+    };
+    let server = TestServer::start(Route::new().at(
+        "/rows.csv",
+        make_sync(move |_| Response::builder().body(streamed_csv(Some(ROWS), 1_000, pause))),
+    ))
+    .await;
+    let sources = std::env::temp_dir().join(format!(
+        "sources-faults-{}-{}.toml",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
     std::fs::write(
         &sources,
         format!(
             r#"
             [[source]]
-            name = "slow"
+            name = "rows"
             kind = "csv"
             url = "{}"
             schedule = "1h"
             mapping = {{ source_id = "id", name = "name", value = "value" }}
             "#,
-            server.url("/slow.csv")
+            server.url("/rows.csv")
         ),
     )
     .unwrap();
@@ -54,11 +145,13 @@ async fn services_ride_out_a_database_outage_mid_ingest_and_end_exact() {
         .unwrap()
         .local_addr()
         .unwrap();
+    let service_url = proxy.as_ref().map_or(url.clone(), |p| p.url_for(&url));
     let env = |extra: (&'static str, String)| {
         vec![
-            ("DATABASE_URL", proxy.url_for(&db.url)),
+            ("DATABASE_URL", service_url.clone()),
             ("DATABASE_CONNECT_TIMEOUT_SECS", "1".to_string()),
             ("SOURCES_FILE", sources.display().to_string()),
+            ("NORMALIZER_BATCH_SIZE", "200".to_string()),
             extra,
         ]
     };
@@ -74,89 +167,124 @@ async fn services_ride_out_a_database_outage_mid_ingest_and_end_exact() {
         ServiceProcess::start("etl-query", &env(("QUERY_ADDR", query_addr.to_string()))),
     ];
     let health = format!("http://{query_addr}/health");
+    wait_for("the query service to be healthy", DEADLINE, || async {
+        (http_status(&health).await == Some(200)).then_some(())
+    })
+    .await;
 
-    // Cut the database off once the ingest has landed something but is still streaming.
-    wait_for("the ingest to be under way", DEADLINE, || async {
-        let landed: i64 = client
-            .query_one("SELECT count(*) FROM raw_csv_data", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (landed > 0 && (landed as u64) < ROWS).then_some(())
+    wait_for("the moment to strike", DEADLINE, || async {
+        let (raw, normalized, _) = counts(&url).await?;
+        let now = match during {
+            During::Ingest => raw > 0 && (raw as u64) < ROWS,
+            During::Normalize => normalized > 0 && (normalized as u64) < ROWS,
+        };
+        now.then_some(())
     })
     .await;
-    proxy.cut();
-    wait_for("/health to report the outage", DEADLINE, || async {
-        (http_status(&health).await == Some(503)).then_some(())
-    })
-    .await;
-    for service in &mut services {
-        assert!(
-            service.child.try_wait().unwrap().is_none(),
-            "{} exited during the outage:\n{}",
-            service.name,
-            service.log_tail()
-        );
+    match &fault {
+        Fault::ProxyCut => proxy.as_ref().unwrap().cut(),
+        Fault::Restart(mode) => {
+            let Database::Private(cluster) = &mut database else {
+                unreachable!()
+            };
+            cluster.halt(*mode).expect("the server stops");
+        }
+        Fault::Terminate => {
+            let killed: Vec<String> = etl_tests::connect(&url)
+                .await
+                .query(
+                    "SELECT DISTINCT application_name FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name LIKE 'etl-%'
+                       AND pg_terminate_backend(pid)
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert_eq!(
+                killed,
+                [
+                    "etl-ingester",
+                    "etl-normalizer",
+                    "etl-normalizer-listen",
+                    "etl-query"
+                ],
+                "a connection of every service was killed, the normalizer's LISTEN one too"
+            );
+        }
+    }
+    if !matches!(fault, Fault::Terminate) {
+        wait_for("/health to report the outage", DEADLINE, || async {
+            (http_status(&health).await == Some(503)).then_some(())
+        })
+        .await;
+        for service in &mut services {
+            assert!(
+                service.child.try_wait().unwrap().is_none(),
+                "{} exited during the outage:\n{}",
+                service.name,
+                service.log_tail()
+            );
+        }
+        match &mut database {
+            Database::Private(cluster) => cluster.resume().expect("the server starts again"),
+            Database::Shared(_) => proxy.as_ref().unwrap().restore(),
+        }
     }
 
-    proxy.restore();
     wait_for("/health to recover", DEADLINE, || async {
         (http_status(&health).await == Some(200)).then_some(())
     })
     .await;
     // The ingester retries on its own (no restart, no trigger) and the normalizer catches up.
-    wait_for("every row to be ingested and normalized", DEADLINE, || async {
-        let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM raw_csv_data), (SELECT count(*) FROM normalized_data),
-                        (SELECT count(*) FROM etl_runs WHERE service = 'ingester' AND status = 'success')",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (raw, normalized, ok): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        (raw == ROWS as i64 && normalized == ROWS as i64 && ok >= 1).then_some(())
-    })
+    wait_for(
+        "every row to be ingested and normalized",
+        DEADLINE,
+        || async {
+            let (raw, normalized, _) = counts(&url).await?;
+            let ingested = runs(&url, "ingester")
+                .await
+                .iter()
+                .any(|r| r.0 == "success");
+            (raw == ROWS as i64 && normalized == ROWS as i64 && ingested).then_some(())
+        },
+    )
     .await;
+    let (_, normalized, distinct) = counts(&url).await.unwrap();
+    assert_eq!(
+        (normalized, distinct),
+        (ROWS as i64, ROWS as i64),
+        "no duplicates"
+    );
 
-    let runs: Vec<(String, Option<String>)> = client
-        .query(
-            "SELECT status, error_message FROM etl_runs WHERE service = 'ingester' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(
-        runs.first().map(|r| r.0.as_str()),
-        Some("failed"),
-        "the interrupted run: {runs:?}"
-    );
+    // The interrupted run is recorded as failed, with a reason, and nothing is left running.
+    let interrupted = match during {
+        During::Ingest => "ingester",
+        During::Normalize => "normalizer",
+    };
+    let history = runs(&url, interrupted).await;
     assert!(
-        runs.first().unwrap().1.is_some(),
-        "with its reason: {runs:?}"
+        history.iter().any(|r| r.0 == "failed" && r.1.is_some()),
+        "the interrupted {interrupted} run is failed with its reason: {history:?}"
     );
+    for service in ["ingester", "normalizer"] {
+        let history = runs(&url, service).await;
+        assert!(
+            history.iter().all(|r| r.0 != "running"),
+            "no {service} run is left running: {history:?}"
+        );
+        assert_eq!(
+            history.last().map(|r| r.0.as_str()),
+            Some("success"),
+            "{history:?}"
+        );
+    }
     assert_eq!(
-        runs.last().map(|r| r.0.as_str()),
-        Some("success"),
-        "{runs:?}"
-    );
-    assert!(
-        runs.iter().all(|r| r.0 != "running"),
-        "nothing is left running: {runs:?}"
-    );
-    let exact = client
-        .query_one(
-            "SELECT count(DISTINCT source_id), count(*) FROM normalized_data",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (exact.get::<_, i64>(0), exact.get::<_, i64>(1)),
-        (ROWS as i64, ROWS as i64)
+        http_status(&format!("http://{query_addr}/data?source=rows")).await,
+        Some(200)
     );
 
     for service in &mut services {
@@ -164,4 +292,39 @@ async fn services_ride_out_a_database_outage_mid_ingest_and_end_exact() {
         assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
     }
     std::fs::remove_file(sources).unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_ingest_is_ridden_out_and_the_data_ends_exact() {
+    scenario(Fault::ProxyCut, During::Ingest).await;
+}
+
+#[tokio::test]
+async fn a_fast_postgres_restart_mid_ingest_is_ridden_out_and_the_data_ends_exact() {
+    scenario(Fault::Restart(ShutdownMode::Fast), During::Ingest).await;
+}
+
+#[tokio::test]
+async fn an_immediate_postgres_restart_mid_ingest_is_ridden_out_and_the_data_ends_exact() {
+    scenario(Fault::Restart(ShutdownMode::Immediate), During::Ingest).await;
+}
+
+#[tokio::test]
+async fn a_fast_postgres_restart_mid_normalize_is_ridden_out_and_the_data_ends_exact() {
+    scenario(Fault::Restart(ShutdownMode::Fast), During::Normalize).await;
+}
+
+#[tokio::test]
+async fn an_immediate_postgres_restart_mid_normalize_is_ridden_out_and_the_data_ends_exact() {
+    scenario(Fault::Restart(ShutdownMode::Immediate), During::Normalize).await;
+}
+
+#[tokio::test]
+async fn connections_terminated_under_every_service_mid_ingest_are_replaced() {
+    scenario(Fault::Terminate, During::Ingest).await;
+}
+
+#[tokio::test]
+async fn connections_terminated_under_every_service_mid_normalize_are_replaced() {
+    scenario(Fault::Terminate, During::Normalize).await;
 }

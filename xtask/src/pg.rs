@@ -159,6 +159,22 @@ pub async fn answers(url: &str) -> Result<(), String> {
     }
 }
 
+/// How [`Cluster::halt`] stops the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    Fast,
+    Immediate,
+}
+
+impl ShutdownMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            ShutdownMode::Fast => "fast",
+            ShutdownMode::Immediate => "immediate",
+        }
+    }
+}
+
 /// A running throwaway cluster: TCP on 127.0.0.1 only, trust auth, durability off (it is
 /// deleted afterwards, and fsync would only slow the suite down).
 #[derive(Debug)]
@@ -231,30 +247,11 @@ impl Cluster {
         let mut last_error = None;
         for _ in 0..5 {
             cluster.port = free_port()?;
-            let log = cluster.root.join("server.log");
-            let started = cluster.run(
-                "pg_ctl start",
-                Command::new(binaries.tool("pg_ctl"))
-                    .arg("--pgdata")
-                    .arg(&data)
-                    .arg("--log")
-                    .arg(&log)
-                    .args(["--wait", "--timeout=60", "-o"])
-                    .arg(format!("-p {}", cluster.port))
-                    .arg("start"),
-            );
-            match started {
-                Ok(_) => {
-                    cluster.stopped = false;
-                    return Ok(cluster);
-                }
+            match cluster.start_server() {
+                Ok(()) => return Ok(cluster),
                 Err(e) => {
-                    let log_tail = tail(&log, 15);
-                    let port_taken = log_tail.contains("could not bind");
-                    last_error = Some(BootstrapError::Step {
-                        step: "starting the throwaway cluster".into(),
-                        detail: format!("{e}\n--- {} ---\n{log_tail}", log.display()),
-                    });
+                    let port_taken = e.to_string().contains("could not bind");
+                    last_error = Some(e);
                     if !port_taken {
                         break;
                     }
@@ -262,6 +259,53 @@ impl Cluster {
             }
         }
         Err(last_error.expect("at least one start attempt"))
+    }
+
+    fn start_server(&mut self) -> Result<(), BootstrapError> {
+        let log = self.root.join("server.log");
+        let started = self.run(
+            "pg_ctl start",
+            Command::new(self.binaries.tool("pg_ctl"))
+                .arg("--pgdata")
+                .arg(self.data_dir())
+                .arg("--log")
+                .arg(&log)
+                .args(["--wait", "--timeout=60", "-o"])
+                .arg(format!("-p {}", self.port))
+                .arg("start"),
+        );
+        match started {
+            Ok(_) => {
+                self.stopped = false;
+                Ok(())
+            }
+            Err(e) => Err(BootstrapError::Step {
+                step: "starting the throwaway cluster".into(),
+                detail: format!("{e}\n--- {} ---\n{}", log.display(), tail(&log, 15)),
+            }),
+        }
+    }
+
+    /// Stops the server but keeps its data, as an outage would: `Fast` disconnects sessions
+    /// and checkpoints, `Immediate` is a crash (recovery replays the WAL on the next start).
+    /// For fault tests; [`resume`](Self::resume) starts it again on the same port.
+    pub fn halt(&mut self, mode: ShutdownMode) -> Result<(), BootstrapError> {
+        let mut command = Command::new(self.binaries.tool("pg_ctl"));
+        command.arg("--pgdata").arg(self.data_dir()).args([
+            "--wait",
+            "--timeout=30",
+            "--mode",
+            mode.as_str(),
+            "stop",
+        ]);
+        self.run("pg_ctl stop", &mut command)?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Starts a halted server again, on the same port.
+    pub fn resume(&mut self) -> Result<(), BootstrapError> {
+        self.start_server()
     }
 
     pub fn url(&self) -> String {

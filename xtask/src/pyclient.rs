@@ -1,6 +1,7 @@
-//! The spec's outside checks: a real OpenAPI validator and a real client generator, both from
-//! PyPI, in a virtualenv under `target/`. `cargo xtask test` runs them before the suite, and the
-//! suite then drives the running API through the generated client.
+//! The spec's outside checks: a real OpenAPI validator, a real client generator and
+//! schemathesis, from PyPI, in a virtualenv under `target/`. `cargo xtask test` runs the first
+//! two before the suite; the suite then drives the running API through the generated client and
+//! with schemathesis.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,9 +9,10 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Pinned, so a new release cannot change what CI checks without a commit.
-const TOOLS: [&str; 2] = [
+const TOOLS: [&str; 3] = [
     "openapi-spec-validator==0.9.0",
     "openapi-python-client==0.29.1",
+    "schemathesis==4.32.5",
 ];
 
 /// Where the generated client and the Python that can run it are.

@@ -49,10 +49,15 @@ pub async fn ingest(
         Box::new(body)
     };
     // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
+    let quoting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = Limited {
         inner: reader,
+        quotes: QuoteTracker::new(options.delimiter as u8, options.quote as u8),
+        ends_in_quotes: quoting.clone(),
         left: fetcher.max_file_bytes(),
         limit: fetcher.max_file_bytes(),
+        deadline: tokio::time::Instant::now() + fetcher.max_response_time(),
+        max_time: fetcher.max_response_time(),
     };
 
     let mut csv = AsyncReaderBuilder::new()
@@ -73,11 +78,14 @@ pub async fn ingest(
     let header = Header::parse(&record, source)?;
 
     let delimiter = options.delimiter as u8;
-    while csv
+    // One record of lookahead: only once the next one (or the end) is read do we know whether
+    // this one is the last, and the last is cut short if the file ends inside quotes.
+    let mut next = ByteRecord::new();
+    let mut more = csv
         .read_byte_record(&mut record)
         .await
-        .map_err(|e| csv_error(&url, e))?
-    {
+        .map_err(|e| csv_error(&url, e))?;
+    while more {
         if fetcher.stopping() {
             // The rows queued since the last batch are dropped, not half-written; the next
             // run reads the file again.
@@ -86,16 +94,28 @@ pub async fn ingest(
                 line_suffix(&record)
             )));
         }
+        more = csv
+            .read_byte_record(&mut next)
+            .await
+            .map_err(|e| csv_error(&url, e))?;
         let line = record.position().map(|p| p.line() as i64);
         let position = Position {
             line,
             ..Position::default()
         };
+        let parsed = if !more && quoting.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(
+                "the file ends inside a quoted field, so this last record is cut short \
+                 (a truncated file?)"
+                    .to_owned(),
+            )
+        } else {
+            header.to_json(&record)
+        };
         lander
-            .land(position, header.to_json(&record), || {
-                reassemble(&record, delimiter)
-            })
+            .land(position, parsed, || reassemble(&record, delimiter))
             .await?;
+        std::mem::swap(&mut record, &mut next);
     }
     Ok(())
 }
@@ -216,10 +236,62 @@ fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
 }
 
 /// A reader that fails once more than `limit` bytes have come through.
+/// Where the CSV parser is with respect to quotes, followed byte by byte the way csv-core
+/// does, so the end of the file can tell whether it cut a quoted field short.
+#[derive(Clone, Copy, PartialEq)]
+enum Quoting {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: it closes the field, or escapes a second quote.
+    QuoteInQuoted,
+}
+
+struct QuoteTracker {
+    state: Quoting,
+    delimiter: u8,
+    quote: u8,
+}
+
+impl QuoteTracker {
+    fn new(delimiter: u8, quote: u8) -> Self {
+        Self {
+            state: Quoting::FieldStart,
+            delimiter,
+            quote,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let (d, q) = (self.delimiter, self.quote);
+        let ends_field = |b: u8| b == d || b == b'\n' || b == b'\r';
+        for &b in bytes {
+            self.state = match self.state {
+                Quoting::Quoted if b == q => Quoting::QuoteInQuoted,
+                Quoting::Quoted => Quoting::Quoted,
+                Quoting::QuoteInQuoted if b == q => Quoting::Quoted,
+                Quoting::FieldStart if b == q => Quoting::Quoted,
+                _ if ends_field(b) => Quoting::FieldStart,
+                _ => Quoting::Unquoted,
+            };
+        }
+    }
+
+    fn inside_quotes(&self) -> bool {
+        self.state == Quoting::Quoted
+    }
+}
+
+/// The body, cut off past `http.max_file_bytes` or `http.max_response_time`, with its quoting
+/// followed (`ends_in_quotes` says whether the bytes so far end inside a quoted field).
 struct Limited<R> {
     inner: R,
+    quotes: QuoteTracker,
+    ends_in_quotes: std::sync::Arc<std::sync::atomic::AtomicBool>,
     left: u64,
     limit: u64,
+    deadline: tokio::time::Instant,
+    max_time: std::time::Duration,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
@@ -228,6 +300,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        if tokio::time::Instant::now() > self.deadline {
+            let limit = self.max_time;
+            return std::task::Poll::Ready(Err(io::Error::other(format!(
+                "the file took longer than {limit:?} to arrive (http.max_response_time)"
+            ))));
+        }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = (buf.filled().len() - before) as u64;
@@ -238,6 +316,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
             ))));
         }
         self.left -= read;
+        if read > 0 {
+            let this = &mut *self;
+            this.quotes.feed(&buf.filled()[before..]);
+            this.ends_in_quotes.store(
+                this.quotes.inside_quotes(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         polled
     }
 }
@@ -259,4 +345,27 @@ fn csv_error(url: &Url, e: csv_async::Error) -> IngestError {
         .map(|p| format!(" near line {}", p.line()))
         .unwrap_or_default();
     IngestError::Source(format!("reading CSV from {url} failed{line}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QuoteTracker;
+
+    fn ends_inside_quotes(text: &str) -> bool {
+        let mut tracker = QuoteTracker::new(b',', b'"');
+        for chunk in text.as_bytes().chunks(3) {
+            tracker.feed(chunk);
+        }
+        tracker.inside_quotes()
+    }
+
+    #[test]
+    fn quote_tracking_tells_a_closed_field_from_a_cut_one() {
+        assert!(!ends_inside_quotes("a,b\n1,\"x, \"\"y\"\"\"\n"));
+        assert!(ends_inside_quotes("a,b\n1,\"x, \"\"y"));
+        assert!(ends_inside_quotes("a\n\"multi\nline"));
+        assert!(!ends_inside_quotes("a\n\"closed\""));
+        // A quote inside an unquoted field is literal, as csv-core reads it.
+        assert!(!ends_inside_quotes("a,b\n1,5\" screen\n2,\"\"\n"));
+    }
 }

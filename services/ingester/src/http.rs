@@ -26,6 +26,8 @@ pub enum FetchError {
     Body(String),
     #[error("response body exceeds the limit of {limit} bytes (http.max_page_bytes)")]
     TooLarge { limit: u64 },
+    #[error("the response took longer than {limit:?}, body included (http.max_response_time)")]
+    TooSlow { limit: Duration },
     #[error("interrupted by shutdown")]
     Shutdown,
 }
@@ -46,7 +48,10 @@ impl FetchError {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
             FetchError::Transport(_) | FetchError::Body(_) => true,
-            FetchError::TooLarge { .. } | FetchError::Shutdown => false,
+            // Retrying a source that trickles would multiply the time bound by the attempts.
+            FetchError::TooLarge { .. } | FetchError::TooSlow { .. } | FetchError::Shutdown => {
+                false
+            }
         }
     }
 
@@ -115,8 +120,11 @@ impl Fetcher {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let limit = self.options.max_response_time;
             let outcome = tokio::select! {
-                outcome = self.attempt(url, &read) => outcome,
+                outcome = tokio::time::timeout(limit, self.attempt(url, &read)) => {
+                    outcome.unwrap_or(Err(FetchError::TooSlow { limit }))
+                }
                 _ = self.shutdown.cancelled() => Err(FetchError::Shutdown),
             };
             let error = match outcome {
@@ -202,6 +210,11 @@ impl Fetcher {
 
     pub fn max_file_bytes(&self) -> u64 {
         self.options.max_file_bytes
+    }
+
+    /// For bodies streamed after [`get`](Self::get) returns (CSV files).
+    pub fn max_response_time(&self) -> Duration {
+        self.options.max_response_time
     }
 }
 

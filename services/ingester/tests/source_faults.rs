@@ -151,3 +151,89 @@ async fn an_endless_csv_stops_at_the_size_limit_and_says_why() {
         "{error}"
     );
 }
+
+/// `body`, one byte every 20 ms: never silent long enough for a read timeout.
+fn trickle(body: &'static [u8]) -> poem::Body {
+    let bytes = futures_util::stream::unfold(0usize, move |i| async move {
+        if i >= body.len() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // the source's pace
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(&body[i..=i])),
+            i + 1,
+        ))
+    });
+    poem::Body::from_bytes_stream(bytes)
+}
+
+#[tokio::test]
+async fn a_csv_that_trickles_byte_by_byte_stops_at_the_response_time_limit() {
+    let db = TestDb::new().await;
+    let rows: &'static [u8] = (1..=100)
+        .fold(String::from("id,name,value\n"), |csv, i| {
+            csv + &format!("{i},row {i},{i}\n")
+        })
+        .leak()
+        .as_bytes();
+    let server = TestServer::start(Route::new().at(
+        "/slow.csv",
+        make_sync(move |_| Response::builder().body(trickle(rows))),
+    ))
+    .await;
+    let toml = format!(
+        r#"
+        [[source]]
+        name = "slow"
+        kind = "csv"
+        url = "{}"
+        mapping = {{ source_id = "id", name = "name", value = "value" }}
+        http = {{ read_timeout = "1s", max_response_time = "1500ms" }}
+        "#,
+        server.url("/slow.csv")
+    );
+
+    let error = failed_run(&db, &toml, "slow").await;
+
+    assert!(
+        error.contains("took longer than 1.5s to arrive (http.max_response_time)"),
+        "{error}"
+    );
+    assert!(raw_ids(&db, "raw_csv_data", "slow").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_rest_page_that_trickles_byte_by_byte_stops_at_the_response_time_limit() {
+    let db = TestDb::new().await;
+    let page: &'static [u8] = format!(
+        "[{}]",
+        (0..200)
+            .map(|i| format!(r#"{{"id":{i},"n":"x","v":1}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+    .leak()
+    .as_bytes();
+    let server = TestServer::start(Route::new().at(
+        "/slow",
+        make_sync(move |_| {
+            Response::builder()
+                .content_type("application/json")
+                .body(trickle(page))
+        }),
+    ))
+    .await;
+    let toml = rest("slow", &server.url("/slow")).replace(
+        "read_timeout = \"300ms\"",
+        "read_timeout = \"1s\", max_response_time = \"1500ms\"",
+    );
+
+    let error = failed_run(&db, &toml, "slow").await;
+
+    assert!(
+        error.contains("took longer than 1.5s, body included (http.max_response_time)"),
+        "{error}"
+    );
+    assert!(error.contains("after 1 attempt"), "not retried: {error}");
+    assert!(raw_ids(&db, "raw_api_data", "slow").await.is_empty());
+}

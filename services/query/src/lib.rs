@@ -192,7 +192,18 @@ fn routes(
                 .into_response()),
             }
         })
-        .catch_all_error(|err| async move { Problem::from_error(&err).into_response() });
+        .catch_all_error(|err| async move {
+            let method_not_allowed = err.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED;
+            let mut response = Problem::from_error(&err).into_response();
+            if method_not_allowed {
+                // Every resource here is read-only (RFC 9110 asks a 405 to say what is allowed).
+                response.headers_mut().insert(
+                    poem::http::header::ALLOW,
+                    poem::http::HeaderValue::from_static("GET, HEAD"),
+                );
+            }
+            response
+        });
     let app = metrics.wrap(app);
     if settings.cors_origins.is_empty() {
         app.boxed()

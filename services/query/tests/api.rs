@@ -298,8 +298,19 @@ async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
         response.headers()["content-type"],
         "application/problem+json"
     );
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
     let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(body["code"], "method_not_allowed");
+
+    // What the Allow header promises holds: HEAD answers like GET, without a body.
+    let head = app
+        .http
+        .head(format!("{}/data", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.text().await.unwrap().is_empty());
 }
 
 #[tokio::test]
