@@ -1,9 +1,10 @@
 //! Security checks over the whole code base and the running binaries: SQL is never built from
 //! strings at run time, and secrets (source API tokens, the database password) never reach the
-//! logs or the API.
+//! logs or the API, and the API serves nothing but reads of normalized data, stats and health.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use etl_tests::{TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
@@ -176,5 +177,70 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 0);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut query = etl_tests::ServiceProcess::start(
+        "etl-query",
+        &[
+            ("DATABASE_URL", url_with_password.clone()),
+            ("QUERY_ADDR", addr.to_string()),
+        ],
+    );
+    let served = etl_tests::wait_for("the query service", Duration::from_secs(30), || async {
+        let mut all = String::new();
+        for path in ["/stats", "/data", "/health", "/metrics"] {
+            let response = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+            all += &response.text().await.ok()?;
+        }
+        Some(all)
+    })
+    .await;
+    assert!(
+        served.contains("private"),
+        "/stats shows the source: {served}"
+    );
+    assert!(
+        !served.contains("never-log-me"),
+        "a secret reached the API: {served}"
+    );
+    assert_eq!(query.stop().await, Some(0));
+    assert!(!query.log_tail().contains("never-log-me"));
     std::fs::remove_file(sources).unwrap();
+}
+
+#[test]
+fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("services/query/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    let mut paths: Vec<(&str, Vec<&str>)> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(path, item)| {
+            (
+                path.as_str(),
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(String::as_str)
+                    .collect(),
+            )
+        })
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            ("/data", vec!["get"]),
+            ("/health", vec!["get"]),
+            ("/health/live", vec!["get"]),
+            ("/health/ready", vec!["get"]),
+            ("/stats", vec!["get"]),
+        ],
+        "every operation is a read of normalized data, stats or health"
+    );
 }
