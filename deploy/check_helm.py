@@ -17,8 +17,9 @@ KUBE_VERSION = "1.30.0"
 VARIANTS = [
     ("defaults with a chart-made secret", {"database": {"url": "postgres://etl:pw@db:5432/etl"}},
      {"Deployment": 3, "Service": 1, "ConfigMap": 1, "Secret": 1, "Job": 1}),
-    ("existing secret, cronjob ingester, autoscaled query",
+    ("existing secret, cronjob ingester, autoscaled query, trace export",
      {"database": {"existingSecret": "etl-db"}, "ingester": {"mode": "cronjob"},
+      "otel": {"endpoint": "http://otel-collector.observability:4318"},
       "query": {"autoscaling": {"enabled": True}, "corsOrigins": ["https://app.example.com"]}},
      {"Deployment": 2, "CronJob": 1, "HorizontalPodAutoscaler": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
 ]
@@ -50,6 +51,9 @@ for what, values, expected in VARIANTS:
                 failures.append(f"{what}: {path}: {obj['kind']} {obj['metadata']['name']}: {e.message}")
     if kinds != expected:
         failures.append(f"{what}: rendered {kinds}, expected {expected}")
+    exporting = "OTEL_EXPORTER_OTLP_ENDPOINT" in "".join(rendered.values())
+    if exporting != bool(values.get("otel", {}).get("endpoint")):
+        failures.append(f"{what}: trace export env {'present' if exporting else 'missing'}")
     print(f"ok: {what}: {sum(kinds.values())} objects valid for Kubernetes {KUBE_VERSION}")
 
 # A value outside the schema must be refused.

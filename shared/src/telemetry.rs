@@ -1,17 +1,233 @@
-//! Logging start-up, the same for every service: human-readable lines on stderr, level from
-//! `RUST_LOG` (default `info`).
+//! Logs and traces, set up the same way for every service.
+//!
+//! - Logs go to stderr, human-readable by default or one JSON object per line with
+//!   `LOG_FORMAT=json`; the level comes from `RUST_LOG` (default `info`).
+//! - Traces are exported over OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with the protocol from
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `http/json`). The resource
+//!   says which service (`OTEL_SERVICE_NAME`, default `etl-<service>`), version and instance.
+//!   Without an endpoint nothing is started, and one line says so.
+//! - [`Telemetry::shutdown`] flushes the spans still queued.
 
-use tracing_subscriber::EnvFilter;
+use std::time::Duration;
 
-/// Installs the global subscriber. Safe to call more than once (tests): later calls do nothing.
-pub fn init(service: &'static str) {
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{ConfigError, Env};
+
+/// What [`init`] started; keep it for the life of the process and call `shutdown` at the end.
+#[must_use = "call shutdown() before exiting so queued spans are exported"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still queued (bounded: a collector that is down costs at most 5 s).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("could not flush the last traces: {e}");
+            }
+        }
+    }
+}
+
+const ENDPOINT_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// Installs logging (and trace export when configured) for `service` (`"ingester"`, …). Must be
+/// called inside the tokio runtime when export is on: exports run on it. In tests, where a
+/// subscriber may already be installed, later calls only log nothing and export nothing.
+pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
+    let env = Env::from_process();
+    let json = match env.get("LOG_FORMAT")?.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                var: "LOG_FORMAT".into(),
+                reason: format!("{other:?} is neither text nor json"),
+            })
+        }
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let installed = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let logs = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    let mut endpoint = None;
+    for var in ENDPOINT_VARS {
+        endpoint = endpoint.or(env.get(var)?);
+    }
+    let exporter = endpoint.as_ref().map(|_| build_provider(service));
+    let (provider, export_error) = match exporter {
+        Some(Ok(provider)) => (Some(provider), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(format!("etl-{service}"))));
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
         .try_init()
         .is_ok();
     if installed {
-        tracing::debug!(service, "logging started");
+        match (&endpoint, &provider, export_error) {
+            (Some(endpoint), Some(_), _) => {
+                tracing::info!(service, %endpoint, "exporting traces over OTLP")
+            }
+            (Some(_), None, Some(e)) => {
+                tracing::error!(service, error = %e, "trace export is configured but could not start; going on without it")
+            }
+            _ => tracing::info!(
+                service,
+                "trace export off (OTEL_EXPORTER_OTLP_ENDPOINT is not set)"
+            ),
+        }
     }
+    if installed {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+    Ok(Telemetry {
+        provider: provider.filter(|_| installed),
+    })
+}
+
+fn build_provider(service: &str) -> Result<SdkTracerProvider, String> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| "trace export needs the tokio runtime".to_owned())?;
+    let client = OnTokio {
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?,
+        runtime,
+    };
+    // The OTLP default is protobuf (the exporter crate would pick JSON when both are built in).
+    let protocol = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+    let protocol = match protocol.as_deref() {
+        None | Some("http/protobuf") => opentelemetry_otlp::Protocol::HttpBinary,
+        Some("http/json") => opentelemetry_otlp::Protocol::HttpJson,
+        Some(other) => {
+            return Err(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use http/protobuf or http/json"
+            ))
+        }
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(protocol)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resource = Resource::builder().with_attributes([
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+    ]);
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(format!("etl-{service}"));
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The OTLP exporter's HTTP client. The batch exporter runs on a thread of its own, outside the
+/// tokio runtime, where reqwest's async client cannot run ("no reactor running"); each request
+/// is therefore spawned onto the service's runtime and awaited from there.
+#[derive(Debug, Clone)]
+struct OnTokio {
+    client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OnTokio {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<bytes::Bytes>,
+    ) -> Result<opentelemetry_http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let client = self.client.clone();
+        let request = reqwest::Request::try_from(request)?;
+        let sent = self.runtime.spawn(async move {
+            let response = client.execute(request).await?;
+            let status = response.status();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        });
+        let (status, body) = sent.await??;
+        Ok(opentelemetry_http::Response::builder()
+            .status(status)
+            .body(body)?)
+    }
+}
+
+/// The W3C `traceparent` of the current span, when it is being exported; stored with the rows a
+/// batch writes so whoever reads them later can link back.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Links the current span to the span a stored `traceparent` names (the cause of this work,
+/// in another trace). Malformed values are ignored: they only cost the link.
+pub fn link_current_span_to(traceparent: &str) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        tracing::Span::current().add_link(linked);
+    }
+}
+
+/// Makes `span` (not yet entered) a child of the caller's, given its request headers (W3C
+/// `traceparent`/`tracestate`); without them the span stays a root.
+pub fn continue_trace_from(span: &tracing::Span, headers: &poem::http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(context);
 }

@@ -72,6 +72,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "ingested_at",
                 "change_id",
                 "changed_at",
+                "trace_context",
             ],
         ),
         (
@@ -84,6 +85,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "ingested_at",
                 "change_id",
                 "changed_at",
+                "trace_context",
             ],
         ),
         (

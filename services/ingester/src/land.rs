@@ -17,6 +17,7 @@ use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
+use tracing::Instrument;
 
 /// Rows per batch: large enough to amortize the round trips, small enough to bound memory and
 /// lock time.
@@ -242,6 +243,22 @@ impl BatchWriter<'_> {
     /// cannot store, say a number beyond `numeric`'s range), the records are landed one by one
     /// instead, and the ones it refuses become rejects with its message.
     async fn land_batch(&mut self, batch: Batch) -> Result<(), LandError> {
+        let bytes: usize = batch
+            .records
+            .iter()
+            .map(|r| r.source_id.len() + r.data.0.len())
+            .sum();
+        let span = tracing::info_span!(
+            "ingest_batch",
+            source = self.source,
+            rows = batch.records.len(),
+            rejects = batch.rejects.len(),
+            bytes,
+        );
+        self.land_batch_in(batch).instrument(span).await
+    }
+
+    async fn land_batch_in(&mut self, batch: Batch) -> Result<(), LandError> {
         let started = std::time::Instant::now();
         let Batch {
             records,
@@ -293,7 +310,11 @@ impl BatchWriter<'_> {
                 &[&RAW_WRITE_LOCK_CLASS, &self.source],
             )
             .await?;
-            let row = tx.query_one(self.upsert_sql, &[&self.source]).await?;
+            // Stored with the rows, so the normalizer batch that reads them links to this one.
+            let trace_context = etl_shared::telemetry::current_traceparent();
+            let row = tx
+                .query_one(self.upsert_sql, &[&self.source, &trace_context])
+                .await?;
             (row.get::<_, i64>(0), row.get::<_, i64>(1))
         };
         insert_rejects(&tx, self.run_id, self.source, rejects).await?;
@@ -302,6 +323,7 @@ impl BatchWriter<'_> {
                 "SELECT pg_notify($1, $2)",
                 &[&RAW_READY_CHANNEL, &self.source],
             )
+            .instrument(tracing::info_span!("notify", channel = RAW_READY_CHANNEL))
             .await?;
         }
         tx.commit().await?;
@@ -434,10 +456,11 @@ macro_rules! upsert_into {
     ($table:literal) => {
         concat!(
             "WITH upserted AS (
-                INSERT INTO ", $table, " AS r (source, source_id, data)
-                SELECT $1, source_id, data FROM ingest_staging
+                INSERT INTO ", $table, " AS r (source, source_id, data, trace_context)
+                SELECT $1, source_id, data, $2 FROM ingest_staging
                 ON CONFLICT (source, source_id) DO UPDATE
-                    SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now()
+                    SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now(),
+                        trace_context = EXCLUDED.trace_context
                     WHERE r.data IS DISTINCT FROM EXCLUDED.data
                 RETURNING (r.xmax = 0) AS inserted
             )

@@ -32,7 +32,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    etl_shared::telemetry::init("ingester");
+    let telemetry = etl_shared::telemetry::init("ingester").context("invalid configuration")?;
+    let outcome = run(cli).await;
+    // Flushes the spans still queued (bounded), off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    outcome
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let env = Env::from_process();
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => {

@@ -26,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use daemon::Application;
 
@@ -245,6 +246,11 @@ impl Normalizer {
                 inner.batch_size,
                 inner.hook.as_ref(),
             )
+            .instrument(tracing::info_span!(
+                "normalize_batch",
+                source = name,
+                rows = tracing::field::Empty
+            ))
             .await;
             match batch {
                 Ok(BatchOutcome::Processed { counts, .. }) => {

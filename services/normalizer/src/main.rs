@@ -25,7 +25,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    etl_shared::telemetry::init("normalizer");
+    let telemetry = etl_shared::telemetry::init("normalizer").context("invalid configuration")?;
+    let outcome = run(cli).await;
+    // Flushes the spans still queued (bounded), off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    outcome
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = Env::from_process();
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => {

@@ -28,7 +28,8 @@ macro_rules! raw_sql {
                 "SELECT id, source_id, change_id,
                         jsonb_typeof(data #> $4), data #>> $4,
                         jsonb_typeof(data #> $5), data #>> $5,
-                        jsonb_typeof(data #> $6), data #>> $6
+                        jsonb_typeof(data #> $6), data #>> $6,
+                        trace_context
                  FROM ", $table, "
                  WHERE source = $1 AND change_id > $2
                  ORDER BY change_id
@@ -68,6 +69,10 @@ macro_rules! lag_sql {
         )
     };
 }
+
+/// Links per batch span: enough for every ingest batch a normalizer batch spans in practice
+/// (a batch of 1,000 rows reads from one or two 5,000-row ingest batches).
+const MAX_LINKS: usize = 32;
 
 static RAW_API: RawSql = raw_sql!("raw_api_data");
 static RAW_CSV: RawSql = raw_sql!("raw_csv_data");
@@ -167,6 +172,15 @@ pub async fn process_batch(
     if rows.is_empty() {
         return Ok(BatchOutcome::CaughtUp);
     }
+
+    // Link this batch's span to the ingest batches that wrote its rows (a few distinct ones).
+    let mut causes: Vec<&str> = rows.iter().filter_map(|r| r.get(9)).collect();
+    causes.sort_unstable();
+    causes.dedup();
+    for cause in causes.iter().take(MAX_LINKS) {
+        etl_shared::telemetry::link_current_span_to(cause);
+    }
+    tracing::Span::current().record("rows", rows.len());
 
     let mut valid = Valid::default();
     let mut invalid = Invalid::default();

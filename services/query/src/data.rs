@@ -6,6 +6,7 @@ use poem_openapi::Object;
 use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
+use tracing::Instrument;
 
 use etl_shared::Pool;
 
@@ -91,8 +92,12 @@ pub async fn list(pool: &Pool, query: &DataQuery) -> Result<DataPage, QueryError
         client.prepare_cached(count_sql).await?,
     );
     let (rows, counted) = tokio::try_join!(
-        client.query(&page, &page_params),
-        client.query_one(&count, &count_params)
+        client
+            .query(&page, &page_params)
+            .instrument(tracing::info_span!("db.query", db.query.text = page_sql)),
+        client
+            .query_one(&count, &count_params)
+            .instrument(tracing::info_span!("db.query", db.query.text = count_sql))
     )?;
     let counted: i64 = counted.get(0);
     let (total, total_exact) = if pattern.is_some() {

@@ -25,6 +25,7 @@ use crate::api::Api;
 use crate::metrics::HttpMetrics;
 use crate::problem::Problem;
 use crate::stats::StatsCache;
+use tracing::Instrument;
 
 /// Everything the query service reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -180,17 +181,28 @@ fn routes(
         .nest("/docs", service.swagger_ui())
         .at("/metrics", get(metrics::endpoint).data(metrics.clone()))
         .nest("/", service)
-        .around(move |ep, req| async move {
-            match tokio::time::timeout(request_timeout, ep.call(req)).await {
-                Ok(result) => result.map(IntoResponse::into_response),
-                Err(_) => Ok(Problem::new(
-                    poem::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "timeout",
-                    "Request timed out",
-                    format!("no answer within {} s", request_timeout.as_secs()),
-                )
-                .into_response()),
+        .around(move |ep, req| {
+            // One span per request, continuing the caller's trace (W3C traceparent).
+            let span = tracing::info_span!(
+                "HTTP request",
+                otel.name = %format!("{} {}", req.method(), metrics::route_of(req.uri().path())),
+                http.request.method = %req.method(),
+                url.path = %req.uri().path(),
+            );
+            etl_shared::telemetry::continue_trace_from(&span, req.headers());
+            async move {
+                match tokio::time::timeout(request_timeout, ep.call(req)).await {
+                    Ok(result) => result.map(IntoResponse::into_response),
+                    Err(_) => Ok(Problem::new(
+                        poem::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        "Request timed out",
+                        format!("no answer within {} s", request_timeout.as_secs()),
+                    )
+                    .into_response()),
+                }
             }
+            .instrument(span)
         })
         .catch_all_error(|err| async move {
             let method_not_allowed = err.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED;

@@ -112,7 +112,7 @@ impl HttpMetrics {
     }
 }
 
-fn route_of(path: &str) -> &'static str {
+pub fn route_of(path: &str) -> &'static str {
     let path = path.trim_end_matches('/');
     if path.starts_with("/docs") {
         return "/docs";

@@ -28,7 +28,7 @@ async fn migrate_applies_the_schema_to_an_empty_database_then_finds_nothing_to_d
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "migrations applied: 2"
+        "migrations applied: 3"
     );
     assert!(
         second.status.success(),

@@ -30,7 +30,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.database.existingSecret | default (printf "%s-database" (include "etl.fullname" .)) -}}
 {{- end -}}
 
-{{/* Environment every pod gets: the database URL from the Secret, the sources file, logs. */}}
+{{/* Environment every pod gets: the database URL from the Secret, the sources file, logs, traces. */}}
 {{- define "etl.env" -}}
 - name: DATABASE_URL
   valueFrom:
@@ -43,6 +43,14 @@ app.kubernetes.io/component: {{ .component }}
   value: /etc/etl/sources.toml
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- if .Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .Values.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .Values.otel.protocol | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

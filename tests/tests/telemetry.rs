@@ -1,0 +1,277 @@
+//! Traces over OTLP, received by a collector stand-in started here (OTLP/HTTP with JSON
+//! bodies): the ingest run and its batches come from `etl-ingester`, the normalizer's batches
+//! from `etl-normalizer` and link to the ingest batch that wrote their rows (the trace context
+//! crosses the queue on the raw rows), and a query request continues the caller's W3C trace.
+//! With export off, one log line says so and nothing else is said or started.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etl_tests::{service_binary, wait_for, ServiceProcess, TestDb, TestServer};
+use poem::web::Data;
+use poem::{handler, post, EndpointExt, Route};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A span as exported: its service, name, ids, parent and links.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    links: Vec<(String, String)>,
+}
+
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<Span>>>);
+
+#[handler]
+fn collect(body: poem::web::Json<Value>, Data(received): Data<&Received>) -> &'static str {
+    let str_of = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    for resource_spans in body["resourceSpans"].as_array().into_iter().flatten() {
+        let service = resource_spans["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| str_of(&a["value"]["stringValue"]))
+            .unwrap_or_default();
+        for scope in resource_spans["scopeSpans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for span in scope["spans"].as_array().into_iter().flatten() {
+                received.0.lock().unwrap().push(Span {
+                    service: service.clone(),
+                    name: str_of(&span["name"]),
+                    trace_id: str_of(&span["traceId"]),
+                    span_id: str_of(&span["spanId"]),
+                    parent_span_id: str_of(&span["parentSpanId"]),
+                    links: span["links"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|l| (str_of(&l["traceId"]), str_of(&l["spanId"])))
+                        .collect(),
+                });
+            }
+        }
+    }
+    "{}"
+}
+
+fn otel_env(collector: &TestServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url("")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_batch() {
+    let db = TestDb::new().await;
+    let received = Received::default();
+    let collector =
+        TestServer::start(Route::new().at("/v1/traces", post(collect).data(received.clone())))
+            .await;
+    let source = TestServer::start(Route::new().at(
+        "/rows.csv",
+        poem::endpoint::make_sync(|_| "id,name,value\n1,one,1\n2,two,2\n3,three,3\n"),
+    ))
+    .await;
+    let sources = std::env::temp_dir().join(format!("sources-otel-{}.toml", db.name));
+    std::fs::write(
+        &sources,
+        format!(
+            "[[source]]\nname = \"rows\"\nkind = \"csv\"\nurl = \"{}\"\n\
+             mapping = {{ source_id = \"id\", name = \"name\", value = \"value\" }}\n",
+            source.url("/rows.csv")
+        ),
+    )
+    .unwrap();
+    let mut env = otel_env(&collector);
+    env.push(("DATABASE_URL", db.url.clone()));
+    env.push(("SOURCES_FILE", sources.display().to_string()));
+
+    // The one-shot ingest exits, flushing its spans on the way out.
+    let ingest = tokio::process::Command::new(service_binary("etl-ingester"))
+        .args(["ingest", "--source", "rows"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    assert!(ingest.status.success(), "{ingest:?}");
+
+    let mut normalizer_env = env.clone();
+    normalizer_env.push(("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".to_owned()));
+    let mut normalizer = ServiceProcess::start("etl-normalizer", &normalizer_env);
+    let client = db.client().await;
+    wait_for("the rows to be normalized", DEADLINE, || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM normalized_data", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        normalizer.stop().await,
+        Some(0),
+        "{}",
+        normalizer.log_tail()
+    );
+
+    let spans = received.0.lock().unwrap().clone();
+    let ingest_batch = spans
+        .iter()
+        .find(|s| s.service == "etl-ingester" && s.name == "ingest_batch")
+        .unwrap_or_else(|| panic!("an ingest_batch span from etl-ingester: {spans:#?}"));
+    let run = spans
+        .iter()
+        .find(|s| s.service == "etl-ingester" && s.span_id == ingest_batch.parent_span_id)
+        .unwrap_or_else(|| panic!("the batch's parent, the run span: {spans:#?}"));
+    assert_eq!(run.name, "run_source");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "notify" && s.parent_span_id == ingest_batch.span_id),
+        "the NOTIFY is a child of the batch: {spans:#?}"
+    );
+    let normalize_batch = spans
+        .iter()
+        .find(|s| {
+            s.service == "etl-normalizer" && s.name == "normalize_batch" && !s.links.is_empty()
+        })
+        .unwrap_or_else(|| panic!("a linked normalize_batch span from etl-normalizer: {spans:#?}"));
+    assert_eq!(
+        normalize_batch.links,
+        [(ingest_batch.trace_id.clone(), ingest_batch.span_id.clone())],
+        "the normalizer batch links to the ingest batch that wrote its rows"
+    );
+    std::fs::remove_file(sources).unwrap();
+}
+
+#[tokio::test]
+async fn a_query_request_continues_the_callers_trace_down_to_its_sql() {
+    let db = TestDb::new().await;
+    let received = Received::default();
+    let collector =
+        TestServer::start(Route::new().at("/v1/traces", post(collect).data(received.clone())))
+            .await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut env = otel_env(&collector);
+    env.push(("DATABASE_URL", db.url.clone()));
+    env.push(("QUERY_ADDR", addr.to_string()));
+    let mut query = ServiceProcess::start("etl-query", &env);
+    let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let response = wait_for("the query service", DEADLINE, || async {
+        reqwest::Client::new()
+            .get(format!("http://{addr}/data?page=1"))
+            .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(query.stop().await, Some(0), "{}", query.log_tail());
+
+    let spans = received.0.lock().unwrap().clone();
+    let request = spans
+        .iter()
+        .find(|s| s.service == "etl-query" && s.name == "GET /data")
+        .unwrap_or_else(|| panic!("a GET /data span from etl-query: {spans:#?}"));
+    assert_eq!(request.trace_id, trace_id, "the caller's trace goes on");
+    assert_eq!(
+        request.parent_span_id, caller_span,
+        "under the caller's span"
+    );
+    let sql: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "db.query" && s.parent_span_id == request.span_id)
+        .collect();
+    assert_eq!(sql.len(), 2, "the page and its count: {spans:#?}");
+}
+
+#[tokio::test]
+async fn with_export_off_one_line_says_so_and_nothing_more() {
+    let db = TestDb::new().await;
+    let output = tokio::process::Command::new(service_binary("etl-ingester"))
+        .args(["ingest"])
+        .env("DATABASE_URL", &db.url)
+        .env("SOURCES_FILE", "/nonexistent/sources.toml")
+        .env("RUST_LOG", "trace")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .output()
+        .await
+        .unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr).to_lowercase();
+    let mentions: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("otlp") || l.contains("opentelemetry") || l.contains("export"))
+        .collect();
+    assert_eq!(mentions.len(), 1, "{logs}");
+    assert!(mentions[0].contains("trace export off"), "{logs}");
+}
+
+#[tokio::test]
+async fn by_default_spans_go_out_as_protobuf_and_logs_can_be_json() {
+    let db = TestDb::new().await;
+    let bodies = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
+    let collector = TestServer::start(Route::new().at(
+        "/v1/traces",
+        post(poem::endpoint::make({
+            let bodies = bodies.clone();
+            move |req: poem::Request| {
+                let bodies = bodies.clone();
+                async move {
+                    let content_type = req.content_type().unwrap_or_default().to_owned();
+                    let body = req.into_body().into_bytes().await.unwrap();
+                    bodies.lock().unwrap().push((content_type, body.len()));
+                    ""
+                }
+            }
+        })),
+    ))
+    .await;
+    let output = tokio::process::Command::new(service_binary("etl-ingester"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url(""))
+        .env("LOG_FORMAT", "json")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let logs = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "exporting traces over OTLP"),
+        "{logs}"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    let bodies = bodies.lock().unwrap().clone();
+    assert!(
+        bodies
+            .iter()
+            .any(|(ct, len)| ct == "application/x-protobuf" && *len > 0),
+        "the migration's spans arrive as protobuf: {bodies:?}"
+    );
+}
