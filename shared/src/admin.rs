@@ -35,10 +35,11 @@ async fn ready(Data(pool): Data<&Pool>) -> Response {
     }
 }
 
-/// `GET /metrics` for a service whose metrics need no refresh at scrape time; needs
-/// `.data(metrics)`.
+/// `GET /metrics` for a service whose metrics need nothing but the pool's use refreshed at
+/// scrape time; needs `.data(metrics)` and `.data(pool)`.
 #[handler]
-pub fn metrics(Data(metrics): Data<&PipelineMetrics>) -> Response {
+pub fn metrics(Data(metrics): Data<&PipelineMetrics>, Data(pool): Data<&Pool>) -> Response {
+    metrics.update_pool(pool);
     metrics_response(metrics.encode())
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
 
@@ -33,10 +34,59 @@ pub struct SourceLabels {
 }
 
 /// Cheap to clone: every clone updates the same registry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub state: &'static str,
+}
+
+/// The database pool's use, read from the pool at scrape time: connections in use and idle,
+/// the most it may open, and callers waiting for one (a sign the pool is too small).
+#[derive(Clone, Default)]
+pub struct PoolGauges {
+    connections: Family<PoolLabels, Gauge>,
+    max: Gauge,
+    waiting: Gauge,
+}
+
+impl PoolGauges {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "etl_db_pool_connections",
+            "Open database connections of this process, by state (in_use, idle)",
+            self.connections.clone(),
+        );
+        registry.register(
+            "etl_db_pool_max_connections",
+            "Most database connections this process may open (DATABASE_POOL_MAX_SIZE)",
+            self.max.clone(),
+        );
+        registry.register(
+            "etl_db_pool_waiting",
+            "Callers waiting for a database connection",
+            self.waiting.clone(),
+        );
+    }
+
+    pub fn update(&self, pool: &crate::Pool) {
+        let status = pool.status();
+        let idle = status.available as i64;
+        self.connections
+            .get_or_create(&PoolLabels { state: "idle" })
+            .set(idle);
+        self.connections
+            .get_or_create(&PoolLabels { state: "in_use" })
+            .set(status.size as i64 - idle);
+        self.max.set(status.max_size as i64);
+        self.waiting.set(status.waiting as i64);
+    }
+}
+
 #[derive(Clone)]
 pub struct PipelineMetrics {
     registry: Arc<Mutex<Registry>>,
+    rows_read: Family<SourceLabels, Counter>,
     rows: Family<RowLabels, Counter>,
+    pool: PoolGauges,
     runs: Family<RunLabels, Counter>,
     run_duration: Family<SourceLabels, Histogram>,
     batch_duration: Family<SourceLabels, Histogram>,
@@ -50,6 +100,7 @@ fn seconds_histogram() -> Histogram {
 impl PipelineMetrics {
     /// `prefix` is e.g. `etl_ingest` or `etl_normalize`; `what` words the help texts.
     pub fn new(prefix: &str, what: &str) -> Self {
+        let rows_read = Family::<SourceLabels, Counter>::default();
         let rows = Family::<RowLabels, Counter>::default();
         let runs = Family::<RunLabels, Counter>::default();
         let run_duration = Family::<SourceLabels, Histogram>::new_with_constructor(
@@ -59,6 +110,11 @@ impl PipelineMetrics {
             seconds_histogram as fn() -> Histogram,
         );
         let mut registry = Registry::default();
+        registry.register(
+            format!("{prefix}_rows_read"),
+            format!("Records read by {what} runs (each then counts once in {prefix}_rows_total)"),
+            rows_read.clone(),
+        );
         registry.register(
             format!("{prefix}_rows"),
             format!("Records processed by {what} runs, by outcome"),
@@ -79,9 +135,13 @@ impl PipelineMetrics {
             format!("Duration of one {what} batch transaction"),
             batch_duration.clone(),
         );
+        let pool = PoolGauges::default();
+        pool.register(&mut registry);
         Self {
             registry: Arc::new(Mutex::new(registry)),
+            rows_read,
             rows,
+            pool,
             runs,
             run_duration,
             batch_duration,
@@ -96,7 +156,17 @@ impl PipelineMetrics {
             .register(name, help, metric);
     }
 
+    /// Reads the pool's use into its gauges; call before [`encode`](Self::encode).
+    pub fn update_pool(&self, pool: &crate::Pool) {
+        self.pool.update(pool);
+    }
+
     pub fn record_batch(&self, source: &str, counts: &RunCounts, seconds: f64) {
+        self.rows_read
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .inc_by(counts.processed.max(0) as u64);
         for (outcome, n) in [
             ("inserted", counts.inserted),
             ("updated", counts.updated),

@@ -19,5 +19,6 @@ async fn metrics(Data(normalizer): Data<&Normalizer>) -> Response {
         // Still serve the counters: a scrape during an outage is when they matter most.
         tracing::warn!(error = %e, "could not refresh the lag gauges");
     }
+    normalizer.metrics().update_pool(normalizer.pool());
     etl_shared::admin::metrics_response(normalizer.metrics().encode())
 }

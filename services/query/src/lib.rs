@@ -170,7 +170,7 @@ fn routes(
     pool: etl_shared::Pool,
 ) -> poem::endpoint::BoxEndpoint<'static, Response> {
     let service = openapi(Api {
-        pool,
+        pool: pool.clone(),
         stats: StatsCache::new(settings.stats_max_age),
     });
     let metrics = HttpMetrics::new();
@@ -179,7 +179,12 @@ fn routes(
         .at("/openapi.json", service.spec_endpoint())
         .at("/openapi.yaml", service.spec_endpoint_yaml())
         .nest("/docs", service.swagger_ui())
-        .at("/metrics", get(metrics::endpoint).data(metrics.clone()))
+        .at(
+            "/metrics",
+            get(metrics::endpoint)
+                .data(metrics.clone())
+                .data(pool.clone()),
+        )
         .nest("/", service)
         .around(move |ep, req| {
             // One span per request, continuing the caller's trace (W3C traceparent).

@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use etl_shared::metrics::PoolGauges;
+use etl_shared::Pool;
 use poem::web::Data;
 use poem::{handler, Endpoint, EndpointExt, IntoResponse, Request, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -42,6 +44,7 @@ pub struct HttpMetrics {
     registry: Arc<Mutex<Registry>>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    pool: PoolGauges,
 }
 
 fn latency_histogram() -> Histogram {
@@ -66,10 +69,13 @@ impl HttpMetrics {
             "Time to answer an HTTP request, by route",
             latency.clone(),
         );
+        let pool = PoolGauges::default();
+        pool.register(&mut registry);
         Self {
             registry: Arc::new(Mutex::new(registry)),
             requests,
             latency,
+            pool,
         }
     }
 
@@ -125,6 +131,7 @@ pub fn route_of(path: &str) -> &'static str {
 }
 
 #[handler]
-pub fn endpoint(Data(metrics): Data<&HttpMetrics>) -> Response {
+pub fn endpoint(Data(metrics): Data<&HttpMetrics>, Data(pool): Data<&Pool>) -> Response {
+    metrics.pool.update(pool);
     etl_shared::admin::metrics_response(metrics.encode())
 }
