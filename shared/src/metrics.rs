@@ -81,9 +81,56 @@ impl PoolGauges {
     }
 }
 
+/// The same counts as OpenTelemetry instruments, exported over OTLP when telemetry export is on
+/// (the global meter is a no-op otherwise). Same names, without Prometheus's `_total`.
+#[derive(Clone)]
+struct OtelPipeline {
+    rows_read: opentelemetry::metrics::Counter<u64>,
+    rows: opentelemetry::metrics::Counter<u64>,
+    runs: opentelemetry::metrics::Counter<u64>,
+    run_duration: opentelemetry::metrics::Histogram<f64>,
+    batch_duration: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl OtelPipeline {
+    fn new(prefix: &str, what: &str) -> Self {
+        let meter = opentelemetry::global::meter("etl");
+        let seconds = |name: String, description: String| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .build()
+        };
+        Self {
+            rows_read: meter
+                .u64_counter(format!("{prefix}_rows_read"))
+                .with_description(format!("Records read by {what} runs"))
+                .build(),
+            rows: meter
+                .u64_counter(format!("{prefix}_rows"))
+                .with_description(format!("Records processed by {what} runs, by outcome"))
+                .build(),
+            runs: meter
+                .u64_counter(format!("{prefix}_runs"))
+                .with_description(format!("{what} runs finished, by status"))
+                .build(),
+            run_duration: seconds(
+                format!("{prefix}_run_duration"),
+                format!("Duration of {what} runs"),
+            ),
+            batch_duration: seconds(
+                format!("{prefix}_batch_duration"),
+                format!("Duration of one {what} batch transaction"),
+            ),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PipelineMetrics {
     registry: Arc<Mutex<Registry>>,
+    otel: OtelPipeline,
     rows_read: Family<SourceLabels, Counter>,
     rows: Family<RowLabels, Counter>,
     pool: PoolGauges,
@@ -139,6 +186,7 @@ impl PipelineMetrics {
         pool.register(&mut registry);
         Self {
             registry: Arc::new(Mutex::new(registry)),
+            otel: OtelPipeline::new(prefix, what),
             rows_read,
             rows,
             pool,
@@ -162,6 +210,11 @@ impl PipelineMetrics {
     }
 
     pub fn record_batch(&self, source: &str, counts: &RunCounts, seconds: f64) {
+        let attributes = [opentelemetry::KeyValue::new("source", source.to_owned())];
+        self.otel
+            .rows_read
+            .add(counts.processed.max(0) as u64, &attributes);
+        self.otel.batch_duration.record(seconds, &attributes);
         self.rows_read
             .get_or_create(&SourceLabels {
                 source: source.into(),
@@ -179,6 +232,13 @@ impl PipelineMetrics {
                     outcome,
                 })
                 .inc_by(n.max(0) as u64);
+            self.otel.rows.add(
+                n.max(0) as u64,
+                &[
+                    opentelemetry::KeyValue::new("source", source.to_owned()),
+                    opentelemetry::KeyValue::new("outcome", outcome),
+                ],
+            );
         }
         self.batch_duration
             .get_or_create(&SourceLabels {
@@ -188,10 +248,22 @@ impl PipelineMetrics {
     }
 
     pub fn record_run(&self, source: &str, success: bool, seconds: f64) {
+        let status = if success { "success" } else { "failed" };
+        self.otel.runs.add(
+            1,
+            &[
+                opentelemetry::KeyValue::new("source", source.to_owned()),
+                opentelemetry::KeyValue::new("status", status),
+            ],
+        );
+        self.otel.run_duration.record(
+            seconds,
+            &[opentelemetry::KeyValue::new("source", source.to_owned())],
+        );
         self.runs
             .get_or_create(&RunLabels {
                 source: source.into(),
-                status: if success { "success" } else { "failed" },
+                status,
             })
             .inc();
         self.run_duration

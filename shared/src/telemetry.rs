@@ -2,18 +2,19 @@
 //!
 //! - Logs go to stderr, human-readable by default or one JSON object per line with
 //!   `LOG_FORMAT=json`; the level comes from `RUST_LOG` (default `info`).
-//! - Traces are exported over OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! - Traces and metrics are exported over OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with the protocol from
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `http/json`). The resource
 //!   says which service (`OTEL_SERVICE_NAME`, default `etl-<service>`), version and instance.
 //!   Without an endpoint nothing is started, and one line says so.
-//! - [`Telemetry::shutdown`] flushes the spans still queued.
+//! - [`Telemetry::shutdown`] flushes the spans still queued and the last metrics.
 
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
@@ -25,15 +26,18 @@ use crate::config::{ConfigError, Env};
 /// What [`init`] started; keep it for the life of the process and call `shutdown` at the end.
 #[must_use = "call shutdown() before exiting so queued spans are exported"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    providers: Option<(SdkTracerProvider, SdkMeterProvider)>,
 }
 
 impl Telemetry {
-    /// Exports what is still queued (bounded: a collector that is down costs at most 5 s).
+    /// Exports what is still queued (bounded: a collector that is down costs at most 5 s each).
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+        if let Some((traces, metrics)) = self.providers {
+            if let Err(e) = traces.shutdown_with_timeout(Duration::from_secs(5)) {
                 eprintln!("could not flush the last traces: {e}");
+            }
+            if let Err(e) = metrics.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("could not export the last metrics: {e}");
             }
         }
     }
@@ -75,15 +79,15 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
     for var in ENDPOINT_VARS {
         endpoint = endpoint.or(env.get(var)?);
     }
-    let exporter = endpoint.as_ref().map(|_| build_provider(service));
-    let (provider, export_error) = match exporter {
-        Some(Ok(provider)) => (Some(provider), None),
+    let exporter = endpoint.as_ref().map(|_| build_providers(service));
+    let (providers, export_error) = match exporter {
+        Some(Ok(providers)) => (Some(providers), None),
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
     };
-    let traces = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(format!("etl-{service}"))));
+    let traces = providers.as_ref().map(|(traces, _)| {
+        tracing_opentelemetry::layer().with_tracer(traces.tracer(format!("etl-{service}")))
+    });
     let installed = tracing_subscriber::registry()
         .with(filter)
         .with(logs)
@@ -91,9 +95,9 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
         .try_init()
         .is_ok();
     if installed {
-        match (&endpoint, &provider, export_error) {
+        match (&endpoint, &providers, export_error) {
             (Some(endpoint), Some(_), _) => {
-                tracing::info!(service, %endpoint, "exporting traces over OTLP")
+                tracing::info!(service, %endpoint, "exporting traces and metrics over OTLP")
             }
             (Some(_), None, Some(e)) => {
                 tracing::error!(service, error = %e, "trace export is configured but could not start; going on without it")
@@ -108,15 +112,19 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
+        if let Some((_, metrics)) = &providers {
+            // The instruments in `crate::metrics` record through the global meter.
+            opentelemetry::global::set_meter_provider(metrics.clone());
+        }
     }
     Ok(Telemetry {
-        provider: provider.filter(|_| installed),
+        providers: providers.filter(|_| installed),
     })
 }
 
-fn build_provider(service: &str) -> Result<SdkTracerProvider, String> {
+fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
     let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|_| "trace export needs the tokio runtime".to_owned())?;
+        .map_err(|_| "export needs the tokio runtime".to_owned())?;
     let client = OnTokio {
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -124,23 +132,14 @@ fn build_provider(service: &str) -> Result<SdkTracerProvider, String> {
             .map_err(|e| e.to_string())?,
         runtime,
     };
-    // The OTLP default is protobuf (the exporter crate would pick JSON when both are built in).
-    let protocol = [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ]
-    .iter()
-    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
-    let protocol = match protocol.as_deref() {
-        None | Some("http/protobuf") => opentelemetry_otlp::Protocol::HttpBinary,
-        Some("http/json") => opentelemetry_otlp::Protocol::HttpJson,
-        Some(other) => {
-            return Err(format!(
-                "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use http/protobuf or http/json"
-            ))
-        }
-    };
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let protocol = protocol()?;
+    let spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client.clone())
+        .with_protocol(protocol)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let metrics = opentelemetry_otlp::MetricExporter::builder()
         .with_http()
         .with_http_client(client)
         .with_protocol(protocol)
@@ -153,10 +152,35 @@ fn build_provider(service: &str) -> Result<SdkTracerProvider, String> {
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(format!("etl-{service}"));
     }
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
-        .build())
+    let resource = resource.build();
+    let traces = SdkTracerProvider::builder()
+        .with_batch_exporter(spans)
+        .with_resource(resource.clone())
+        .build();
+    // Every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), and once more at shutdown.
+    let metrics = SdkMeterProvider::builder()
+        .with_periodic_exporter(metrics)
+        .with_resource(resource)
+        .build();
+    Ok((traces, metrics))
+}
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`: the OTLP default is protobuf (the exporter crate would pick
+/// JSON when both are built in).
+fn protocol() -> Result<opentelemetry_otlp::Protocol, String> {
+    let protocol = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+    match protocol.as_deref() {
+        None | Some("http/protobuf") => Ok(opentelemetry_otlp::Protocol::HttpBinary),
+        Some("http/json") => Ok(opentelemetry_otlp::Protocol::HttpJson),
+        Some(other) => Err(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use http/protobuf or http/json"
+        )),
+    }
 }
 
 /// The OTLP exporter's HTTP client. The batch exporter runs on a thread of its own, outside the

@@ -2,7 +2,8 @@
 //! bodies): the ingest run and its batches come from `etl-ingester`, the normalizer's batches
 //! from `etl-normalizer` and link to the ingest batch that wrote their rows (the trace context
 //! crosses the queue on the raw rows), and a query request continues the caller's W3C trace.
-//! With export off, one log line says so and nothing else is said or started.
+//! Metrics go out over OTLP too. With export off, one log line says so and nothing else is
+//! said or started.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,58 @@ struct Span {
 
 #[derive(Clone, Default)]
 struct Received(Arc<Mutex<Vec<Span>>>);
+
+/// A metric data point as exported: (service, metric, attributes as sorted `k=v`, value).
+type Point = (String, String, String, f64);
+
+#[derive(Clone, Default)]
+struct Points(Arc<Mutex<Vec<Point>>>);
+
+#[handler]
+fn collect_metrics(body: poem::web::Json<Value>, Data(points): Data<&Points>) -> &'static str {
+    for resource in body["resourceMetrics"].as_array().into_iter().flatten() {
+        let service = resource["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .and_then(|a| a["value"]["stringValue"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        for scope in resource["scopeMetrics"].as_array().into_iter().flatten() {
+            for metric in scope["metrics"].as_array().into_iter().flatten() {
+                let name = metric["name"].as_str().unwrap_or_default().to_owned();
+                for point in metric["sum"]["dataPoints"].as_array().into_iter().flatten() {
+                    let mut attributes: Vec<String> = point["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            format!(
+                                "{}={}",
+                                a["key"].as_str().unwrap_or_default(),
+                                a["value"]["stringValue"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    attributes.sort();
+                    // int64 is a string in proto3 JSON; accept a number too.
+                    let value = match &point["asInt"] {
+                        Value::String(s) => s.parse().unwrap_or(f64::NAN),
+                        v => v.as_f64().unwrap_or(f64::NAN),
+                    };
+                    points.0.lock().unwrap().push((
+                        service.clone(),
+                        name.clone(),
+                        attributes.join(","),
+                        value,
+                    ));
+                }
+            }
+        }
+    }
+    "{}"
+}
 
 #[handler]
 fn collect(body: poem::web::Json<Value>, Data(received): Data<&Received>) -> &'static str {
@@ -75,9 +128,13 @@ fn otel_env(collector: &TestServer) -> Vec<(&'static str, String)> {
 async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_batch() {
     let db = TestDb::new().await;
     let received = Received::default();
-    let collector =
-        TestServer::start(Route::new().at("/v1/traces", post(collect).data(received.clone())))
-            .await;
+    let points = Points::default();
+    let collector = TestServer::start(
+        Route::new()
+            .at("/v1/traces", post(collect).data(received.clone()))
+            .at("/v1/metrics", post(collect_metrics).data(points.clone())),
+    )
+    .await;
     let source = TestServer::start(Route::new().at(
         "/rows.csv",
         poem::endpoint::make_sync(|_| "id,name,value\n1,one,1\n2,two,2\n3,three,3\n"),
@@ -152,6 +209,37 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
         normalize_batch.links,
         [(ingest_batch.trace_id.clone(), ingest_batch.span_id.clone())],
         "the normalizer batch links to the ingest batch that wrote its rows"
+    );
+
+    // Metrics went out too, flushed at each exit, with the exact counts.
+    let points = points.0.lock().unwrap().clone();
+    let value = |service: &str, metric: &str, attributes: &str| {
+        points
+            .iter()
+            .filter(|p| p.0 == service && p.1 == metric && p.2 == attributes)
+            .map(|p| p.3)
+            .next_back()
+            .unwrap_or_else(|| panic!("{service} {metric} {{{attributes}}} in {points:#?}"))
+    };
+    assert_eq!(
+        value("etl-ingester", "etl_ingest_rows_read", "source=rows"),
+        3.0
+    );
+    assert_eq!(
+        value(
+            "etl-ingester",
+            "etl_ingest_rows",
+            "outcome=inserted,source=rows"
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            "etl-normalizer",
+            "etl_normalize_rows",
+            "outcome=inserted,source=rows"
+        ),
+        3.0
     );
     std::fs::remove_file(sources).unwrap();
 }
@@ -261,7 +349,7 @@ async fn by_default_spans_go_out_as_protobuf_and_logs_can_be_json() {
     assert!(
         lines
             .iter()
-            .any(|l| l["fields"]["message"] == "exporting traces over OTLP"),
+            .any(|l| l["fields"]["message"] == "exporting traces and metrics over OTLP"),
         "{logs}"
     );
     assert!(lines

@@ -45,6 +45,9 @@ pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
     pool: PoolGauges,
+    /// The same two as OpenTelemetry instruments, exported over OTLP when that is on.
+    otel_requests: opentelemetry::metrics::Counter<u64>,
+    otel_latency: opentelemetry::metrics::Histogram<f64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -71,11 +74,21 @@ impl HttpMetrics {
         );
         let pool = PoolGauges::default();
         pool.register(&mut registry);
+        let meter = opentelemetry::global::meter("etl");
         Self {
             registry: Arc::new(Mutex::new(registry)),
             requests,
             latency,
             pool,
+            otel_requests: meter
+                .u64_counter("etl_http_requests")
+                .with_description("HTTP requests answered, by route, method and status")
+                .build(),
+            otel_latency: meter
+                .f64_histogram("etl_http_request_duration")
+                .with_unit("s")
+                .with_description("Time to answer an HTTP request, by route")
+                .build(),
         }
     }
 
@@ -96,14 +109,28 @@ impl HttpMetrics {
                     .requests
                     .get_or_create(&RequestLabels {
                         route,
-                        method,
+                        method: method.clone(),
                         status: response.status().as_u16(),
                     })
                     .inc();
+                let seconds = started.elapsed().as_secs_f64();
                 metrics
                     .latency
                     .get_or_create(&RouteLabels { route })
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(seconds);
+                let route_attribute = opentelemetry::KeyValue::new("route", route);
+                metrics.otel_requests.add(
+                    1,
+                    &[
+                        route_attribute.clone(),
+                        opentelemetry::KeyValue::new("method", method),
+                        opentelemetry::KeyValue::new(
+                            "status",
+                            i64::from(response.status().as_u16()),
+                        ),
+                    ],
+                );
+                metrics.otel_latency.record(seconds, &[route_attribute]);
                 Ok(response)
             }
         })
