@@ -421,6 +421,72 @@ impl ServiceProcess {
     }
 }
 
+/// A free port on 127.0.0.1 for a service under test to listen on.
+pub fn free_local_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+}
+
+/// The three services as processes, sharing `env` (database, sources file, tuning), each on a
+/// port of its own.
+pub struct Pipeline {
+    pub services: Vec<ServiceProcess>,
+    pub ingester_admin: std::net::SocketAddr,
+    pub normalizer_admin: std::net::SocketAddr,
+    pub query_addr: std::net::SocketAddr,
+}
+
+impl Pipeline {
+    pub fn start(env: &[(&'static str, String)]) -> Self {
+        let (ingester_admin, normalizer_admin, query_addr) =
+            (free_local_addr(), free_local_addr(), free_local_addr());
+        let with = |var: &'static str, addr: std::net::SocketAddr| {
+            let mut env = env.to_vec();
+            env.push((var, addr.to_string()));
+            env
+        };
+        Self {
+            services: vec![
+                ServiceProcess::start("etl-ingester", &with("INGESTER_ADMIN_ADDR", ingester_admin)),
+                ServiceProcess::start(
+                    "etl-normalizer",
+                    &with("NORMALIZER_ADMIN_ADDR", normalizer_admin),
+                ),
+                ServiceProcess::start("etl-query", &with("QUERY_ADDR", query_addr)),
+            ],
+            ingester_admin,
+            normalizer_admin,
+            query_addr,
+        }
+    }
+
+    /// The query API's base URL.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.query_addr)
+    }
+
+    /// Fails the test if a service has exited.
+    pub fn assert_running(&mut self) {
+        for service in &mut self.services {
+            assert!(
+                service.child.try_wait().unwrap().is_none(),
+                "{} exited:\n{}",
+                service.name,
+                service.log_tail()
+            );
+        }
+    }
+
+    /// SIGTERM to each; every one must exit with code 0.
+    pub async fn stop(&mut self) {
+        for service in &mut self.services {
+            let code = service.stop().await;
+            assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
+        }
+    }
+}
+
 /// A CSV body (`id,name,value`, rows `i,row i,i` from 0) streamed in chunks of `chunk_rows`
 /// rows, `pause` apart: `rows` in all, or without end when `None`. For sources that are slow,
 /// huge or never finish.

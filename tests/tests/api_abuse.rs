@@ -3,7 +3,6 @@
 //! and requests in flight when SIGTERM arrives. Every answer is clean: no 5xx, nothing that
 //! contradicts the spec, and the service keeps serving everyone else.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use etl_tests::{wait_for, ServiceProcess, TestDb};
@@ -25,10 +24,7 @@ async fn query_service(db: &TestDb) -> (ServiceProcess, String) {
         )
         .await
         .unwrap();
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = etl_tests::free_local_addr();
     let service = ServiceProcess::start(
         "etl-query",
         &[

@@ -5,11 +5,10 @@
 //! keeps running and reconnects by itself, `/health` says 503 during an outage and 200 after,
 //! interrupted runs are recorded as failed and retried, and the final data is exact.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use etl_tests::{streamed_csv, wait_for, ServiceProcess, TcpProxy, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, Pipeline, TcpProxy, TestDb, TestServer};
 use poem::{endpoint::make_sync, Response, Route};
 use xtask::pg::{Cluster, PgBinaries, ShutdownMode};
 
@@ -141,31 +140,14 @@ async fn scenario(fault: Fault, during: During) {
         ),
     )
     .unwrap();
-    let query_addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let service_url = proxy.as_ref().map_or(url.clone(), |p| p.url_for(&url));
-    let env = |extra: (&'static str, String)| {
-        vec![
-            ("DATABASE_URL", service_url.clone()),
-            ("DATABASE_CONNECT_TIMEOUT_SECS", "1".to_string()),
-            ("SOURCES_FILE", sources.display().to_string()),
-            ("NORMALIZER_BATCH_SIZE", "200".to_string()),
-            extra,
-        ]
-    };
-    let mut services = vec![
-        ServiceProcess::start(
-            "etl-ingester",
-            &env(("INGESTER_ADMIN_ADDR", "127.0.0.1:0".into())),
-        ),
-        ServiceProcess::start(
-            "etl-normalizer",
-            &env(("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".into())),
-        ),
-        ServiceProcess::start("etl-query", &env(("QUERY_ADDR", query_addr.to_string()))),
-    ];
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", service_url),
+        ("DATABASE_CONNECT_TIMEOUT_SECS", "1".to_string()),
+        ("SOURCES_FILE", sources.display().to_string()),
+        ("NORMALIZER_BATCH_SIZE", "200".to_string()),
+    ]);
+    let query_addr = pipeline.query_addr;
     let health = format!("http://{query_addr}/health");
     wait_for("the query service to be healthy", DEADLINE, || async {
         (http_status(&health).await == Some(200)).then_some(())
@@ -221,14 +203,7 @@ async fn scenario(fault: Fault, during: During) {
             (http_status(&health).await == Some(503)).then_some(())
         })
         .await;
-        for service in &mut services {
-            assert!(
-                service.child.try_wait().unwrap().is_none(),
-                "{} exited during the outage:\n{}",
-                service.name,
-                service.log_tail()
-            );
-        }
+        pipeline.assert_running();
         match &mut database {
             Database::Private(cluster) => cluster.resume().expect("the server starts again"),
             Database::Shared(_) => proxy.as_ref().unwrap().restore(),
@@ -287,10 +262,7 @@ async fn scenario(fault: Fault, during: During) {
         Some(200)
     );
 
-    for service in &mut services {
-        let code = service.stop().await;
-        assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
-    }
+    pipeline.stop().await;
     std::fs::remove_file(sources).unwrap();
 }
 

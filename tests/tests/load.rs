@@ -2,10 +2,9 @@
 //! and the normalizer run, all as the real binaries. Every request must succeed; the figures
 //! (requests, p50, p99) are printed, not asserted: speed is measured by `cargo xtask bench`.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use etl_tests::{streamed_csv, wait_for, ServiceProcess, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, Pipeline, TestDb, TestServer};
 use poem::{endpoint::make_sync, Response, Route};
 
 const CLIENTS: usize = 64;
@@ -35,31 +34,13 @@ async fn sixty_four_clients_for_thirty_seconds_during_ingest_and_normalize_see_n
         ),
     )
     .unwrap();
-    let query_addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let env = |extra: (&'static str, String)| {
-        vec![
-            ("DATABASE_URL", db.url.clone()),
-            ("SOURCES_FILE", sources.display().to_string()),
-            // /stats recomputed every second, so the load also hits its aggregate.
-            ("QUERY_STATS_MAX_AGE_SECS", "1".to_string()),
-            extra,
-        ]
-    };
-    let mut services = vec![
-        ServiceProcess::start(
-            "etl-ingester",
-            &env(("INGESTER_ADMIN_ADDR", "127.0.0.1:0".into())),
-        ),
-        ServiceProcess::start(
-            "etl-normalizer",
-            &env(("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".into())),
-        ),
-        ServiceProcess::start("etl-query", &env(("QUERY_ADDR", query_addr.to_string()))),
-    ];
-    let base = format!("http://{query_addr}");
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.display().to_string()),
+        // /stats recomputed every second, so the load also hits its aggregate.
+        ("QUERY_STATS_MAX_AGE_SECS", "1".to_string()),
+    ]);
+    let base = pipeline.api();
     wait_for("the ingest to be under way", DEADLINE, || async {
         let raw: i64 = client
             .query_one("SELECT count(*) FROM raw_csv_data", &[])
@@ -143,9 +124,6 @@ async fn sixty_four_clients_for_thirty_seconds_during_ingest_and_normalize_see_n
         (row.get::<_, i64>(0) == ROWS as i64 && row.get::<_, i64>(1) == ROWS as i64).then_some(())
     })
     .await;
-    for service in &mut services {
-        let code = service.stop().await;
-        assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
-    }
+    pipeline.stop().await;
     std::fs::remove_file(sources).unwrap();
 }

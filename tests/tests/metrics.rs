@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use etl_tests::{wait_for, ServiceProcess, TestDb, TestServer};
+use etl_tests::{wait_for, Pipeline, TestDb, TestServer};
 use poem::{endpoint::make_sync, Route};
 use serde_json::Value;
 
@@ -13,13 +13,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Ten rows: two the ingester rejects (wrong field counts), one the normalizer rejects.
 const CSV: &str = "id,name,value\n1,a,1\n2,b,2\n3,c,3\n4,d,4\n5,e,5\n6,f,abc\n7,g,7\n\
                    8,too,many,fields\n9,h\n10,i,10\n";
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 async fn scrape(addr: SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics"))
@@ -52,23 +45,16 @@ async fn counters_move_by_exactly_the_rows_processed_and_stats_agree() {
         ),
     )
     .unwrap();
-    let (ingester_addr, normalizer_addr, query_addr) = (free_addr(), free_addr(), free_addr());
-    let env = |var: &'static str, addr: SocketAddr| {
-        vec![
-            ("DATABASE_URL", db.url.clone()),
-            ("SOURCES_FILE", sources.display().to_string()),
-            ("QUERY_STATS_MAX_AGE_SECS", "0".to_string()),
-            (var, addr.to_string()),
-        ]
-    };
-    let mut services = vec![
-        ServiceProcess::start("etl-ingester", &env("INGESTER_ADMIN_ADDR", ingester_addr)),
-        ServiceProcess::start(
-            "etl-normalizer",
-            &env("NORMALIZER_ADMIN_ADDR", normalizer_addr),
-        ),
-        ServiceProcess::start("etl-query", &env("QUERY_ADDR", query_addr)),
-    ];
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.display().to_string()),
+        ("QUERY_STATS_MAX_AGE_SECS", "0".to_string()),
+    ]);
+    let (ingester_addr, normalizer_addr, query_addr) = (
+        pipeline.ingester_admin,
+        pipeline.normalizer_admin,
+        pipeline.query_addr,
+    );
     let client = db.client().await;
     wait_for("the source to be ingested and normalized", DEADLINE, || async {
         let row = client
@@ -196,8 +182,6 @@ async fn counters_move_by_exactly_the_rows_processed_and_stats_agree() {
         normalize(r#"etl_normalize_rows_total{source="m",outcome="rejected"}"#)
     );
 
-    for service in &mut services {
-        assert_eq!(service.stop().await, Some(0), "{}", service.log_tail());
-    }
+    pipeline.stop().await;
     std::fs::remove_file(sources).unwrap();
 }

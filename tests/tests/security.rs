@@ -177,10 +177,7 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 0);
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = etl_tests::free_local_addr();
     let mut query = etl_tests::ServiceProcess::start(
         "etl-query",
         &[

@@ -251,10 +251,7 @@ async fn a_query_request_continues_the_callers_trace_down_to_its_sql() {
     let collector =
         TestServer::start(Route::new().at("/v1/traces", post(collect).data(received.clone())))
             .await;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = etl_tests::free_local_addr();
     let mut env = otel_env(&collector);
     env.push(("DATABASE_URL", db.url.clone()));
     env.push(("QUERY_ADDR", addr.to_string()));

@@ -118,6 +118,16 @@ impl Api {
         #[oai(validator(min_length = 1, max_length = 200))]
         search: Query<Option<String>>,
     ) -> DataResponse {
+        // Postgres text cannot hold NUL, so no record can match one: say so instead of letting
+        // the database refuse the query.
+        for (name, value) in [("source", &source.0), ("search", &search.0)] {
+            if value.as_deref().is_some_and(|v| v.contains('\0')) {
+                return DataResponse::BadRequest(Json(Problem::invalid_parameter(
+                    name,
+                    "must not contain a NUL character",
+                )));
+            }
+        }
         let query = DataQuery {
             page: page.0,
             page_size: page_size.0,

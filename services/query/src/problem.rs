@@ -39,18 +39,23 @@ impl Problem {
         }
     }
 
+    /// A 400 for query parameter `name`, saying why.
+    pub fn invalid_parameter(name: &str, reason: &str) -> Self {
+        Self {
+            parameter: Some(name.to_owned()),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "Invalid parameter",
+                format!("query parameter `{name}`: {reason}"),
+            )
+        }
+    }
+
     /// A 400 from a parameter that failed to parse or validate, naming it.
     pub fn from_bad_request(err: poem::Error) -> Self {
         match err.downcast_ref::<ParseParamError>() {
-            Some(e) => Self {
-                parameter: Some(e.name.to_owned()),
-                ..Self::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_parameter",
-                    "Invalid parameter",
-                    format!("query parameter `{}`: {}", e.name, e.reason),
-                )
-            },
+            Some(e) => Self::invalid_parameter(e.name, &e.reason),
             None => Self::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",

@@ -267,6 +267,9 @@ async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
         ("page_size=abc", "page_size"),
         ("page=-1", "page"),
         ("source=", "source"),
+        // Found by schemathesis: Postgres refuses NUL in text, which once came back as a 503.
+        ("source=a%00b", "source"),
+        ("search=%00", "search"),
     ] {
         let (status, content_type, body) = app.get(&format!("/data?{query}")).await;
         assert_eq!(status, 400, "{query}: {body}");
