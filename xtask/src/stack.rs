@@ -65,22 +65,7 @@ pub struct Stack {
 /// Builds the services, starts the demo source and the three services against `database_url`,
 /// and waits until both demo sources are ingested and normalized.
 pub async fn start(workspace: &Path, target: &Path, database_url: &str) -> Result<Stack> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "etl-ingester",
-            "-p",
-            "etl-normalizer",
-            "-p",
-            "etl-query",
-        ])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("building the services failed");
-    }
+    crate::build_services(workspace, false).await?;
     let bin = target.join("debug");
     let stack_dir = target.join("stack");
     let logs = stack_dir.join("logs");

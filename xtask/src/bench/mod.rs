@@ -132,22 +132,7 @@ impl Bench {
 
     async fn build_release(&self) -> Result<()> {
         eprintln!("bench: building the services (release)");
-        let status =
-            tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--release", "--quiet", "--bins"])
-                .args([
-                    "-p",
-                    "etl-ingester",
-                    "-p",
-                    "etl-normalizer",
-                    "-p",
-                    "etl-query",
-                ])
-                .current_dir(&self.workspace)
-                .status()
-                .await?;
-        ensure!(status.success(), "building the services failed");
-        Ok(())
+        crate::build_services(&self.workspace, true).await
     }
 
     async fn fresh_database(&self, name: &str) -> Result<String> {
