@@ -79,7 +79,7 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
     for var in ENDPOINT_VARS {
         endpoint = endpoint.or(env.get(var)?);
     }
-    let exporter = endpoint.as_ref().map(|_| build_providers(service));
+    let exporter = endpoint.as_ref().map(|_| build_providers(service, &env));
     let (providers, export_error) = match exporter {
         Some(Ok(providers)) => (Some(providers), None),
         Some(Err(e)) => (None, Some(e)),
@@ -122,7 +122,10 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
     })
 }
 
-fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
+fn build_providers(
+    service: &str,
+    env: &Env,
+) -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| "export needs the tokio runtime".to_owned())?;
     let client = OnTokio {
@@ -132,7 +135,7 @@ fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider
             .map_err(|e| e.to_string())?,
         runtime,
     };
-    let protocol = protocol()?;
+    let protocol = protocol(env)?;
     let spans = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client.clone())
@@ -167,13 +170,14 @@ fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider
 
 /// `OTEL_EXPORTER_OTLP_PROTOCOL`: the OTLP default is protobuf (the exporter crate would pick
 /// JSON when both are built in).
-fn protocol() -> Result<opentelemetry_otlp::Protocol, String> {
-    let protocol = [
+fn protocol(env: &Env) -> Result<opentelemetry_otlp::Protocol, String> {
+    let mut protocol = None;
+    for var in [
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ]
-    .iter()
-    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+    ] {
+        protocol = protocol.or(env.get(var).map_err(|e| e.to_string())?);
+    }
     match protocol.as_deref() {
         None | Some("http/protobuf") => Ok(opentelemetry_otlp::Protocol::HttpBinary),
         Some("http/json") => Ok(opentelemetry_otlp::Protocol::HttpJson),
@@ -216,19 +220,14 @@ impl opentelemetry_http::HttpClient for OnTokio {
 /// The W3C `traceparent` of the current span, when it is being exported; stored with the rows a
 /// batch writes so whoever reads them later can link back.
 pub fn current_traceparent() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry::propagation::TextMapPropagator;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let span_context = span.span_context();
-    span_context.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            span_context.trace_id(),
-            span_context.span_id(),
-            span_context.trace_flags().to_u8()
-        )
-    })
+    // The same propagator that reads it back in `link_current_span_to`; it writes nothing for a
+    // span that is not exported.
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
 }
 
 /// Links the current span to the span a stored `traceparent` names (the cause of this work,

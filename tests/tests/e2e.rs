@@ -3,7 +3,6 @@
 //! the runs, a normalizer killed with SIGKILL in the middle of a large backlog is restarted and
 //! the result is exact, and SIGTERM stops every service cleanly.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,13 +12,6 @@ use serde_json::{json, Value};
 
 const BIG: usize = 60_000;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 async fn sources_server() -> TestServer {
     let products: Vec<Value> = (1..=150)
@@ -122,7 +114,7 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
         ),
     )
     .unwrap();
-    let query_addr = free_port();
+    let query_addr = etl_tests::free_local_addr();
     let common = vec![
         ("DATABASE_URL", db.url.clone()),
         ("SOURCES_FILE", sources_file.display().to_string()),
