@@ -5,9 +5,10 @@
 //! tell an interrupted run (unlocked) from one still in progress (locked) and mark only the
 //! former failed, without clocks or heartbeats.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
+use tokio_util::sync::CancellationToken;
 
 use crate::db::Pool;
 
@@ -185,4 +186,22 @@ pub async fn reap_interrupted(pool: &Pool, service: Service) -> Result<u64, RunE
         );
     }
     Ok(reaped)
+}
+
+/// How often [`reap_periodically`] looks for runs left `running` by a dead process.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Reaps interrupted runs of `service` now and every [`REAP_INTERVAL`] until shutdown. Runs
+/// are otherwise reaped only when new work starts: a run whose end could not be recorded (the
+/// database went away mid-run) must not stay `running` while its source stays quiet.
+pub async fn reap_periodically(pool: Pool, service: Service, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = reap_interrupted(&pool, service).await {
+            tracing::warn!(error = %e, "could not look for interrupted runs");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REAP_INTERVAL) => {}
+        }
+    }
 }

@@ -309,6 +309,9 @@ impl TcpProxy {
         let (accept_up, accept_links) = (up.clone(), links.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                // Checked and registered under the lock `cut` takes, so no link accepted as the
+                // cut happens escapes it.
+                let mut links = accept_links.lock().unwrap();
                 if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the connection is closed at once
                 }
@@ -317,7 +320,7 @@ impl TcpProxy {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
-                accept_links.lock().unwrap().push(link.abort_handle());
+                links.push(link.abort_handle());
             }
         });
         Self { addr, up, links }
@@ -340,8 +343,9 @@ impl TcpProxy {
 
     /// Cuts every open connection and refuses new ones.
     pub fn cut(&self) {
+        let mut links = self.links.lock().unwrap();
         self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        for link in self.links.lock().unwrap().drain(..) {
+        for link in links.drain(..) {
             link.abort();
         }
     }

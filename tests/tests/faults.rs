@@ -215,16 +215,24 @@ async fn scenario(fault: Fault, during: During) {
     })
     .await;
     // The ingester retries on its own (no restart, no trigger) and the normalizer catches up.
+    // A run records its end only after its last batch has committed (the normalizer looks for
+    // one more batch first), so the data can be complete while its run is still open: wait
+    // for every run to have ended too.
     wait_for(
-        "every row to be ingested and normalized",
+        "every row to be ingested and normalized, and every run to have ended",
         DEADLINE,
         || async {
             let (raw, normalized, _) = counts(&url).await?;
-            let ingested = runs(&url, "ingester")
-                .await
-                .iter()
-                .any(|r| r.0 == "success");
-            (raw == ROWS as i64 && normalized == ROWS as i64 && ingested).then_some(())
+            let ingests = runs(&url, "ingester").await;
+            let normalizes = runs(&url, "normalizer").await;
+            let ended =
+                |history: &[(String, Option<String>)]| history.iter().all(|r| r.0 != "running");
+            (raw == ROWS as i64
+                && normalized == ROWS as i64
+                && ingests.iter().any(|r| r.0 == "success")
+                && ended(&ingests)
+                && ended(&normalizes))
+            .then_some(())
         },
     )
     .await;
@@ -235,7 +243,7 @@ async fn scenario(fault: Fault, during: During) {
         "no duplicates"
     );
 
-    // The interrupted run is recorded as failed, with a reason, and nothing is left running.
+    // The interrupted run is recorded as failed, with a reason, and the last runs succeeded.
     let interrupted = match during {
         During::Ingest => "ingester",
         During::Normalize => "normalizer",
@@ -247,10 +255,6 @@ async fn scenario(fault: Fault, during: During) {
     );
     for service in ["ingester", "normalizer"] {
         let history = runs(&url, service).await;
-        assert!(
-            history.iter().all(|r| r.0 != "running"),
-            "no {service} run is left running: {history:?}"
-        );
         assert_eq!(
             history.last().map(|r| r.0.as_str()),
             Some("success"),

@@ -83,7 +83,13 @@ async fn counters_move_by_exactly_the_rows_processed_and_stats_agree() {
             .unwrap(),
     )
     .unwrap();
-    let ingester = scrape(ingester_addr).await;
+    // A run is counted just after its end is recorded in etl_runs: wait for the counter.
+    let ingester = wait_for("the ingest run to be counted", DEADLINE, || async {
+        let m = scrape(ingester_addr).await;
+        (sample(&m, r#"etl_ingest_runs_total{source="m",status="success"}"#) == Some(1.0))
+            .then_some(m)
+    })
+    .await;
     let normalizer = wait_for(
         "the normalizer's last batch to be counted",
         DEADLINE,

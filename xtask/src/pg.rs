@@ -177,15 +177,39 @@ impl ShutdownMode {
 
 /// A running throwaway cluster: TCP on 127.0.0.1 only, trust auth, durability off (it is
 /// deleted afterwards, and fsync would only slow the suite down).
+///
+/// Every cluster is registered by an entry folder under the clusters folder, named after the
+/// process that owns it. The cluster itself lives in that entry, or, when the server's user
+/// cannot reach the build folder, in the system temp folder, and then the entry's `location`
+/// file names it: [`reap_stale`] finds every cluster this checkout started, wherever it lives.
 #[derive(Debug)]
 pub struct Cluster {
-    /// Holds `data/`, `server.log` and `owner.pid` (the process that may remove it).
+    /// Holds `data/` and `server.log`.
     pub root: PathBuf,
+    /// The registry entry under the clusters folder (the same folder as `root` unless the
+    /// cluster lives in the temp folder).
+    pub entry: PathBuf,
     pub port: u16,
     binaries: PgBinaries,
     run_as: Option<(u32, u32)>,
     stopped: bool,
 }
+
+/// Where [`Cluster::start_placed`] puts a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the clusters folder, or in the system temp folder when the server's user cannot
+    /// reach the clusters folder (a checkout in a home directory closed to other users).
+    Preferred,
+    /// Always in the system temp folder (registered in the clusters folder all the same); lets
+    /// tests exercise the fallback on any machine.
+    TempFolder,
+}
+
+/// The file in a registry entry that names a cluster living outside it.
+const LOCATION_FILE: &str = "location";
+/// The file in a registry entry that overrides the owner named by the entry's folder name.
+const OWNER_FILE: &str = "owner.pid";
 
 const SERVER_SETTINGS: &str = "
 # Added by xtask: a throwaway cluster for tests and local runs.
@@ -198,22 +222,29 @@ full_page_writes = off
 ";
 
 impl Cluster {
-    /// Creates and starts a cluster in a new folder under `clusters_dir`.
+    /// Creates and starts a cluster in a new folder under `clusters_dir` (or the temp folder
+    /// when the server's user cannot reach it).
     pub fn start(binaries: &PgBinaries, clusters_dir: &Path) -> Result<Self, BootstrapError> {
+        Self::start_placed(binaries, clusters_dir, Placement::Preferred)
+    }
+
+    /// As [`start`](Self::start), choosing where the cluster lives.
+    pub fn start_placed(
+        binaries: &PgBinaries,
+        clusters_dir: &Path,
+        placement: Placement,
+    ) -> Result<Self, BootstrapError> {
         let run_as = unprivileged_user()?;
-        let root = make_cluster_root(clusters_dir, run_as)?;
+        // Built before anything is created, so a failure below still removes what was made.
         let mut cluster = Cluster {
-            root,
+            root: PathBuf::new(),
+            entry: PathBuf::new(),
             port: 0,
             binaries: binaries.clone(),
             run_as,
             stopped: true,
         };
-        fs::write(
-            cluster.root.join("owner.pid"),
-            std::process::id().to_string(),
-        )
-        .map_err(io("writing owner.pid"))?;
+        (cluster.entry, cluster.root) = make_cluster_root(clusters_dir, run_as, placement)?;
         let data = cluster.data_dir();
         let initdb = |locale: &str| {
             let mut command = Command::new(binaries.tool("initdb"));
@@ -316,6 +347,12 @@ impl Cluster {
         self.root.join("data")
     }
 
+    /// The file that names the process owning this cluster, when it is not the one the entry's
+    /// name says (tests point it at a dead process to stand for a killed run).
+    pub fn owner_file(&self) -> PathBuf {
+        self.entry.join(OWNER_FILE)
+    }
+
     /// Stops the server (fast shutdown: sessions are disconnected) and deletes the folder.
     pub fn stop(mut self) -> Result<(), BootstrapError> {
         self.stop_and_remove()
@@ -326,11 +363,15 @@ impl Cluster {
             self.stopped = true;
             stop_server(&self.binaries, &self.data_dir(), self.run_as)?;
         }
-        if self.root.exists() {
-            fs::remove_dir_all(&self.root).map_err(io(format!(
-                "removing the cluster folder {}",
-                self.root.display()
-            )))?;
+        // The cluster first, its registry entry last: an entry is never gone while its
+        // cluster is still there to be found.
+        for folder in [&self.root, &self.entry] {
+            if !folder.as_os_str().is_empty() && folder.exists() {
+                fs::remove_dir_all(folder).map_err(io(format!(
+                    "removing the cluster folder {}",
+                    folder.display()
+                )))?;
+            }
         }
         Ok(())
     }
@@ -349,8 +390,9 @@ impl Drop for Cluster {
     }
 }
 
-/// Stops and deletes clusters under `clusters_dir` whose owning process is gone (a run that was
-/// killed before it could clean up), so they neither pile up nor keep ports and memory.
+/// Stops and deletes the clusters registered under `clusters_dir` whose owning process is gone
+/// (a run that was killed before it could clean up), wherever they live, so they neither pile
+/// up nor keep ports and memory.
 pub fn reap_stale(clusters_dir: &Path) {
     let Ok(entries) = fs::read_dir(clusters_dir) else {
         return;
@@ -359,21 +401,57 @@ pub fn reap_stale(clusters_dir: &Path) {
         return;
     };
     let run_as = unprivileged_user().ok().flatten();
-    for root in entries.flatten().map(|e| e.path()) {
-        let owner = fs::read_to_string(root.join("owner.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        if owner.is_some_and(process_alive) {
+    for entry in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        if owner_of(&entry).is_some_and(process_alive) {
             continue;
         }
+        let root = fs::read_to_string(entry.join(LOCATION_FILE))
+            .map(|location| PathBuf::from(location.trim_end()))
+            .unwrap_or_else(|_| entry.clone());
         let data = root.join("data");
         if data.join("postmaster.pid").exists() {
             let _ = stop_server(&binaries, &data, run_as);
         }
-        match fs::remove_dir_all(&root) {
-            Ok(()) => eprintln!("removed a stale throwaway cluster: {}", root.display()),
-            Err(e) => eprintln!("could not remove stale cluster {}: {e}", root.display()),
+        for folder in [&root, &entry] {
+            match fs::remove_dir_all(folder) {
+                Ok(()) => eprintln!("removed a stale throwaway cluster: {}", folder.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("could not remove stale cluster {}: {e}", folder.display()),
+            }
         }
+    }
+}
+
+/// The process that owns a registry entry: the one its `owner.pid` names, else the one in its
+/// folder name (`cluster-<pid>-<n>`, written at creation, so no reaper sees an entry
+/// without an owner).
+fn owner_of(entry: &Path) -> Option<u32> {
+    if let Ok(text) = fs::read_to_string(entry.join(OWNER_FILE)) {
+        return text.trim().parse().ok();
+    }
+    let name = entry.file_name()?.to_str()?;
+    name.strip_prefix("cluster-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Stops whatever server runs on `data` at once (an immediate shutdown), ignoring errors: the
+/// last resort of a test guard, so a failing test leaves no server behind.
+pub fn kill_server(data: &Path) {
+    if let Ok(binaries) = PgBinaries::find() {
+        let user = unprivileged_user().ok().flatten();
+        let mut command = Command::new(binaries.tool("pg_ctl"));
+        command.arg("--pgdata").arg(data).args([
+            "--wait",
+            "--timeout=30",
+            "--mode",
+            "immediate",
+            "stop",
+        ]);
+        run_as(&mut command, user, Path::new("/"));
+        let _ = command.output();
     }
 }
 
@@ -415,44 +493,58 @@ fn id(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// A new, empty folder for one cluster that the server's user can write. Prefers the build
-/// folder; falls back to the system temp folder when the server's user cannot reach it (e.g. a
-/// checkout under a home directory that is closed to other users).
+/// A new registry entry under `clusters_dir` and the new, empty folder for one cluster that the
+/// server's user can write: the entry itself when that user can reach it, else a folder in the
+/// system temp folder that the entry names.
 fn make_cluster_root(
     clusters_dir: &Path,
     user: Option<(u32, u32)>,
-) -> Result<PathBuf, BootstrapError> {
+    placement: Placement,
+) -> Result<(PathBuf, PathBuf), BootstrapError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!(
         "cluster-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let preferred = clusters_dir.join(&name);
-    fs::create_dir_all(&preferred).map_err(io(format!("creating {}", preferred.display())))?;
-    let Some((uid, gid)) = user else {
-        return Ok(preferred);
+    let entry = clusters_dir.join(&name);
+    fs::create_dir_all(&entry).map_err(io(format!("creating {}", entry.display())))?;
+    let hand_over = |dir: &Path| match user {
+        Some((uid, gid)) => std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io(
+            format!("handing {} to the postgres user", dir.display()),
+        )),
+        None => Ok(()),
     };
-    std::os::unix::fs::chown(&preferred, Some(uid), Some(gid)).map_err(io(format!(
-        "handing {} to the postgres user",
-        preferred.display()
-    )))?;
-    if writable_by(&preferred, user) {
-        return Ok(preferred);
+    if placement == Placement::Preferred {
+        hand_over(&entry)?;
+        if writable_by(&entry, user) {
+            return Ok((entry.clone(), entry));
+        }
     }
-    let _ = fs::remove_dir_all(&preferred);
-    let fallback = std::env::temp_dir().join(format!("etl-pg-{name}"));
-    eprintln!(
-        "the postgres user cannot reach {}; using {} for the throwaway cluster",
-        preferred.display(),
-        fallback.display()
-    );
+    // Named after this checkout too, so two checkouts never share one.
+    let checkout = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        clusters_dir.hash(&mut hasher);
+        hasher.finish() as u32
+    };
+    let fallback = std::env::temp_dir().join(format!("etl-pg-{checkout:08x}-{name}"));
+    if placement == Placement::Preferred {
+        eprintln!(
+            "the postgres user cannot reach {}; using {} for the throwaway cluster",
+            entry.display(),
+            fallback.display()
+        );
+    }
+    // Registered before it exists: a run killed from here on still leaves it findable.
+    fs::write(
+        entry.join(LOCATION_FILE),
+        fallback.as_os_str().as_encoded_bytes(),
+    )
+    .map_err(io("registering the cluster's location"))?;
     fs::create_dir_all(&fallback).map_err(io(format!("creating {}", fallback.display())))?;
-    std::os::unix::fs::chown(&fallback, Some(uid), Some(gid)).map_err(io(format!(
-        "handing {} to the postgres user",
-        fallback.display()
-    )))?;
-    Ok(fallback)
+    hand_over(&fallback)?;
+    Ok((entry, fallback))
 }
 
 fn writable_by(dir: &Path, user: Option<(u32, u32)>) -> bool {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use xtask::pg::{self, answers, BootstrapError, Database, PgBinaries};
+use xtask::pg::{self, answers, BootstrapError, Cluster, Database, PgBinaries, Placement};
 
 /// A folder under the build directory (`target/tmp`) that only this test uses.
 fn clusters_dir(test: &str) -> PathBuf {
@@ -44,7 +44,7 @@ async fn without_database_url_a_throwaway_cluster_is_started_and_removed() {
     let url = database.url();
     assert!(url.starts_with("postgres://postgres@127.0.0.1:"), "{url}");
     assert!(!server_version(&url).await.is_empty());
-    let root = cluster.root.clone();
+    let (root, entry) = (cluster.root.clone(), cluster.entry.clone());
 
     database.shutdown().expect("stop the cluster");
 
@@ -57,6 +57,7 @@ async fn without_database_url_a_throwaway_cluster_is_started_and_removed() {
         "cluster folder left behind: {}",
         root.display()
     );
+    assert!(!entry.exists(), "registry entry left behind");
 }
 
 #[tokio::test]
@@ -94,25 +95,102 @@ async fn with_database_url_that_does_not_answer_a_throwaway_cluster_is_used() {
     database.shutdown().unwrap();
 }
 
-#[tokio::test]
-async fn a_cluster_whose_owner_died_is_stopped_and_removed_by_the_next_run() {
-    let dir = clusters_dir("stale");
-    let database = pg::provision(None, &dir).await.unwrap();
-    let Database::Throwaway(cluster) = database else {
-        panic!("expected a throwaway cluster");
-    };
-    let (root, url) = (cluster.root.clone(), cluster.url());
-    // Pretend the owning process was killed: point owner.pid at a process that has exited, and
-    // skip the cluster's own clean-up.
+/// Stops a server left by a failed test, so a failing run leaks nothing either.
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0.join("postmaster.pid").exists() {
+            pg::kill_server(&self.0);
+        }
+    }
+}
+
+/// Starts a cluster with `placement`, pretends its owner was killed (its owner file names a
+/// process that has exited and its own clean-up never runs), and has the next run reap it.
+async fn reap_a_cluster_whose_owner_died(test: &str, placement: Placement) {
+    let dir = clusters_dir(test);
+    let cluster = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || Cluster::start_placed(&PgBinaries::find()?, &dir, placement)
+    })
+    .await
+    .unwrap()
+    .expect("a cluster starts");
+    let (root, entry, url) = (cluster.root.clone(), cluster.entry.clone(), cluster.url());
+    let _guard = StopOnDrop(cluster.data_dir());
+    assert!(
+        entry.starts_with(&dir),
+        "registered under {}",
+        dir.display()
+    );
+    match placement {
+        Placement::TempFolder => assert!(
+            !root.starts_with(&dir) && root.starts_with(std::env::temp_dir()),
+            "{} is in the temp folder",
+            root.display()
+        ),
+        // In a checkout the server's user cannot enter, the preferred place is the temp folder.
+        Placement::Preferred => {}
+    }
     let mut exited = std::process::Command::new("true").spawn().unwrap();
     exited.wait().unwrap();
-    std::fs::write(root.join("owner.pid"), exited.id().to_string()).unwrap();
+    std::fs::write(cluster.owner_file(), exited.id().to_string()).unwrap();
     std::mem::forget(cluster);
+    answers(&url)
+        .await
+        .expect("the abandoned server still runs");
+
+    tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || pg::reap_stale(&dir)
+    })
+    .await
+    .unwrap();
+
+    assert!(answers(&url).await.is_err(), "stale server still running");
+    assert!(
+        !root.exists(),
+        "stale cluster folder left behind: {}",
+        root.display()
+    );
+    assert!(
+        !entry.exists(),
+        "stale registry entry left behind: {}",
+        entry.display()
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_whose_owner_died_is_stopped_and_removed_by_the_next_run() {
+    reap_a_cluster_whose_owner_died("stale", Placement::Preferred).await;
+}
+
+#[tokio::test]
+async fn a_cluster_in_the_temp_folder_whose_owner_died_is_found_and_removed_by_the_next_run() {
+    reap_a_cluster_whose_owner_died("stale_in_temp", Placement::TempFolder).await;
+}
+
+#[tokio::test]
+async fn a_cluster_whose_owner_lives_is_left_alone_by_the_reaper() {
+    let dir = clusters_dir("live_owner");
+    let cluster = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || Cluster::start_placed(&PgBinaries::find()?, &dir, Placement::TempFolder)
+    })
+    .await
+    .unwrap()
+    .expect("a cluster starts");
 
     pg::reap_stale(&dir);
 
-    assert!(answers(&url).await.is_err(), "stale server still running");
-    assert!(!root.exists(), "stale cluster folder left behind");
+    answers(&cluster.url())
+        .await
+        .expect("a cluster whose owner runs is kept");
+    assert!(cluster.root.exists() && cluster.entry.exists());
+    let (root, entry) = (cluster.root.clone(), cluster.entry.clone());
+    cluster.stop().unwrap();
+    assert!(!root.exists() && !entry.exists(), "stop removes both");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etl_shared::runs::{reap_interrupted, Service};
+use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
 use tokio::sync::Notify;
@@ -15,8 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Triggers};
 use crate::{IngestError, Ingester, Settings};
 
-/// How often runs left `running` by a dead replica are looked for.
-const REAP_INTERVAL: Duration = Duration::from_secs(60);
 /// First wait before retrying a failed run; doubles per consecutive failure, up to the schedule.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
@@ -71,7 +69,11 @@ impl Application {
                 trigger,
             ));
         }
-        tasks.spawn(reap_periodically(self.ingester.clone()));
+        tasks.spawn(reap_periodically(
+            self.ingester.pool().clone(),
+            Service::Ingester,
+            shutdown.clone(),
+        ));
         tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
 
         let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(
@@ -120,19 +122,6 @@ async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Ar
         }
         if shutdown.is_cancelled() {
             return;
-        }
-    }
-}
-
-async fn reap_periodically(ingester: Ingester) {
-    let shutdown = ingester.shutdown_token().clone();
-    loop {
-        if let Err(e) = reap_interrupted(ingester.pool(), Service::Ingester).await {
-            tracing::warn!(error = %e, "could not look for interrupted runs");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REAP_INTERVAL) => {}
         }
     }
 }

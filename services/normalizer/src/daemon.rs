@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etl_shared::config::DatabaseSettings;
-use etl_shared::runs::{reap_interrupted, Service};
+use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
 use tokio::sync::{mpsc, Notify};
@@ -49,9 +49,6 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let normalizer = self.normalizer;
         let shutdown = normalizer.shutdown_token().clone();
-        if let Err(e) = reap_interrupted(normalizer.pool(), Service::Normalizer).await {
-            tracing::warn!(error = %e, "could not look for interrupted runs");
-        }
         let workers: HashMap<String, Arc<Notify>> = normalizer
             .sources()
             .sources
@@ -59,6 +56,11 @@ impl Application {
             .map(|s| (s.name.clone(), Arc::new(Notify::new())))
             .collect();
         let mut tasks = JoinSet::new();
+        tasks.spawn(reap_periodically(
+            normalizer.pool().clone(),
+            Service::Normalizer,
+            shutdown.clone(),
+        ));
         for (name, notify) in &workers {
             tasks.spawn(work(normalizer.clone(), name.clone(), notify.clone()));
         }
