@@ -4,12 +4,15 @@
 //! id) is rejected with its line number and the rest of the file goes on.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_compression::tokio::bufread::GzipDecoder;
-use csv_async::{AsyncReaderBuilder, ByteRecord};
+use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
 use etl_shared::sources::Source;
 use futures_util::TryStreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
 use tokio_util::io::StreamReader;
 use url::Url;
 
@@ -20,16 +23,54 @@ use crate::IngestError;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// A decompressed, size- and time-capped body whose quoting is followed, parsed as CSV.
+type CsvReader = AsyncReader<QuoteFollower<Capped<Box<dyn AsyncRead + Unpin + Send>>>>;
+
+/// The source's CSV dialect, as bytes.
+#[derive(Clone, Copy)]
+struct Dialect {
+    delimiter: u8,
+    quote: u8,
+}
+
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
     lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let options = source.csv_options();
+    let dialect = Dialect {
+        delimiter: options.delimiter as u8,
+        quote: options.quote as u8,
+    };
     let url = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;
+    let body = open(fetcher, &url, options.gzip).await?;
+    // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
+    let body = QuoteFollower::new(Capped::new(body, fetcher), dialect);
+    let mut csv = AsyncReaderBuilder::new()
+        .delimiter(dialect.delimiter)
+        .quote(dialect.quote)
+        .has_headers(false)
+        .flexible(true)
+        .create_reader(body);
+
+    let mut record = ByteRecord::new();
+    if !next_record(&mut csv, &mut record, &url).await? {
+        return Ok(()); // an empty file: nothing to land
+    }
+    let header = Header::parse(&record, source)?;
+    land_rows(&mut csv, &header, dialect, &url, fetcher, lander).await
+}
+
+/// The response body, gunzipped when it is gzip (by its magic bytes, or as configured).
+async fn open(
+    fetcher: &Fetcher,
+    url: &Url,
+    gzip: Option<bool>,
+) -> Result<Box<dyn AsyncRead + Unpin + Send>, IngestError> {
     // Retries cover getting a successful response; once rows are streaming, a broken
     // connection fails the run (what was landed stays landed, and the next run re-reads it).
-    let response = fetcher.get(&url, |r| async { Ok(r) }).await?;
+    let response = fetcher.get(url, |r| async { Ok(r) }).await?;
     let body = StreamReader::new(
         response
             .bytes_stream()
@@ -39,52 +80,40 @@ pub async fn ingest(
     let starts_gzipped = body
         .fill_buf()
         .await
-        .map_err(|e| read_error(&url, e))?
+        .map_err(|e| read_error(url, e))?
         .starts_with(&GZIP_MAGIC);
-    let reader: Box<dyn AsyncRead + Unpin + Send> = if options.gzip.unwrap_or(starts_gzipped) {
+    Ok(if gzip.unwrap_or(starts_gzipped) {
         let mut decoder = GzipDecoder::new(body);
         decoder.multiple_members(true);
         Box::new(decoder)
     } else {
         Box::new(body)
-    };
-    // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
-    let quoting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = Limited {
-        inner: reader,
-        quotes: QuoteTracker::new(options.delimiter as u8, options.quote as u8),
-        ends_in_quotes: quoting.clone(),
-        left: fetcher.max_file_bytes(),
-        limit: fetcher.max_file_bytes(),
-        deadline: tokio::time::Instant::now() + fetcher.max_response_time(),
-        max_time: fetcher.max_response_time(),
-    };
+    })
+}
 
-    let mut csv = AsyncReaderBuilder::new()
-        .delimiter(options.delimiter as u8)
-        .quote(options.quote as u8)
-        .has_headers(false)
-        .flexible(true)
-        .create_reader(reader);
-
-    let mut record = ByteRecord::new();
-    if !csv
-        .read_byte_record(&mut record)
+async fn next_record(
+    csv: &mut CsvReader,
+    record: &mut ByteRecord,
+    url: &Url,
+) -> Result<bool, IngestError> {
+    csv.read_byte_record(record)
         .await
-        .map_err(|e| csv_error(&url, e))?
-    {
-        return Ok(()); // an empty file: nothing to land
-    }
-    let header = Header::parse(&record, source)?;
+        .map_err(|e| csv_error(url, e))
+}
 
-    let delimiter = options.delimiter as u8;
+/// Lands every row after the header: each as a record or, when it does not fit, a reject.
+async fn land_rows(
+    csv: &mut CsvReader,
+    header: &Header,
+    dialect: Dialect,
+    url: &Url,
+    fetcher: &Fetcher,
+    lander: &mut Lander,
+) -> Result<(), IngestError> {
     // One record of lookahead: only once the next one (or the end) is read do we know whether
     // this one is the last, and the last is cut short if the file ends inside quotes.
-    let mut next = ByteRecord::new();
-    let mut more = csv
-        .read_byte_record(&mut record)
-        .await
-        .map_err(|e| csv_error(&url, e))?;
+    let (mut record, mut next) = (ByteRecord::new(), ByteRecord::new());
+    let mut more = next_record(csv, &mut record, url).await?;
     while more {
         if fetcher.stopping() {
             // The rows queued since the last batch are dropped, not half-written; the next
@@ -94,16 +123,12 @@ pub async fn ingest(
                 line_suffix(&record)
             )));
         }
-        more = csv
-            .read_byte_record(&mut next)
-            .await
-            .map_err(|e| csv_error(&url, e))?;
-        let line = record.position().map(|p| p.line() as i64);
+        more = next_record(csv, &mut next, url).await?;
         let position = Position {
-            line,
+            line: record.position().map(|p| p.line() as i64),
             ..Position::default()
         };
-        let parsed = if !more && quoting.load(std::sync::atomic::Ordering::Relaxed) {
+        let parsed = if !more && csv.get_ref().ends_inside_quotes() {
             Err(
                 "the file ends inside a quoted field, so this last record is cut short \
                  (a truncated file?)"
@@ -113,7 +138,7 @@ pub async fn ingest(
             header.to_json(&record)
         };
         lander
-            .land(position, parsed, || reassemble(&record, delimiter))
+            .land(position, parsed, || reassemble(&record, dialect))
             .await?;
         std::mem::swap(&mut record, &mut next);
     }
@@ -209,8 +234,10 @@ fn push_json_string(out: &mut String, value: &str) {
     out.push_str(&serde_json::to_string(value).expect("a str always serializes"));
 }
 
-/// The row's fields joined back into CSV (quoted where needed) for the reject record.
-fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
+/// The row's fields joined back into CSV in the source's own dialect (quoted where needed, with
+/// the source's quote character) for the reject record.
+fn reassemble(record: &ByteRecord, dialect: Dialect) -> Vec<u8> {
+    let Dialect { delimiter, quote } = dialect;
     let mut out = Vec::with_capacity(record.as_slice().len() + record.len());
     for (i, field) in record.iter().enumerate() {
         if i > 0 {
@@ -218,16 +245,16 @@ fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
         }
         let needs_quotes = field
             .iter()
-            .any(|&b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r');
+            .any(|&b| b == delimiter || b == quote || b == b'\n' || b == b'\r');
         if needs_quotes {
-            out.push(b'"');
+            out.push(quote);
             for &b in field {
-                if b == b'"' {
-                    out.push(b'"');
+                if b == quote {
+                    out.push(quote);
                 }
                 out.push(b);
             }
-            out.push(b'"');
+            out.push(quote);
         } else {
             out.extend_from_slice(field);
         }
@@ -235,7 +262,6 @@ fn reassemble(record: &ByteRecord, delimiter: u8) -> Vec<u8> {
     out
 }
 
-/// A reader that fails once more than `limit` bytes have come through.
 /// Where the CSV parser is with respect to quotes, followed byte by byte the way csv-core
 /// does, so the end of the file can tell whether it cut a quoted field short.
 #[derive(Clone, Copy, PartialEq)]
@@ -254,11 +280,11 @@ struct QuoteTracker {
 }
 
 impl QuoteTracker {
-    fn new(delimiter: u8, quote: u8) -> Self {
+    fn new(dialect: Dialect) -> Self {
         Self {
             state: Quoting::FieldStart,
-            delimiter,
-            quote,
+            delimiter: dialect.delimiter,
+            quote: dialect.quote,
         }
     }
 
@@ -282,48 +308,83 @@ impl QuoteTracker {
     }
 }
 
-/// The body, cut off past `http.max_file_bytes` or `http.max_response_time`, with its quoting
-/// followed (`ends_in_quotes` says whether the bytes so far end inside a quoted field).
-struct Limited<R> {
+/// A reader that follows the quoting of every byte it passes on, so the CSV reader's owner can
+/// ask (through `get_ref`) whether the bytes so far end inside a quoted field.
+struct QuoteFollower<R> {
     inner: R,
     quotes: QuoteTracker,
-    ends_in_quotes: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R> QuoteFollower<R> {
+    fn new(inner: R, dialect: Dialect) -> Self {
+        Self {
+            inner,
+            quotes: QuoteTracker::new(dialect),
+        }
+    }
+
+    fn ends_inside_quotes(&self) -> bool {
+        self.quotes.inside_quotes()
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for QuoteFollower<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.quotes.feed(&buf.filled()[before..]);
+        polled
+    }
+}
+
+/// The body, cut off past `http.max_file_bytes` or `http.max_response_time`.
+struct Capped<R> {
+    inner: R,
     left: u64,
     limit: u64,
     deadline: tokio::time::Instant,
-    max_time: std::time::Duration,
+    max_time: Duration,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
+impl<R> Capped<R> {
+    fn new(inner: R, fetcher: &Fetcher) -> Self {
+        Self {
+            inner,
+            left: fetcher.max_file_bytes(),
+            limit: fetcher.max_file_bytes(),
+            deadline: tokio::time::Instant::now() + fetcher.max_response_time(),
+            max_time: fetcher.max_response_time(),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Capped<R> {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if tokio::time::Instant::now() > self.deadline {
             let limit = self.max_time;
-            return std::task::Poll::Ready(Err(io::Error::other(format!(
+            return Poll::Ready(Err(io::Error::other(format!(
                 "the file took longer than {limit:?} to arrive (http.max_response_time)"
             ))));
         }
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = (buf.filled().len() - before) as u64;
         if read > self.left {
             let limit = self.limit;
-            return std::task::Poll::Ready(Err(io::Error::other(format!(
+            return Poll::Ready(Err(io::Error::other(format!(
                 "the file is larger than the limit of {limit} bytes (http.max_file_bytes)"
             ))));
         }
         self.left -= read;
-        if read > 0 {
-            let this = &mut *self;
-            this.quotes.feed(&buf.filled()[before..]);
-            this.ends_in_quotes.store(
-                this.quotes.inside_quotes(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
         polled
     }
 }
@@ -349,10 +410,15 @@ fn csv_error(url: &Url, e: csv_async::Error) -> IngestError {
 
 #[cfg(test)]
 mod tests {
-    use super::QuoteTracker;
+    use super::{reassemble, Dialect, QuoteTracker};
+
+    const STANDARD: Dialect = Dialect {
+        delimiter: b',',
+        quote: b'"',
+    };
 
     fn ends_inside_quotes(text: &str) -> bool {
-        let mut tracker = QuoteTracker::new(b',', b'"');
+        let mut tracker = QuoteTracker::new(STANDARD);
         for chunk in text.as_bytes().chunks(3) {
             tracker.feed(chunk);
         }
@@ -367,5 +433,20 @@ mod tests {
         assert!(!ends_inside_quotes("a\n\"closed\""));
         // A quote inside an unquoted field is literal, as csv-core reads it.
         assert!(!ends_inside_quotes("a,b\n1,5\" screen\n2,\"\"\n"));
+    }
+
+    #[test]
+    fn a_rejected_row_is_reassembled_in_the_sources_own_dialect() {
+        let record = csv_async::ByteRecord::from(vec!["3", "a;b", "it's", "plain"]);
+        let semicolon_single_quote = Dialect {
+            delimiter: b';',
+            quote: b'\'',
+        };
+
+        assert_eq!(
+            reassemble(&record, semicolon_single_quote),
+            b"3;'a;b';'it''s';plain"
+        );
+        assert_eq!(reassemble(&record, STANDARD), b"3,a;b,it's,plain");
     }
 }

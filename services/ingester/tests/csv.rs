@@ -130,6 +130,32 @@ async fn a_custom_delimiter_and_quote_are_honoured() {
 }
 
 #[tokio::test]
+async fn a_rejected_row_of_a_custom_dialect_keeps_the_bytes_the_source_sent() {
+    let db = TestDb::new().await;
+    // Row 2 has a field too many; its quoted fields use the source's own quote character.
+    let bad = "2;'c;d';2;'it''s';extra";
+    let body = format!("id;name;value;note\n1;'a;b';1;x\n{bad}\n3;e;3;y\n");
+    let server = serve_csv(body.into_bytes(), None).await;
+    let toml = csv_source(
+        "dialect",
+        &server.url("/data.csv"),
+        r#"csv = { delimiter = ";", quote = "'" }"#,
+    );
+
+    let summary = ingester(&db, &toml).run_source("dialect").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(raw_ids(&db, "raw_csv_data", "dialect").await, ["1", "3"]);
+    let rejects = rejects(&db, "dialect").await;
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&rejects[0].4),
+        bad,
+        "the reject's raw bytes are the line as received"
+    );
+}
+
+#[tokio::test]
 async fn gzip_is_decoded_from_content_encoding_and_from_a_gz_file() {
     let db = TestDb::new().await;
     let body = b"id,name,value,note\n1,a,1,x\n2,b,2,y\n".to_vec();
