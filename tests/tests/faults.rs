@@ -172,20 +172,36 @@ async fn scenario(fault: Fault, during: During) {
             cluster.halt(*mode).expect("the server stops");
         }
         Fault::Terminate => {
-            let killed: Vec<String> = etl_tests::connect(&url)
-                .await
-                .query(
-                    "SELECT DISTINCT application_name FROM pg_stat_activity
-                     WHERE datname = current_database() AND application_name LIKE 'etl-%'
-                       AND pg_terminate_backend(pid)
-                     ORDER BY 1",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            // Only when every service holds a connection (a pool may be between connections
+            // for a moment), checked and killed in one statement.
+            let admin = etl_tests::connect(&url).await;
+            let killed: Vec<String> = wait_for(
+                "a connection of every service to kill",
+                DEADLINE,
+                || async {
+                    // A request makes sure the query service's pool holds a connection.
+                    http_status(&health).await;
+                    let killed: Vec<String> = admin
+                        .query(
+                            "WITH targets AS (
+                                 SELECT pid, application_name FROM pg_stat_activity
+                                 WHERE datname = current_database() AND application_name LIKE 'etl-%'),
+                             every AS (
+                                 SELECT count(DISTINCT application_name) = 4 AS ready FROM targets)
+                             SELECT DISTINCT application_name FROM targets, every
+                             WHERE every.ready AND pg_terminate_backend(pid)
+                             ORDER BY 1",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    (!killed.is_empty()).then_some(killed)
+                },
+            )
+            .await;
             assert_eq!(
                 killed,
                 [
