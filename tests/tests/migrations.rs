@@ -251,6 +251,41 @@ async fn raw_changes_get_increasing_change_ids() {
 }
 
 #[tokio::test]
+async fn etl_pending_counts_raw_rows_and_the_changes_after_each_checkpoint() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO raw_api_data (source, source_id, data)
+                 SELECT 'api', g::text, '{}' FROM generate_series(1, 5) g;
+             INSERT INTO raw_csv_data (source, source_id, data)
+                 SELECT 'csv', g::text, '{}' FROM generate_series(1, 3) g;
+             INSERT INTO etl_checkpoint (source, last_processed_id)
+                 SELECT 'api', change_id FROM raw_api_data WHERE source_id = '2';
+             INSERT INTO etl_checkpoint (source) VALUES ('gone');",
+        )
+        .await
+        .unwrap();
+
+    let pending: Vec<(String, i64, i64)> = client
+        .query(
+            "SELECT source, raw_rows, pending_changes FROM etl_pending ORDER BY source",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+
+    assert_eq!(
+        pending,
+        [("api".into(), 5, 3), ("csv".into(), 3, 3)],
+        "after the checkpoint, or everything before the first batch; no row for a source without raw rows"
+    );
+}
+
+#[tokio::test]
 async fn runs_and_rejects_refuse_inconsistent_rows() {
     let db = TestDb::new().await;
     let client = db.client().await;

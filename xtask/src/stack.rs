@@ -136,10 +136,8 @@ impl Stack {
                          SELECT source FROM etl_runs
                          WHERE service = 'ingester' AND status = 'success' AND source IN ('products', 'sensors')
                          GROUP BY source) ingested
-                     WHERE NOT EXISTS (SELECT 1 FROM raw_api_data r WHERE r.source = ingested.source
-                         AND r.change_id > coalesce((SELECT last_processed_id FROM etl_checkpoint c WHERE c.source = r.source), 0))
-                       AND NOT EXISTS (SELECT 1 FROM raw_csv_data r WHERE r.source = ingested.source
-                         AND r.change_id > coalesce((SELECT last_processed_id FROM etl_checkpoint c WHERE c.source = r.source), 0))",
+                     WHERE NOT EXISTS (SELECT 1 FROM etl_pending p
+                                       WHERE p.source = ingested.source AND p.pending_changes > 0)",
                     &[],
                 )
                 .await?

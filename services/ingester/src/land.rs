@@ -8,16 +8,14 @@
 
 use std::collections::HashSet;
 
-use bytes::{BufMut, BytesMut};
 use etl_shared::metrics::PipelineMetrics;
+use etl_shared::raw::{self, RawTable, Written, RAW_READY_CHANNEL};
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
-use etl_shared::{RAW_READY_CHANNEL, RAW_WRITE_LOCK_CLASS};
-use futures_util::pin_mut;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use tracing::Instrument;
+
+pub use etl_shared::raw::RawJson;
 
 /// Rows per batch: large enough to amortize the round trips, small enough to bound memory and
 /// lock time.
@@ -25,34 +23,22 @@ pub const BATCH_ROWS: usize = 5_000;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
-/// A JSON document that is already serialized; sent as `jsonb` without being parsed again.
-#[derive(Debug, Clone)]
-pub struct RawJson(pub String);
-
-impl ToSql for RawJson {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.put_u8(1); // jsonb binary format version
-        out.put_slice(self.0.as_bytes());
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
-    }
-
-    to_sql_checked!();
-}
-
 /// One record ready to land.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
     pub source_id: String,
     pub data: RawJson,
     pub position: Position,
+}
+
+impl raw::RawRow for RawRecord {
+    fn source_id(&self) -> &str {
+        &self.source_id
+    }
+
+    fn data(&self) -> &RawJson {
+        &self.data
+    }
 }
 
 /// Where a record was in its source, for rejects.
@@ -105,8 +91,7 @@ pub struct Lander {
 pub struct BatchWriter<'a> {
     client: &'a mut Client,
     source: &'a str,
-    table: &'static str,
-    upsert_sql: &'static str,
+    table: RawTable,
     run_id: i64,
     batches: tokio::sync::mpsc::Receiver<Batch>,
     counts: RunCounts,
@@ -123,10 +108,7 @@ pub fn pipeline<'a>(
     run_id: i64,
     metrics: &'a PipelineMetrics,
 ) -> (Lander, BatchWriter<'a>) {
-    let (table, upsert_sql) = match kind {
-        SourceKind::Rest => ("raw_api_data", UPSERT_API),
-        SourceKind::Csv => ("raw_csv_data", UPSERT_CSV),
-    };
+    let table = RawTable::of(kind);
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     let lander = Lander {
         batches: sender,
@@ -139,7 +121,6 @@ pub fn pipeline<'a>(
         client,
         source,
         table,
-        upsert_sql,
         run_id,
         batches: receiver,
         counts: RunCounts::default(),
@@ -264,7 +245,7 @@ impl BatchWriter<'_> {
             records,
             mut rejects,
         } = batch;
-        let table = self.table;
+        let table = self.table.name();
         let db = |source| LandError::Db { table, source };
         match self.write(&records, &rejects).await {
             Ok((inserted, updated)) => {
@@ -293,41 +274,36 @@ impl BatchWriter<'_> {
         }
     }
 
-    /// One transaction: the records (staged, then upserted under the source's lock), the
-    /// rejects, and a NOTIFY if anything changed. Returns (inserted, updated).
+    /// One transaction: the records (written by the raw-write protocol), the rejects, and a
+    /// NOTIFY if anything changed. Returns (inserted, updated).
     async fn write(
         &mut self,
         records: &[RawRecord],
         rejects: &[Reject],
     ) -> Result<(i64, i64), tokio_postgres::Error> {
         let tx = self.client.transaction().await?;
-        let (inserted, updated) = if records.is_empty() {
-            (0, 0)
+        let written = if records.is_empty() {
+            Written::default()
         } else {
-            copy_into_staging(&tx, records).await?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&RAW_WRITE_LOCK_CLASS, &self.source],
-            )
-            .await?;
             // Stored with the rows, so the normalizer batch that reads them links to this one.
             let trace_context = etl_shared::telemetry::current_traceparent();
-            let row = tx
-                .query_one(self.upsert_sql, &[&self.source, &trace_context])
-                .await?;
-            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+            raw::write(
+                &tx,
+                self.table,
+                self.source,
+                records,
+                trace_context.as_deref(),
+            )
+            .await?
         };
         insert_rejects(&tx, self.run_id, self.source, rejects).await?;
-        if inserted + updated > 0 {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&RAW_READY_CHANNEL, &self.source],
-            )
-            .instrument(tracing::info_span!("notify", channel = RAW_READY_CHANNEL))
-            .await?;
+        if written.changed() {
+            raw::notify(&tx, self.source)
+                .instrument(tracing::info_span!("notify", channel = RAW_READY_CHANNEL))
+                .await?;
         }
         tx.commit().await?;
-        Ok((inserted, updated))
+        Ok((written.inserted, written.updated))
     }
 
     fn account(
@@ -361,32 +337,6 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_owned())
         .unwrap_or_else(|| e.to_string())
-}
-
-async fn copy_into_staging(
-    tx: &Transaction<'_>,
-    batch: &[RawRecord],
-) -> Result<(), tokio_postgres::Error> {
-    // Per session, emptied at every commit: no catalog churn per batch.
-    tx.batch_execute(
-        "SET LOCAL client_min_messages = warning;
-         CREATE TEMP TABLE IF NOT EXISTS ingest_staging (source_id text NOT NULL, data jsonb NOT NULL)
-             ON COMMIT DELETE ROWS",
-    )
-    .await?;
-    let sink = tx
-        .copy_in("COPY ingest_staging (source_id, data) FROM STDIN BINARY")
-        .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]);
-    pin_mut!(writer);
-    for record in batch {
-        writer
-            .as_mut()
-            .write(&[&record.source_id, &record.data])
-            .await?;
-    }
-    writer.finish().await?;
-    Ok(())
 }
 
 async fn insert_rejects(
@@ -448,28 +398,6 @@ fn has_nul_escape(json: &str) -> bool {
     }
     false
 }
-
-/// Upserts the staged batch into one raw table; returns (inserted, updated). `xmax = 0` marks
-/// a fresh insert. Rows whose data did not change are not touched at all: no new tuple, no new
-/// change id, nothing for the normalizer.
-macro_rules! upsert_into {
-    ($table:literal) => {
-        concat!(
-            "WITH upserted AS (
-                INSERT INTO ", $table, " AS r (source, source_id, data, trace_context)
-                SELECT $1, source_id, data, $2 FROM ingest_staging
-                ON CONFLICT (source, source_id) DO UPDATE
-                    SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now(),
-                        trace_context = EXCLUDED.trace_context
-                    WHERE r.data IS DISTINCT FROM EXCLUDED.data
-                RETURNING (r.xmax = 0) AS inserted
-            )
-            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted"
-        )
-    };
-}
-const UPSERT_API: &str = upsert_into!("raw_api_data");
-const UPSERT_CSV: &str = upsert_into!("raw_csv_data");
 
 #[cfg(test)]
 mod tests {

@@ -7,75 +7,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use etl_shared::raw::RawTable;
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::{Source, SourceKind};
 use tokio_postgres::Client;
 
 use crate::mapping::{normalize, Field, FieldPaths};
 
-/// The statements that name a raw table (which table is decided by the source's kind, never by
-/// input).
-struct RawSql {
-    read: &'static str,
-    reject: &'static str,
-}
-
-macro_rules! raw_sql {
-    ($table:literal) => {
-        RawSql {
-            // $4..$6 are the mapped fields' paths; a NULL path reads as missing.
-            read: concat!(
-                "SELECT id, source_id, change_id,
-                        jsonb_typeof(data #> $4), data #>> $4,
-                        jsonb_typeof(data #> $5), data #>> $5,
-                        jsonb_typeof(data #> $6), data #>> $6,
-                        trace_context
-                 FROM ", $table, "
-                 WHERE source = $1 AND change_id > $2
-                 ORDER BY change_id
-                 LIMIT $3"
-            ),
-            reject: concat!(
-                "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
-                 SELECT $1, 'normalize', $2, t.source_id, t.raw_id, t.reason, convert_to(r.data::text, 'UTF8')
-                 FROM unnest($3::text[], $4::bigint[], $5::text[]) AS t(source_id, raw_id, reason)
-                 JOIN ", $table, " r ON r.id = t.raw_id
-                 ON CONFLICT (source, source_id) WHERE stage = 'normalize' DO UPDATE
-                 SET run_id = EXCLUDED.run_id, raw_id = EXCLUDED.raw_id, reason = EXCLUDED.reason,
-                     raw = EXCLUDED.raw, created_at = now()"
-            ),
-        }
-    };
-}
-
-macro_rules! has_work_sql {
-    ($table:literal) => {
-        concat!(
-            "SELECT EXISTS (SELECT 1 FROM ", $table, " r
-             WHERE r.source = $1 AND r.change_id >
-                 coalesce((SELECT last_processed_id FROM etl_checkpoint WHERE source = $1), 0))"
-        )
-    };
-}
-
-macro_rules! lag_sql {
-    ($table:literal) => {
-        concat!(
-            "SELECT count(*) FROM ",
-            $table,
-            " r
-             WHERE r.source = $1 AND r.change_id >
-                 coalesce((SELECT last_processed_id FROM etl_checkpoint WHERE source = $1), 0)"
-        )
-    };
-}
-
 /// Links per batch span: enough for every ingest batch a normalizer batch spans in practice
 /// (a batch of 1,000 rows reads from one or two 5,000-row ingest batches).
 const MAX_LINKS: usize = 32;
-
-static RAW_API: RawSql = raw_sql!("raw_api_data");
-static RAW_CSV: RawSql = raw_sql!("raw_csv_data");
 
 /// Points inside a batch where a test can pause or crash the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,19 +52,13 @@ pub enum PassError {
 
 /// Whether anything is waiting after the checkpoint (cheap: one index probe).
 pub async fn has_work(client: &Client, source: &Source) -> Result<bool, tokio_postgres::Error> {
-    let sql = match source.kind {
-        SourceKind::Rest => has_work_sql!("raw_api_data"),
-        SourceKind::Csv => has_work_sql!("raw_csv_data"),
-    };
+    let sql = RawTable::of(source.kind).sql().has_pending;
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
 /// Raw rows not yet checkpointed (the lag); counts the index range, so it is for metrics.
 pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres::Error> {
-    let sql = match source.kind {
-        SourceKind::Rest => lag_sql!("raw_api_data"),
-        SourceKind::Csv => lag_sql!("raw_csv_data"),
-    };
+    let sql = RawTable::of(source.kind).sql().count_pending;
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
@@ -135,10 +70,7 @@ pub async fn process_batch(
     batch_size: i64,
     hook: Option<&Hook>,
 ) -> Result<BatchOutcome, PassError> {
-    let sql = match source.kind {
-        SourceKind::Rest => &RAW_API,
-        SourceKind::Csv => &RAW_CSV,
-    };
+    let sql = RawTable::of(source.kind).sql();
     client
         .execute(
             "INSERT INTO etl_checkpoint (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
@@ -158,7 +90,7 @@ pub async fn process_batch(
     let checkpoint: i64 = claimed.get(0);
     let rows = tx
         .query(
-            sql.read,
+            sql.read_after,
             &[
                 &source.name,
                 &checkpoint,
@@ -235,7 +167,7 @@ pub async fn process_batch(
     let mut withdrawn = 0i64;
     if !invalid.source_ids.is_empty() {
         tx.execute(
-            sql.reject,
+            sql.reject_normalize,
             &[
                 &run_id,
                 &source.name,

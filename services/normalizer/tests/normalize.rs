@@ -6,6 +6,7 @@ mod support;
 use serde_json::{json, Value};
 use support::*;
 
+use etl_shared::raw::{self, RawJson, RawTable};
 use etl_tests::TestDb;
 
 #[tokio::test]
@@ -14,7 +15,7 @@ async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
     let mut client = db.client().await;
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &api_items(1..=2500),
         false,
@@ -24,7 +25,7 @@ async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
         json!({"id": "a", "name": "Alpha", "value": "1.25", "note": "first"}),
         json!({"id": "b", "name": "Beta", "value": " -3e2 ", "note": ""}),
     ];
-    write_raw(&mut client, "raw_csv_data", "csv", &csv, false).await;
+    write_raw(&mut client, RawTable::Csv, "csv", &csv, false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
 
     let api = normalizer.catch_up("api").await.unwrap().summary.unwrap();
@@ -95,9 +96,9 @@ async fn bad_records_are_rejected_with_the_field_and_reason_while_good_ones_land
     ];
     let mut items: Vec<Value> = bad.iter().map(|(_, v)| v.clone()).collect();
     items.extend(api_items(1..=3));
-    write_raw(&mut client, "raw_api_data", "api", &items, false).await;
+    write_raw(&mut client, RawTable::Api, "api", &items, false).await;
     let huge = r#"[{"id": "huge", "title": "t", "price": 1e999}]"#;
-    write_raw_json(&mut client, "raw_api_data", "api", huge, false).await;
+    write_raw_json(&mut client, RawTable::Api, "api", huge, false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
 
     let pass = normalizer.catch_up("api").await.unwrap().summary.unwrap();
@@ -155,14 +156,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
     let db = TestDb::new().await;
     let mut client = db.client().await;
     install_apply_log(&client).await;
-    write_raw(
-        &mut client,
-        "raw_api_data",
-        "api",
-        &api_items(1..=20),
-        false,
-    )
-    .await;
+    write_raw(&mut client, RawTable::Api, "api", &api_items(1..=20), false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
     normalizer.catch_up("api").await.unwrap();
     let versions =
@@ -201,7 +195,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
 
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &[api_item(5, "renamed", json!(9))],
         false,
@@ -238,20 +232,20 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
     let mut client = db.client().await;
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &[json!({"id": "1", "title": "t", "price": "oops"})],
         false,
     )
     .await;
-    write_raw(&mut client, "raw_api_data", "api", &api_items(2..=2), false).await;
+    write_raw(&mut client, RawTable::Api, "api", &api_items(2..=2), false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
     normalizer.catch_up("api").await.unwrap();
     assert_eq!(tallies(&client, "api").await, (1, 1, 2));
 
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &[api_item(1, "fixed", json!(1))],
         false,
@@ -259,7 +253,7 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
     .await;
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &[json!({"id": "2", "title": "t", "price": null})],
         false,
@@ -301,7 +295,7 @@ async fn a_mapping_that_names_a_missing_column_fails_its_run_and_other_sources_g
     "#;
     write_raw(
         &mut client,
-        "raw_csv_data",
+        RawTable::Csv,
         "renamed",
         &[json!({"id": "1", "name": "n", "value": "1"})],
         false,
@@ -309,7 +303,7 @@ async fn a_mapping_that_names_a_missing_column_fails_its_run_and_other_sources_g
     .await;
     write_raw(
         &mut client,
-        "raw_csv_data",
+        RawTable::Csv,
         "csv",
         &[json!({"id": "1", "name": "n", "value": "1", "note": ""})],
         false,
@@ -360,24 +354,23 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
 
     // The slow writer takes the lock and its change ids, and does not commit yet.
     let tx = slow.transaction().await.unwrap();
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext('csv'))",
-        &[&etl_shared::RAW_WRITE_LOCK_CLASS],
-    )
-    .await
-    .unwrap();
+    let slow_row = (
+        "slow".to_owned(),
+        RawJson(json!({"id": "slow", "name": "s", "value": "1", "note": ""}).to_string()),
+    );
+    raw::write(&tx, RawTable::Csv, "csv", &[slow_row], None)
+        .await
+        .unwrap();
     let early: i64 = tx
         .query_one(
-            "INSERT INTO raw_csv_data (source, source_id, data)
-             VALUES ('csv', 'slow', '{\"id\":\"slow\",\"name\":\"s\",\"value\":\"1\",\"note\":\"\"}')
-             RETURNING change_id",
+            "SELECT change_id FROM raw_csv_data WHERE source = 'csv' AND source_id = 'slow'",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     // Another source commits later ids first, and is normalized.
-    write_raw(&mut fast, "raw_api_data", "api", &api_items(1..=3), true).await;
+    write_raw(&mut fast, RawTable::Api, "api", &api_items(1..=3), true).await;
     normalizer.catch_up("api").await.unwrap();
     normalizer.catch_up("csv").await.unwrap();
     // A second writer of the same source waits for the first: it cannot commit before it.
@@ -386,7 +379,7 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
         let mut client = etl_tests::connect(&writer_db).await;
         write_raw(
             &mut client,
-            "raw_csv_data",
+            RawTable::Csv,
             "csv",
             &[json!({"id": "next", "name": "n", "value": "2", "note": ""})],
             true,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etl_normalizer::pass::{Hook, HookPoint};
+use etl_shared::raw::RawTable;
 use etl_tests::{wait_for, TestDb};
 use support::*;
 use tokio::sync::mpsc;
@@ -36,7 +37,7 @@ async fn crash_between_upsert_and_checkpoint(
     install_apply_log(&client).await;
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &api_items(1..=2500),
         false,
@@ -108,7 +109,7 @@ async fn a_task_aborted_between_upsert_and_checkpoint_leaves_no_double_effect() 
 #[tokio::test]
 async fn three_replicas_share_a_backlog_and_normalize_every_row_exactly_once() {
     let db = TestDb::new().await;
-    let client = db.client().await;
+    let mut client = db.client().await;
     install_apply_log(&client).await;
     let extra: String = (1..=3)
         .map(|i| {
@@ -140,20 +141,10 @@ async fn three_replicas_share_a_backlog_and_normalize_every_row_exactly_once() {
         for chunk in 0..4 {
             let first = chunk * count / 4 + 1;
             let last = (chunk + 1) * count / 4;
-            client
-                .batch_execute(&format!(
-                    "BEGIN;
-                     SELECT pg_advisory_xact_lock({class}, hashtext('{source}'));
-                     INSERT INTO raw_api_data (source, source_id, data)
-                     SELECT '{source}', g::text, jsonb_build_object('id', g::text, 'title', 'item ' || g, 'price', g)
-                     FROM generate_series({first}, {last}) g;
-                     SELECT pg_notify('{channel}', '{source}');
-                     COMMIT;",
-                    class = etl_shared::RAW_WRITE_LOCK_CLASS,
-                    channel = etl_shared::RAW_READY_CHANNEL,
-                ))
-                .await
-                .unwrap();
+            let items: Vec<serde_json::Value> = (first..=last)
+                .map(|g| serde_json::json!({"id": g.to_string(), "title": format!("item {g}"), "price": g}))
+                .collect();
+            write_raw(&mut client, RawTable::Api, source, &items, true).await;
         }
     }
     wait_for(
@@ -218,7 +209,7 @@ async fn with_its_listener_connection_killed_the_normalizer_reconnects_and_catch
         (!client.query(listener_pids, &[]).await.unwrap().is_empty()).then_some(())
     })
     .await;
-    write_raw(&mut client, "raw_api_data", "api", &api_items(1..=10), true).await;
+    write_raw(&mut client, RawTable::Api, "api", &api_items(1..=10), true).await;
     wait_for("the first rows", DEADLINE, || async {
         caught_up(&client, "api").await.then_some(())
     })
@@ -235,7 +226,7 @@ async fn with_its_listener_connection_killed_the_normalizer_reconnects_and_catch
         .unwrap();
     write_raw(
         &mut client,
-        "raw_api_data",
+        RawTable::Api,
         "api",
         &api_items(11..=20),
         false,
@@ -271,7 +262,7 @@ async fn without_any_notification_the_poll_still_converges() {
     // scan is over, and the next row can only be found by the poll.
     write_raw(
         &mut client,
-        "raw_csv_data",
+        RawTable::Csv,
         "csv",
         &[serde_json::json!({"id": "0", "name": "n", "value": "4", "note": ""})],
         false,
@@ -284,7 +275,7 @@ async fn without_any_notification_the_poll_still_converges() {
 
     write_raw(
         &mut client,
-        "raw_csv_data",
+        RawTable::Csv,
         "csv",
         &[serde_json::json!({"id": "1", "name": "n", "value": "4", "note": ""})],
         false,
@@ -307,7 +298,7 @@ async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
     settings.poll_interval = Duration::from_secs(3600);
     // Rows written before start and without NOTIFY, then the scrape races the start-up scan:
     // so measure lag with a normalizer that is not running, through its handler.
-    write_raw(&mut client, "raw_api_data", "api", &api_items(1..=7), false).await;
+    write_raw(&mut client, RawTable::Api, "api", &api_items(1..=7), false).await;
     let idle = normalizer(&settings, None);
     idle.refresh_lag().await.unwrap();
     assert!(idle

@@ -152,8 +152,11 @@ async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
         s.value_max = row.get(3);
         s.value_avg = row.get(4);
     }
+    let mut pending = BTreeMap::new();
     for row in tx.query(RAW, &[]).await? {
-        entry(&mut sources, row.get(0)).raw_records = row.get(1);
+        let source: String = row.get(0);
+        entry(&mut sources, source.clone()).raw_records = row.get(1);
+        pending.insert(source, row.get::<_, i64>(2));
     }
     for row in tx.query(REJECTS, &[]).await? {
         let s = entry(&mut sources, row.get(0));
@@ -161,11 +164,13 @@ async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
         s.rejected_at_normalize = row.get(2);
     }
     for row in tx.query(CHECKPOINTS, &[]).await? {
-        entry(&mut sources, row.get(0)).checkpoint = Some(Checkpoint {
+        let source: String = row.get(0);
+        let lag = pending.get(&source).copied().unwrap_or(0);
+        entry(&mut sources, source).checkpoint = Some(Checkpoint {
             last_processed_id: row.get(1),
             last_processed_at: row.get(2),
             total_processed: row.get(3),
-            lag: row.get(4),
+            lag,
         });
     }
     for row in tx.query(LATEST_RUNS, &[]).await? {
@@ -218,20 +223,15 @@ fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut Sour
 const NORMALIZED: &str = "SELECT source, count(*), min(value), max(value), avg(value)
     FROM normalized_data GROUP BY source";
 
-const RAW: &str = "SELECT source, sum(n)::bigint FROM (
-        SELECT source, count(*) AS n FROM raw_api_data GROUP BY source
-        UNION ALL
-        SELECT source, count(*) FROM raw_csv_data GROUP BY source
-    ) raw GROUP BY source";
+/// Raw rows and pending changes per source, from the one definition of "pending".
+const RAW: &str = "SELECT source, raw_rows, pending_changes FROM etl_pending";
 
 const REJECTS: &str = "SELECT source,
         count(*) FILTER (WHERE stage = 'ingest'), count(*) FILTER (WHERE stage = 'normalize')
     FROM etl_rejects GROUP BY source";
 
-const CHECKPOINTS: &str = "SELECT c.source, c.last_processed_id, c.last_processed_at, c.total_processed,
-        (SELECT count(*) FROM raw_api_data r WHERE r.source = c.source AND r.change_id > c.last_processed_id)
-      + (SELECT count(*) FROM raw_csv_data r WHERE r.source = c.source AND r.change_id > c.last_processed_id)
-    FROM etl_checkpoint c";
+const CHECKPOINTS: &str =
+    "SELECT source, last_processed_id, last_processed_at, total_processed FROM etl_checkpoint";
 
 const LATEST_RUNS: &str = "SELECT DISTINCT ON (service, source)
         service, source, id, status, started_at, ended_at, duration_seconds, records_processed,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use etl_shared::db::url_with_database;
+use etl_shared::raw::{self, RawJson, RawTable};
 use tokio_postgres::{Client, NoTls};
 
 use procs::Launcher;
@@ -295,8 +296,7 @@ async fn stages(
         .await?;
     let raw: i64 = db
         .query_one(
-            "SELECT (SELECT count(*) FROM raw_csv_data WHERE source = $1)
-                  + (SELECT count(*) FROM raw_api_data WHERE source = $2)",
+            "SELECT coalesce(sum(raw_rows), 0)::bigint FROM etl_pending WHERE source IN ($1, $2)",
             &[&CSV, &REST],
         )
         .await?
@@ -330,9 +330,7 @@ async fn stages(
         normalizer.check_alive()?;
         let left: i64 = db
             .query_one(
-                "SELECT count(*) FROM (SELECT source, max(change_id) AS last FROM raw_csv_data GROUP BY source
-                                       UNION ALL SELECT source, max(change_id) FROM raw_api_data GROUP BY source) r
-                 WHERE r.last > coalesce((SELECT last_processed_id FROM etl_checkpoint c WHERE c.source = r.source), 0)",
+                "SELECT count(*) FROM etl_pending WHERE pending_changes > 0",
                 &[],
             )
             .await?
@@ -471,7 +469,7 @@ async fn whole_system(
     copy_rate: f64,
     report: &mut Report,
 ) -> Result<()> {
-    let db = connect(&launcher.database_url).await?;
+    let mut db = connect(&launcher.database_url).await?;
     let n = sizes.csv_rows;
     let query_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let api = format!("http://{query_addr}");
@@ -515,7 +513,7 @@ async fn whole_system(
     );
 
     eprintln!("bench: freshness");
-    let (p50, p99) = freshness(&db, &http, &api, n, sizes.probes).await?;
+    let (p50, p99) = freshness(&mut db, &http, &api, n, sizes.probes).await?;
     report.add(
         format!(
             "freshness: raw commit to visible through GET /data, {} probes under light load",
@@ -551,10 +549,10 @@ async fn whole_system(
     Ok(())
 }
 
-/// Commits raw rows one at a time (as the ingester does: lock, insert, NOTIFY) while a light
+/// Commits raw rows one at a time (through the raw-write protocol, as the ingester does) while a light
 /// steady read load runs, and times each until GET /data counts it. Returns (p50, p99) in ms.
 async fn freshness(
-    db: &Client,
+    db: &mut Client,
     http: &reqwest::Client,
     api: &str,
     rows_before: u64,
@@ -575,24 +573,19 @@ async fn freshness(
     let mut delays = Vec::new();
     for i in 1..=u64::from(probes) {
         let id = format!("probe-{i}");
-        db.batch_execute("BEGIN").await?;
-        db.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&etl_shared::RAW_WRITE_LOCK_CLASS, &CSV],
+        // Through the raw-write protocol, as the ingester writes.
+        let data = serde_json::json!({"id": id, "name": "probe", "value": "1", "description": ""});
+        let tx = db.transaction().await?;
+        raw::write(
+            &tx,
+            RawTable::Csv,
+            CSV,
+            &[(id.clone(), RawJson(data.to_string()))],
+            None,
         )
         .await?;
-        db.execute(
-            "INSERT INTO raw_csv_data (source, source_id, data)
-             VALUES ($1, $2, jsonb_build_object('id', $2::text, 'name', 'probe', 'value', '1', 'description', ''))",
-            &[&CSV, &id],
-        )
-        .await?;
-        db.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&etl_shared::RAW_READY_CHANNEL, &CSV],
-        )
-        .await?;
-        db.batch_execute("COMMIT").await?;
+        raw::notify(&tx, CSV).await?;
+        tx.commit().await?;
         let committed = Instant::now();
         loop {
             let page = get_json(http, &url).await?;

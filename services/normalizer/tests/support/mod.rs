@@ -2,11 +2,13 @@
 //! normalizers over a fresh database, an apply log, and readers.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use etl_normalizer::pass::Hook;
 use etl_normalizer::{Application, Normalizer, Settings};
+use etl_shared::raw::{self, RawJson, RawTable};
 use etl_shared::sources::Sources;
 use etl_tests::TestDb;
 use serde_json::Value;
@@ -80,11 +82,11 @@ impl Daemon {
     }
 }
 
-/// Writes raw rows as the ingester does: under the source's write lock, unchanged rows untouched,
-/// changed ones with a new change id, and a NOTIFY when `notify` is set.
+/// Writes raw rows through the raw-write protocol the ingester uses (`etl_shared::raw::write`),
+/// and NOTIFYs when `notify` is set (tests of missed notifications leave it out).
 pub async fn write_raw(
     client: &mut Client,
-    table: &str,
+    table: RawTable,
     source: &str,
     items: &[Value],
     notify: bool,
@@ -99,36 +101,33 @@ pub async fn write_raw(
     .await;
 }
 
-/// As [`write_raw`], from the JSON text of an array of items (for numbers serde_json cannot hold).
+/// As [`write_raw`], from the JSON text of an array of items (for numbers serde_json cannot
+/// hold); each item's `id` is its source id.
 pub async fn write_raw_json(
     client: &mut Client,
-    table: &str,
+    table: RawTable,
     source: &str,
     items: &str,
     notify: bool,
 ) {
+    use serde_json::value::RawValue;
+    let items: Vec<&RawValue> = serde_json::from_str(items).unwrap();
+    let records: Vec<(String, RawJson)> = items
+        .iter()
+        .map(|item| {
+            // Fields as raw text, so a number out of f64's range elsewhere still parses.
+            let fields: HashMap<String, &RawValue> = serde_json::from_str(item.get()).unwrap();
+            let id = fields["id"].get();
+            let id = serde_json::from_str::<String>(id).unwrap_or_else(|_| id.to_owned());
+            (id, RawJson(item.get().to_owned()))
+        })
+        .collect();
     let tx = client.transaction().await.unwrap();
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-        &[&etl_shared::RAW_WRITE_LOCK_CLASS, &source],
-    )
-    .await
-    .unwrap();
-    let sql = format!(
-        "INSERT INTO {table} AS r (source, source_id, data)
-         SELECT $1, x->>'id', x FROM jsonb_array_elements($2::text::jsonb) x
-         ON CONFLICT (source, source_id) DO UPDATE
-           SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'), changed_at = now()
-           WHERE r.data IS DISTINCT FROM EXCLUDED.data"
-    );
-    tx.execute(&sql, &[&source, &items]).await.unwrap();
-    if notify {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&etl_shared::RAW_READY_CHANNEL, &source],
-        )
+    raw::write(&tx, table, source, &records, None)
         .await
         .unwrap();
+    if notify {
+        raw::notify(&tx, source).await.unwrap();
     }
     tx.commit().await.unwrap();
 }
@@ -187,8 +186,7 @@ pub async fn tallies(client: &Client, source: &str) -> (i64, i64, i64) {
         .query_one(
             "SELECT (SELECT count(*) FROM normalized_data WHERE source = $1),
                     (SELECT count(*) FROM etl_rejects WHERE source = $1 AND stage = 'normalize'),
-                    (SELECT count(*) FROM raw_api_data WHERE source = $1)
-                  + (SELECT count(*) FROM raw_csv_data WHERE source = $1)",
+                    coalesce((SELECT raw_rows FROM etl_pending WHERE source = $1), 0)",
             &[&source],
         )
         .await
@@ -206,10 +204,7 @@ pub async fn tallies(client: &Client, source: &str) -> (i64, i64, i64) {
 pub async fn caught_up(client: &Client, source: &str) -> bool {
     client
         .query_one(
-            "SELECT coalesce((SELECT last_processed_id FROM etl_checkpoint WHERE source = $1), 0)
-                 >= coalesce(greatest(
-                        (SELECT max(change_id) FROM raw_api_data WHERE source = $1),
-                        (SELECT max(change_id) FROM raw_csv_data WHERE source = $1)), 0)",
+            "SELECT NOT EXISTS (SELECT 1 FROM etl_pending WHERE source = $1 AND pending_changes > 0)",
             &[&source],
         )
         .await

@@ -1,0 +1,236 @@
+//! The raw tables: which one a source lands in, every statement that names one, and the one
+//! protocol for writing them.
+//!
+//! A source's kind picks its table (`rest` → `raw_api_data`, `csv` → `raw_csv_data`), never its
+//! input, so every statement here is a compile-time constant. Readers that only look (the query
+//! service, tools, tests) use the `etl_pending` view (per source: raw rows, and changes after the
+//! checkpoint) instead of repeating the "changed after the checkpoint" predicate.
+
+use bytes::{BufMut, BytesMut};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::Transaction;
+
+use crate::sources::SourceKind;
+
+/// The `NOTIFY` channel on which raw writers announce new raw changes; the payload is the source
+/// name. Notifications are only hints: the normalizer also polls.
+pub const RAW_READY_CHANNEL: &str = "etl_raw_ready";
+
+/// Class of the per-source write lock on the raw tables (two-key advisory lock: this and
+/// `hashtext(source)`), held by every raw writer from drawing change ids until commit. Within a
+/// source, change ids then become visible in order, so the normalizer's "last change id"
+/// checkpoint never skips a slower transaction.
+pub const RAW_WRITE_LOCK_CLASS: i32 = 0x4554_4c31; // "ETL1"
+
+/// One of the two raw tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawTable {
+    Api,
+    Csv,
+}
+
+/// The statements that name one raw table.
+#[derive(Debug)]
+pub struct RawStatements {
+    /// Upserts the session's staging table into the raw table: `$1` source, `$2` trace context.
+    /// Returns one row: (inserted, updated).
+    upsert_staged: &'static str,
+    /// The normalizer's batch: rows of `$1` after change id `$2`, at most `$3`, with the text and
+    /// JSON type at paths `$4`, `$5`, `$6` (a NULL path reads as missing). Columns: id,
+    /// source_id, change_id, then (type, text) for each path, then trace_context.
+    pub read_after: &'static str,
+    /// Records normalize-stage rejects (`$1` run, `$2` source, then arrays of source ids, raw
+    /// ids and reasons) with the raw row's data as their bytes; one current reject per record.
+    pub reject_normalize: &'static str,
+    /// Whether `$1` has a change after its checkpoint (one index probe).
+    pub has_pending: &'static str,
+    /// How many changes of `$1` are after its checkpoint (an index range).
+    pub count_pending: &'static str,
+}
+
+/// The checkpoint of source `$1` (0 before its first batch).
+macro_rules! checkpoint_of_1 {
+    () => {
+        "coalesce((SELECT last_processed_id FROM etl_checkpoint WHERE source = $1), 0)"
+    };
+}
+
+/// The statements of one raw table, its name spelled once.
+macro_rules! raw_statements {
+    ($table:literal) => {
+        RawStatements {
+            upsert_staged: concat!(
+                "WITH upserted AS (
+                    INSERT INTO ", $table, " AS r (source, source_id, data, trace_context)
+                    SELECT $1, source_id, data, $2 FROM raw_staging
+                    ON CONFLICT (source, source_id) DO UPDATE
+                        SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'),
+                            changed_at = now(), trace_context = EXCLUDED.trace_context
+                        WHERE r.data IS DISTINCT FROM EXCLUDED.data
+                    RETURNING (r.xmax = 0) AS inserted
+                )
+                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+                FROM upserted"
+            ),
+            read_after: concat!(
+                "SELECT id, source_id, change_id,
+                        jsonb_typeof(data #> $4), data #>> $4,
+                        jsonb_typeof(data #> $5), data #>> $5,
+                        jsonb_typeof(data #> $6), data #>> $6,
+                        trace_context
+                 FROM ", $table, "
+                 WHERE source = $1 AND change_id > $2
+                 ORDER BY change_id
+                 LIMIT $3"
+            ),
+            reject_normalize: concat!(
+                "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
+                 SELECT $1, 'normalize', $2, t.source_id, t.raw_id, t.reason,
+                        convert_to(r.data::text, 'UTF8')
+                 FROM unnest($3::text[], $4::bigint[], $5::text[]) AS t(source_id, raw_id, reason)
+                 JOIN ", $table, " r ON r.id = t.raw_id
+                 ON CONFLICT (source, source_id) WHERE stage = 'normalize' DO UPDATE
+                 SET run_id = EXCLUDED.run_id, raw_id = EXCLUDED.raw_id, reason = EXCLUDED.reason,
+                     raw = EXCLUDED.raw, created_at = now()"
+            ),
+            has_pending: concat!(
+                "SELECT EXISTS (SELECT 1 FROM ", $table, " r
+                 WHERE r.source = $1 AND r.change_id > ", checkpoint_of_1!(), ")"
+            ),
+            count_pending: concat!(
+                "SELECT count(*) FROM ", $table, " r
+                 WHERE r.source = $1 AND r.change_id > ", checkpoint_of_1!()
+            ),
+        }
+    };
+}
+
+static API: RawStatements = raw_statements!("raw_api_data");
+static CSV: RawStatements = raw_statements!("raw_csv_data");
+
+impl RawTable {
+    /// The table a source of `kind` lands in.
+    pub fn of(kind: SourceKind) -> Self {
+        match kind {
+            SourceKind::Rest => RawTable::Api,
+            SourceKind::Csv => RawTable::Csv,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RawTable::Api => "raw_api_data",
+            RawTable::Csv => "raw_csv_data",
+        }
+    }
+
+    pub fn sql(self) -> &'static RawStatements {
+        match self {
+            RawTable::Api => &API,
+            RawTable::Csv => &CSV,
+        }
+    }
+}
+
+/// A JSON document that is already serialized; sent as `jsonb` without being parsed again.
+#[derive(Debug, Clone)]
+pub struct RawJson(pub String);
+
+impl ToSql for RawJson {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(1); // jsonb binary format version
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+/// A record to [`write`]: its id within the source, and its data.
+pub trait RawRow: Sync {
+    fn source_id(&self) -> &str;
+    fn data(&self) -> &RawJson;
+}
+
+impl RawRow for (String, RawJson) {
+    fn source_id(&self) -> &str {
+        &self.0
+    }
+
+    fn data(&self) -> &RawJson {
+        &self.1
+    }
+}
+
+/// What one [`write`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub inserted: i64,
+    pub updated: i64,
+}
+
+impl Written {
+    pub fn changed(&self) -> bool {
+        self.inserted + self.updated > 0
+    }
+}
+
+/// Writes `(source_id, data)` records of `source` into `table`, the one way every raw writer
+/// must: staged with a binary `COPY`, then, under the source's write lock, one upsert that
+/// leaves unchanged records untouched and gives changed ones a new change id. Nothing is visible before `tx`
+/// commits; follow with [`notify`] when something changed.
+pub async fn write<R: RawRow>(
+    tx: &Transaction<'_>,
+    table: RawTable,
+    source: &str,
+    records: &[R],
+    trace_context: Option<&str>,
+) -> Result<Written, tokio_postgres::Error> {
+    // Per session, emptied at every commit: no catalog churn per batch.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TEMP TABLE IF NOT EXISTS raw_staging (source_id text NOT NULL, data jsonb NOT NULL)
+             ON COMMIT DELETE ROWS",
+    )
+    .await?;
+    let sink = tx
+        .copy_in("COPY raw_staging (source_id, data) FROM STDIN BINARY")
+        .await?;
+    let writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]));
+    let mut writer = writer;
+    for record in records {
+        writer
+            .as_mut()
+            .write(&[&record.source_id(), record.data()])
+            .await?;
+    }
+    writer.finish().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&RAW_WRITE_LOCK_CLASS, &source],
+    )
+    .await?;
+    let row = tx
+        .query_one(table.sql().upsert_staged, &[&source, &trace_context])
+        .await?;
+    Ok(Written {
+        inserted: row.get(0),
+        updated: row.get(1),
+    })
+}
+
+/// Tells listeners that `source` has new raw changes (delivered when `tx` commits).
+pub async fn notify(tx: &Transaction<'_>, source: &str) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&RAW_READY_CHANNEL, &source])
+        .await?;
+    Ok(())
+}
