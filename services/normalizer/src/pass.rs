@@ -1,7 +1,8 @@
 //! One batch of one source, in one transaction: claim the source's checkpoint row (`FOR UPDATE
 //! SKIP LOCKED`, so replicas never work on a source at once), read the raw rows changed after the
-//! checkpoint, upsert the valid ones, record the invalid ones, and advance the checkpoint. The
-//! upsert and the checkpoint commit together or not at all: no loss, no double effect.
+//! checkpoint, classify them (valid or rejected, no database), apply them (upsert the valid ones,
+//! record the invalid ones), and advance the checkpoint. The upsert and the checkpoint commit
+//! together or not at all: no loss, no double effect.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use etl_shared::raw::RawTable;
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::{Source, SourceKind};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row, Transaction};
 
 use crate::mapping::{normalize, Field, FieldPaths};
 
@@ -62,6 +63,7 @@ pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
+/// One batch, as the module header says: claim, read, classify, apply, advance, commit.
 pub async fn process_batch(
     client: &mut Client,
     source: &Source,
@@ -70,29 +72,97 @@ pub async fn process_batch(
     batch_size: i64,
     hook: Option<&Hook>,
 ) -> Result<BatchOutcome, PassError> {
-    let sql = RawTable::of(source.kind).sql();
+    let table = RawTable::of(source.kind);
+    ensure_checkpoint(client, &source.name).await?;
+    let tx = client.transaction().await?;
+    let Some(checkpoint) = claim(&tx, &source.name).await? else {
+        return Ok(BatchOutcome::Busy);
+    };
+    let rows = read(&tx, table, &source.name, paths, checkpoint, batch_size).await?;
+    if rows.is_empty() {
+        return Ok(BatchOutcome::CaughtUp);
+    }
+    link_to_ingest_batches(&rows);
+    let batch = classify(source.kind, paths, checkpoint, rows)?;
+    let applied = apply(&tx, table, &source.name, run_id, &batch).await?;
+    if let Some(hook) = hook {
+        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        hook(HookPoint::AfterUpsert, pid).await;
+    }
+    advance(&tx, &source.name, &batch, &applied).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome::Processed {
+        counts: batch.counts(&applied),
+        full: batch.processed >= batch_size,
+    })
+}
+
+/// The source's checkpoint row exists (committed on its own, so replicas can lock it).
+async fn ensure_checkpoint(client: &Client, source: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "INSERT INTO etl_checkpoint (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
-            &[&source.name],
+            &[&source],
         )
         .await?;
-    let tx = client.transaction().await?;
-    let Some(claimed) = tx
+    Ok(())
+}
+
+/// Locks the source's checkpoint for this transaction and returns it; `None` when another
+/// replica holds it (`SKIP LOCKED`: replicas never wait on each other).
+async fn claim(tx: &Transaction<'_>, source: &str) -> Result<Option<i64>, tokio_postgres::Error> {
+    Ok(tx
         .query_opt(
             "SELECT last_processed_id FROM etl_checkpoint WHERE source = $1 FOR UPDATE SKIP LOCKED",
-            &[&source.name],
+            &[&source],
         )
         .await?
-    else {
-        return Ok(BatchOutcome::Busy);
-    };
-    let checkpoint: i64 = claimed.get(0);
+        .map(|row| row.get(0)))
+}
+
+/// One raw row as the batch reads it: the mapped fields already picked out by Postgres.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub raw_id: i64,
+    pub source_id: String,
+    pub change_id: i64,
+    pub name: Field,
+    pub value: Field,
+    pub description: Field,
+    /// The `traceparent` of the ingest batch that wrote the row.
+    pub trace_context: Option<String>,
+}
+
+impl RawRow {
+    /// In the column order of [`RawStatements::read_after`](etl_shared::raw::RawStatements).
+    fn from_row(row: &Row) -> Self {
+        let field = |i: usize| Field::new(row.get(i), row.get(i + 1));
+        Self {
+            raw_id: row.get(0),
+            source_id: row.get(1),
+            change_id: row.get(2),
+            name: field(3),
+            value: field(5),
+            description: field(7),
+            trace_context: row.get(9),
+        }
+    }
+}
+
+/// The raw rows changed after `checkpoint`, oldest change first, at most `batch_size`.
+async fn read(
+    tx: &Transaction<'_>,
+    table: RawTable,
+    source: &str,
+    paths: &FieldPaths,
+    checkpoint: i64,
+    batch_size: i64,
+) -> Result<Vec<RawRow>, tokio_postgres::Error> {
     let rows = tx
         .query(
-            sql.read_after,
+            table.sql().read_after,
             &[
-                &source.name,
+                &source,
                 &checkpoint,
                 &batch_size,
                 &paths.name,
@@ -101,54 +171,125 @@ pub async fn process_batch(
             ],
         )
         .await?;
-    if rows.is_empty() {
-        return Ok(BatchOutcome::CaughtUp);
-    }
+    Ok(rows.iter().map(RawRow::from_row).collect())
+}
 
-    // Link this batch's span to the ingest batches that wrote its rows (a few distinct ones).
-    let mut causes: Vec<&str> = rows.iter().filter_map(|r| r.get(9)).collect();
+/// Links the batch's span to the ingest batches that wrote its rows (a few distinct ones).
+fn link_to_ingest_batches(rows: &[RawRow]) {
+    let mut causes: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.trace_context.as_deref())
+        .collect();
     causes.sort_unstable();
     causes.dedup();
     for cause in causes.iter().take(MAX_LINKS) {
         etl_shared::telemetry::link_current_span_to(cause);
     }
     tracing::Span::current().record("rows", rows.len());
+}
 
-    let mut valid = Valid::default();
-    let mut invalid = Invalid::default();
-    let mut last_change_id = checkpoint;
-    for row in &rows {
-        let raw_id: i64 = row.get(0);
-        let source_id: String = row.get(1);
-        last_change_id = last_change_id.max(row.get::<_, i64>(2));
-        let field = |i: usize| Field::new(row.get(i), row.get(i + 1));
-        let (name, value, description) = (field(3), field(5), field(7));
-        if source.kind == SourceKind::Csv {
-            check_csv_columns(paths, &name, &value, &description)?;
+/// A batch sorted into what normalizes and what does not, with how far it reaches.
+#[derive(Debug, Default, PartialEq)]
+pub struct Classified {
+    pub valid: Valid,
+    pub invalid: Invalid,
+    /// The checkpoint once this batch is applied.
+    pub last_change_id: i64,
+    /// Raw rows read.
+    pub processed: i64,
+}
+
+/// Valid records, as the columns of the upsert.
+#[derive(Debug, Default, PartialEq)]
+pub struct Valid {
+    pub source_ids: Vec<String>,
+    pub names: Vec<String>,
+    pub values: Vec<f64>,
+    pub descriptions: Vec<Option<String>>,
+}
+
+/// Records that cannot be normalized, and why.
+#[derive(Debug, Default, PartialEq)]
+pub struct Invalid {
+    pub source_ids: Vec<String>,
+    pub raw_ids: Vec<i64>,
+    pub reasons: Vec<String>,
+}
+
+/// What [`apply`] changed in `normalized_data`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Applied {
+    inserted: i64,
+    updated: i64,
+    /// Normalized rows removed because their record's newest version is invalid.
+    withdrawn: i64,
+}
+
+impl Classified {
+    fn counts(&self, applied: &Applied) -> RunCounts {
+        let normalized = self.valid.source_ids.len() as i64;
+        RunCounts {
+            processed: self.processed,
+            inserted: applied.inserted,
+            updated: applied.updated,
+            unchanged: normalized - applied.inserted - applied.updated,
+            rejected: self.invalid.source_ids.len() as i64,
         }
-        match normalize(paths, name, value, description) {
+    }
+}
+
+/// Sorts raw rows into valid and invalid records (pure: no database). A CSV mapping that names
+/// a column the rows lack fails the whole batch, since no record of it could be right.
+pub fn classify(
+    kind: SourceKind,
+    paths: &FieldPaths,
+    checkpoint: i64,
+    rows: Vec<RawRow>,
+) -> Result<Classified, PassError> {
+    let mut batch = Classified {
+        last_change_id: checkpoint,
+        processed: rows.len() as i64,
+        ..Classified::default()
+    };
+    for row in rows {
+        batch.last_change_id = batch.last_change_id.max(row.change_id);
+        if kind == SourceKind::Csv {
+            check_csv_columns(paths, &row.name, &row.value, &row.description)?;
+        }
+        match normalize(paths, row.name, row.value, row.description) {
             Ok(n) => {
-                valid.source_ids.push(source_id);
-                valid.names.push(n.name);
-                valid.values.push(n.value);
-                valid.descriptions.push(n.description);
+                batch.valid.source_ids.push(row.source_id);
+                batch.valid.names.push(n.name);
+                batch.valid.values.push(n.value);
+                batch.valid.descriptions.push(n.description);
             }
             Err(reason) => {
-                invalid.source_ids.push(source_id);
-                invalid.raw_ids.push(raw_id);
-                invalid.reasons.push(reason);
+                batch.invalid.source_ids.push(row.source_id);
+                batch.invalid.raw_ids.push(row.raw_id);
+                batch.invalid.reasons.push(reason);
             }
         }
     }
+    Ok(batch)
+}
 
-    let (inserted, updated) = if valid.source_ids.is_empty() {
-        (0, 0)
-    } else {
+/// Upserts the valid records (a record valid again is no longer a reject), records the invalid
+/// ones as the current rejects and withdraws their normalized rows.
+async fn apply(
+    tx: &Transaction<'_>,
+    table: RawTable,
+    source: &str,
+    run_id: i64,
+    batch: &Classified,
+) -> Result<Applied, tokio_postgres::Error> {
+    let mut applied = Applied::default();
+    let (valid, invalid) = (&batch.valid, &batch.invalid);
+    if !valid.source_ids.is_empty() {
         let row = tx
             .query_one(
                 UPSERT_NORMALIZED,
                 &[
-                    &source.name,
+                    &source,
                     &valid.source_ids,
                     &valid.names,
                     &valid.values,
@@ -156,21 +297,19 @@ pub async fn process_batch(
                 ],
             )
             .await?;
-        // A record that was rejected before and is valid now is no longer a reject.
+        (applied.inserted, applied.updated) = (row.get(0), row.get(1));
         tx.execute(
             "DELETE FROM etl_rejects WHERE stage = 'normalize' AND source = $1 AND source_id = ANY($2)",
-            &[&source.name, &valid.source_ids],
+            &[&source, &valid.source_ids],
         )
         .await?;
-        (row.get::<_, i64>(0), row.get::<_, i64>(1))
-    };
-    let mut withdrawn = 0i64;
+    }
     if !invalid.source_ids.is_empty() {
         tx.execute(
-            sql.reject_normalize,
+            table.sql().reject_normalize,
             &[
                 &run_id,
-                &source.name,
+                &source,
                 &invalid.source_ids,
                 &invalid.raw_ids,
                 &invalid.reasons,
@@ -179,47 +318,38 @@ pub async fn process_batch(
         .await?;
         // The newest raw version is the truth: a record whose new version is invalid is
         // withdrawn, so raw rows = normalized + rejected holds per source.
-        withdrawn = tx
+        applied.withdrawn = tx
             .execute(
                 "DELETE FROM normalized_data WHERE source = $1 AND source_id = ANY($2)",
-                &[&source.name, &invalid.source_ids],
+                &[&source, &invalid.source_ids],
             )
             .await? as i64;
     }
+    Ok(applied)
+}
 
-    if let Some(hook) = hook {
-        let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-        hook(HookPoint::AfterUpsert, pid).await;
-    }
-
-    let processed = rows.len() as i64;
-    // normalized_rows stays exact because it moves in the same transaction as the rows.
+/// Moves the checkpoint past the batch, in the batch's transaction; `normalized_rows` stays
+/// exact because it moves with the rows.
+async fn advance(
+    tx: &Transaction<'_>,
+    source: &str,
+    batch: &Classified,
+    applied: &Applied,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE etl_checkpoint SET last_processed_id = $2, last_processed_at = now(),
              total_processed = total_processed + $3, normalized_rows = normalized_rows + $4,
              updated_at = now()
          WHERE source = $1",
         &[
-            &source.name,
-            &last_change_id,
-            &processed,
-            &(inserted - withdrawn),
+            &source,
+            &batch.last_change_id,
+            &batch.processed,
+            &(applied.inserted - applied.withdrawn),
         ],
     )
     .await?;
-    tx.commit().await?;
-
-    let normalized = valid.source_ids.len() as i64;
-    Ok(BatchOutcome::Processed {
-        counts: RunCounts {
-            processed,
-            inserted,
-            updated,
-            unchanged: normalized - inserted - updated,
-            rejected: invalid.source_ids.len() as i64,
-        },
-        full: processed >= batch_size,
-    })
+    Ok(())
 }
 
 /// A CSV row holds every column of its file's header; a mapped column missing from a row means
@@ -250,21 +380,6 @@ fn check_csv_columns(
     )))
 }
 
-#[derive(Default)]
-struct Valid {
-    source_ids: Vec<String>,
-    names: Vec<String>,
-    values: Vec<f64>,
-    descriptions: Vec<Option<String>>,
-}
-
-#[derive(Default)]
-struct Invalid {
-    source_ids: Vec<String>,
-    raw_ids: Vec<i64>,
-    reasons: Vec<String>,
-}
-
 /// Writes only what changed: an unchanged record is not touched, and `updated_at` moves only
 /// when name, value or description really changed. Returns (inserted, updated).
 const UPSERT_NORMALIZED: &str = "WITH upserted AS (
@@ -278,3 +393,77 @@ const UPSERT_NORMALIZED: &str = "WITH upserted AS (
         RETURNING (n.xmax = 0) AS inserted
     )
     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> FieldPaths {
+        FieldPaths {
+            name: vec!["name".into()],
+            value: vec!["value".into()],
+            description: Some(vec!["note".into()]),
+            labels: ["name".into(), "value".into(), "note".into()],
+        }
+    }
+
+    fn field(kind: &str, text: &str) -> Field {
+        Field::new(Some(kind.into()), Some(text.into()))
+    }
+
+    fn row(raw_id: i64, change_id: i64, name: Field, value: Field) -> RawRow {
+        RawRow {
+            raw_id,
+            source_id: format!("id{raw_id}"),
+            change_id,
+            name,
+            value,
+            description: field("string", ""),
+            trace_context: None,
+        }
+    }
+
+    #[test]
+    fn rows_are_sorted_into_valid_and_rejected_and_the_checkpoint_reaches_the_newest_change() {
+        let rows = vec![
+            row(1, 12, field("string", "a"), field("string", "1.5")),
+            row(2, 15, field("string", "b"), field("string", "many")),
+            row(3, 11, field("string", ""), field("number", "3")),
+        ];
+
+        let batch = classify(SourceKind::Rest, &paths(), 10, rows).unwrap();
+
+        assert_eq!(batch.processed, 3);
+        assert_eq!(batch.last_change_id, 15);
+        assert_eq!(batch.valid.source_ids, ["id1"]);
+        assert_eq!(batch.valid.values, [1.5]);
+        assert_eq!(
+            batch.valid.descriptions,
+            [None],
+            "an empty note is no description"
+        );
+        assert_eq!(batch.invalid.source_ids, ["id2", "id3"]);
+        assert_eq!(batch.invalid.raw_ids, [2, 3]);
+        assert!(
+            batch.invalid.reasons[0].starts_with("value:"),
+            "{:?}",
+            batch.invalid
+        );
+        assert_eq!(batch.invalid.reasons[1], "name: empty at name");
+    }
+
+    #[test]
+    fn a_csv_mapping_naming_a_missing_column_fails_the_batch_but_a_missing_json_field_is_a_reject()
+    {
+        let missing = || row(1, 2, Field::default(), field("string", "1"));
+
+        let csv = classify(SourceKind::Csv, &paths(), 0, vec![missing()]);
+        let rest = classify(SourceKind::Rest, &paths(), 0, vec![missing()]).unwrap();
+
+        assert!(
+            matches!(&csv, Err(PassError::Mapping(m)) if m.contains("mapping.name = \"name\"")),
+            "{csv:?}"
+        );
+        assert_eq!(rest.invalid.reasons, ["name: nothing at name"]);
+    }
+}
