@@ -40,14 +40,7 @@ async fn ready(Data(pool): Data<&Pool>) -> Response {
 #[handler]
 pub fn metrics(Data(metrics): Data<&PipelineMetrics>, Data(pool): Data<&Pool>) -> Response {
     metrics.update_pool(pool);
-    metrics_response(metrics.encode())
-}
-
-/// An OpenMetrics text response.
-pub fn metrics_response(body: String) -> Response {
-    Response::builder()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(body)
+    metrics.exposition()
 }
 
 /// Whether a pooled connection answers `SELECT 1` within `timeout`.
@@ -63,17 +56,4 @@ pub async fn database_answers(pool: &Pool, timeout: Duration) -> Result<(), Stri
     tokio::time::timeout(timeout, check)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {} s", timeout.as_secs())))
-}
-
-/// An RFC 9457 problem response.
-pub fn problem(status: StatusCode, title: &str, detail: String) -> Response {
-    Json(json!({
-        "type": "about:blank",
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    }))
-    .with_status(status)
-    .with_content_type("application/problem+json")
-    .into_response()
 }

@@ -275,10 +275,27 @@ impl PipelineMetrics {
 
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().expect("metrics registry lock");
-        prometheus_client::encoding::text::encode(&mut out, &registry)
-            .expect("writing to a String cannot fail");
-        out
+        encode(&self.registry)
     }
+
+    /// The `/metrics` response.
+    pub fn exposition(&self) -> poem::Response {
+        exposition(&self.registry)
+    }
+}
+
+/// The OpenMetrics text exposition of a registry: what every service's `/metrics` serves.
+pub fn encode(registry: &Mutex<Registry>) -> String {
+    let mut out = String::new();
+    let registry = registry.lock().expect("metrics registry lock");
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+/// A `/metrics` response with [`encode`]'s text.
+pub fn exposition(registry: &Mutex<Registry>) -> poem::Response {
+    poem::Response::builder()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(encode(registry))
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use etl_shared::admin::problem;
+use etl_shared::problem::{Problem, ProblemCode};
 use poem::http::StatusCode;
 use poem::web::{Data, Json, Path};
 use poem::{get, handler, post, Endpoint, EndpointExt, IntoResponse, Response};
@@ -34,10 +34,12 @@ fn trigger(Path(name): Path<String>, Data(triggers): Data<&Arc<Triggers>>) -> Re
                 .with_status(StatusCode::ACCEPTED)
                 .into_response()
         }
-        None => problem(
+        None => Problem::new(
             StatusCode::NOT_FOUND,
+            ProblemCode::NotFound,
             "Unknown source",
             format!("no source named {name:?} in the sources file"),
-        ),
+        )
+        .into_response(),
     }
 }

@@ -147,6 +147,12 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
         unknown.headers()["content-type"],
         "application/problem+json"
     );
+    let problem: serde_json::Value = serde_json::from_str(&unknown.text().await.unwrap()).unwrap();
+    assert_eq!(
+        (problem["code"].as_str(), problem["status"].as_u64()),
+        (Some("not_found"), Some(404)),
+        "the same problem shape, with a stable code, as the query API: {problem}"
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), daemon)

@@ -20,5 +20,5 @@ async fn metrics(Data(normalizer): Data<&Normalizer>) -> Response {
         tracing::warn!(error = %e, "could not refresh the lag gauges");
     }
     normalizer.metrics().update_pool(normalizer.pool());
-    etl_shared::admin::metrics_response(normalizer.metrics().encode())
+    normalizer.metrics().exposition()
 }

@@ -9,8 +9,9 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use crate::data::{self, DataPage, DataQuery};
-use crate::problem::{self, Problem};
+use crate::problem;
 use crate::stats::{Stats, StatsCache};
+use etl_shared::problem::Problem;
 
 #[derive(Tags)]
 enum Tag {

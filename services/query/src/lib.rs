@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
 use crate::metrics::HttpMetrics;
-use crate::problem::Problem;
 use crate::stats::StatsCache;
+use etl_shared::problem::{Problem, ProblemCode};
 use tracing::Instrument;
 
 /// Everything the query service reads from its environment, validated at start-up.
@@ -200,7 +200,7 @@ fn routes(
                     Ok(result) => result.map(IntoResponse::into_response),
                     Err(_) => Ok(Problem::new(
                         poem::http::StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
+                        ProblemCode::Timeout,
                         "Request timed out",
                         format!("no answer within {} s", request_timeout.as_secs()),
                     )

@@ -135,14 +135,6 @@ impl HttpMetrics {
             }
         })
     }
-
-    fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().expect("metrics registry lock");
-        prometheus_client::encoding::text::encode(&mut out, &registry)
-            .expect("writing to a String cannot fail");
-        out
-    }
 }
 
 pub fn route_of(path: &str) -> &'static str {
@@ -160,5 +152,5 @@ pub fn route_of(path: &str) -> &'static str {
 #[handler]
 pub fn endpoint(Data(metrics): Data<&HttpMetrics>, Data(pool): Data<&Pool>) -> Response {
     metrics.pool.update(pool);
-    etl_shared::admin::metrics_response(metrics.encode())
+    etl_shared::metrics::exposition(&metrics.registry)
 }

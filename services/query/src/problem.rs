@@ -1,109 +1,7 @@
-//! RFC 9457 problem details: the one error shape of the API, with a stable machine-readable
-//! `code`, so clients branch on `code` rather than on English text.
+//! Problems particular to the query API; the shape itself is [`etl_shared::problem::Problem`].
 
+use etl_shared::problem::{Problem, ProblemCode};
 use poem::http::StatusCode;
-use poem::{IntoResponse, Response};
-use poem_openapi::error::ParseParamError;
-use poem_openapi::Object;
-
-/// An error response (`application/problem+json`, RFC 9457).
-#[derive(Debug, Clone, Object)]
-#[oai(rename = "Problem")]
-pub struct Problem {
-    /// A URI naming the kind of problem: `urn:etl:problem:<code>`.
-    #[oai(rename = "type")]
-    pub kind: String,
-    /// A short summary of the kind of problem.
-    pub title: String,
-    /// The HTTP status code.
-    pub status: u16,
-    /// What went wrong with this request.
-    pub detail: String,
-    /// Stable machine-readable code: `invalid_parameter`, `not_found`, `method_not_allowed`,
-    /// `timeout`, `unavailable` or `internal`.
-    pub code: String,
-    /// The offending query parameter, for `invalid_parameter`.
-    #[oai(skip_serializing_if_is_none)]
-    pub parameter: Option<String>,
-}
-
-impl Problem {
-    pub fn new(status: StatusCode, code: &str, title: &str, detail: impl Into<String>) -> Self {
-        Self {
-            kind: format!("urn:etl:problem:{code}"),
-            title: title.into(),
-            status: status.as_u16(),
-            detail: detail.into(),
-            code: code.into(),
-            parameter: None,
-        }
-    }
-
-    /// A 400 for query parameter `name`, saying why.
-    pub fn invalid_parameter(name: &str, reason: &str) -> Self {
-        Self {
-            parameter: Some(name.to_owned()),
-            ..Self::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_parameter",
-                "Invalid parameter",
-                format!("query parameter `{name}`: {reason}"),
-            )
-        }
-    }
-
-    /// A 400 from a parameter that failed to parse or validate, naming it.
-    pub fn from_bad_request(err: poem::Error) -> Self {
-        match err.downcast_ref::<ParseParamError>() {
-            Some(e) => Self::invalid_parameter(e.name, &e.reason),
-            None => Self::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Invalid request",
-                err.to_string(),
-            ),
-        }
-    }
-
-    /// Any error that reached the edge of the service (unknown route, wrong method, …).
-    pub fn from_error(err: &poem::Error) -> Self {
-        let status = err.status();
-        match status {
-            StatusCode::NOT_FOUND => Self::new(
-                status,
-                "not_found",
-                "Not found",
-                "no such resource; see /openapi.json for the API",
-            ),
-            StatusCode::METHOD_NOT_ALLOWED => Self::new(
-                status,
-                "method_not_allowed",
-                "Method not allowed",
-                "this resource does not support that method",
-            ),
-            s if s.is_client_error() => {
-                Self::new(s, "invalid_request", "Invalid request", err.to_string())
-            }
-            s => {
-                tracing::error!(error = %err, "request failed");
-                Self::new(
-                    s,
-                    "internal",
-                    "Internal error",
-                    "the request could not be completed",
-                )
-            }
-        }
-    }
-
-    pub fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        poem::web::Json(poem_openapi::types::ToJSON::to_json(&self))
-            .with_status(status)
-            .with_content_type("application/problem+json")
-            .into_response()
-    }
-}
 
 /// A database failure: logged in full, answered with an opaque 500 or, for timeouts, a 503.
 pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
@@ -115,7 +13,7 @@ pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
     if timed_out {
         return Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
+            ProblemCode::Timeout,
             "Query timed out",
             "the query took longer than the statement timeout; narrow it with `source` or `search`",
         );
@@ -123,7 +21,7 @@ pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
     tracing::error!(error = %err, "database error");
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ProblemCode::Unavailable,
         "Database unavailable",
         "the database could not answer; try again shortly",
     )
