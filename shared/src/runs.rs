@@ -1,4 +1,6 @@
-//! Bookkeeping of ingest and normalize runs in `etl_runs`.
+//! Bookkeeping of ingest and normalize runs in `etl_runs`: the one way both services run work
+//! as a recorded run ([`Run::begin`], the work on the run's connection, then [`Run::end`] or
+//! [`Run::discard`]).
 //!
 //! A running run holds a session advisory lock keyed by its id on the connection it works on.
 //! If the process dies, Postgres drops the connection and the lock with it, so any replica can
@@ -11,6 +13,7 @@ use deadpool_postgres::Object;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Pool;
+use crate::metrics::PipelineMetrics;
 
 /// Which service a run belongs to (the `etl_runs.service` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,16 @@ impl RunCounts {
     }
 }
 
+/// What one run of a service over one source did: a row of `etl_runs`.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub source: String,
+    pub run_id: i64,
+    pub counts: RunCounts,
+    /// Why the run failed; `None` on success.
+    pub error: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("database unavailable: {0}")]
@@ -60,11 +73,51 @@ pub enum RunError {
 /// A run in progress. Owns the connection that holds its lock; the run's own work may use it.
 pub struct Run {
     pub id: i64,
+    service: Service,
+    source: String,
     started: Instant,
     client: Option<Object>,
 }
 
 impl Run {
+    /// Starts a recorded run of `service` over `source`: runs of the service cut off by a crash
+    /// or an outage are first marked failed (cheap: a partial index holds only running runs),
+    /// then a `running` row is recorded and locked, and the current span gets its `run_id`.
+    pub async fn begin(pool: &Pool, service: Service, source: &str) -> Result<Self, RunError> {
+        reap_interrupted(pool, service).await?;
+        let run = Self::start(pool, service, source).await?;
+        tracing::Span::current().record("run_id", run.id);
+        Ok(run)
+    }
+
+    /// Ends the run: records its outcome (and releases its lock), counts it in `metrics`, logs
+    /// it, and says what it did.
+    pub async fn end(
+        self,
+        pool: &Pool,
+        metrics: &PipelineMetrics,
+        counts: RunCounts,
+        error: Option<String>,
+    ) -> Result<RunSummary, RunError> {
+        let (run_id, service, source) = (self.id, self.service, self.source.clone());
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.finish(pool, counts, error.clone().map_or(Ok(()), Err))
+            .await?;
+        metrics.record_run(&source, error.is_none(), seconds);
+        match &error {
+            None => tracing::info!(service = service.as_str(), ?counts, "run succeeded"),
+            Some(e) => {
+                tracing::warn!(service = service.as_str(), ?counts, error = %e, "run failed")
+            }
+        }
+        Ok(RunSummary {
+            source,
+            run_id,
+            counts,
+            error,
+        })
+    }
+
     /// Records a new `running` run for `source` and locks it.
     pub async fn start(pool: &Pool, service: Service, source: &str) -> Result<Self, RunError> {
         let mut client = pool.get().await?;
@@ -81,6 +134,8 @@ impl Run {
         tx.commit().await?;
         Ok(Self {
             id,
+            service,
+            source: source.to_owned(),
             started: Instant::now(),
             client: Some(client),
         })

@@ -120,7 +120,7 @@ async fn run_case(file: &str) -> Outcome {
         pool,
         CancellationToken::new(),
     );
-    normalizer.catch_up("corpus").await.unwrap();
+    normalizer.run_source("corpus").await.unwrap();
 
     let client = db.client().await;
     let count = |sql: &'static str| {

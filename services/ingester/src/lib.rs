@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::runs::{reap_interrupted, Run, RunCounts, RunError, Service};
+use etl_shared::runs::{Run, RunError, RunSummary, Service};
 use etl_shared::sources::{SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
@@ -101,16 +101,6 @@ impl From<GaveUp> for IngestError {
     }
 }
 
-/// The outcome of one run of one source.
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub source: String,
-    pub run_id: i64,
-    pub counts: RunCounts,
-    /// Why the run failed; `None` on success.
-    pub error: Option<String>,
-}
-
 /// Runs sources. Cheap to clone; every clone shares the pool, metrics and shutdown signal.
 #[derive(Clone)]
 pub struct Ingester {
@@ -164,13 +154,8 @@ impl Ingester {
             .sources
             .get(name)
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
-        let started = std::time::Instant::now();
-        // Runs of this source cut off by a crash or an outage are recorded as failed before a
-        // new one starts (cheap: a partial index holds only running runs).
-        reap_interrupted(&inner.pool, Service::Ingester).await?;
-        let mut run = Run::start(&inner.pool, Service::Ingester, name).await?;
+        let mut run = Run::begin(&inner.pool, Service::Ingester, name).await?;
         let run_id = run.id;
-        tracing::Span::current().record("run_id", run_id);
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let client = run.client_mut();
@@ -201,19 +186,6 @@ impl Ingester {
             (counts, outcome)
         };
         let error = outcome.err().map(|e| e.to_string());
-        run.finish(&inner.pool, counts, error.clone().map_or(Ok(()), Err))
-            .await?;
-        let seconds = started.elapsed().as_secs_f64();
-        inner.metrics.record_run(name, error.is_none(), seconds);
-        match &error {
-            None => tracing::info!(?counts, "ingest run succeeded"),
-            Some(e) => tracing::warn!(?counts, error = %e, "ingest run failed"),
-        }
-        Ok(RunSummary {
-            source: name.into(),
-            run_id,
-            counts,
-            error,
-        })
+        Ok(run.end(&inner.pool, &inner.metrics, counts, error).await?)
     }
 }

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::listen::{self, Wake};
 use crate::{admin, Normalizer, Settings};
 
-/// Wait before retrying a source whose pass could not run (database unreachable).
+/// Wait before retrying a source whose run could not start (database unreachable).
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 pub struct Application {
@@ -129,7 +129,7 @@ fn busy_retry() -> Duration {
     Duration::from_millis(10 + fastrand::u64(0..40))
 }
 
-/// One source's worker: each wake-up runs a catch-up pass.
+/// One source's worker: each wake-up runs a normalize run.
 async fn work(normalizer: Normalizer, name: String, notify: Arc<Notify>) {
     let shutdown = normalizer.shutdown_token().clone();
     loop {
@@ -137,11 +137,11 @@ async fn work(normalizer: Normalizer, name: String, notify: Arc<Notify>) {
             _ = shutdown.cancelled() => return,
             _ = notify.notified() => {}
         }
-        let retry_in = match normalizer.catch_up(&name).await {
+        let retry_in = match normalizer.run_source(&name).await {
             Ok(outcome) if outcome.busy => Some(busy_retry()),
             Ok(_) => None,
             Err(e) => {
-                tracing::warn!(source = %name, error = %e, "normalize pass could not run; retrying");
+                tracing::warn!(source = %name, error = %e, "normalize run could not start; retrying");
                 Some(RETRY_AFTER_ERROR)
             }
         };

@@ -6,10 +6,10 @@
 //! notification only delays a record, never loses it.
 
 pub mod admin;
+pub mod batch;
 pub mod daemon;
 pub mod listen;
 pub mod mapping;
-pub mod pass;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::{PipelineMetrics, SourceLabels};
-use etl_shared::runs::{reap_interrupted, Run, RunCounts, RunError, Service};
+use etl_shared::runs::{Run, RunCounts, RunError, RunSummary, Service};
 use etl_shared::sources::{Sources, SourcesError};
 use etl_shared::Pool;
 use prometheus_client::metrics::counter::Counter;
@@ -30,8 +30,8 @@ use tracing::Instrument;
 
 pub use daemon::Application;
 
+use crate::batch::{BatchOutcome, Hook};
 use crate::mapping::FieldPaths;
-use crate::pass::{BatchOutcome, Hook};
 
 /// Everything the normalizer reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -91,23 +91,14 @@ pub enum NormalizeError {
     Run(#[from] RunError),
 }
 
-/// How a catch-up pass ended.
+/// How a normalize run ended.
 #[derive(Debug, Clone)]
-pub struct PassOutcome {
+pub struct RunOutcome {
     /// The run it recorded; `None` when it found nothing to do.
-    pub summary: Option<PassSummary>,
+    pub summary: Option<RunSummary>,
     /// It stopped because another replica held the source: there may be more to do, so the
     /// caller should try again shortly (this is what spreads a backlog over replicas).
     pub busy: bool,
-}
-
-/// One catch-up pass over one source: a row of `etl_runs`.
-#[derive(Debug, Clone)]
-pub struct PassSummary {
-    pub source: String,
-    pub run_id: i64,
-    pub counts: RunCounts,
-    pub error: Option<String>,
 }
 
 /// Normalizes sources. Cheap to clone; clones share the pool, metrics and shutdown signal.
@@ -199,7 +190,7 @@ impl Normalizer {
     pub async fn refresh_lag(&self) -> Result<(), NormalizeError> {
         let client = self.inner.pool.get().await?;
         for source in &self.inner.sources.sources {
-            let lag = pass::lag(&client, source).await?;
+            let lag = batch::lag(&client, source).await?;
             self.inner
                 .lag
                 .get_or_create(&SourceLabels {
@@ -210,35 +201,32 @@ impl Normalizer {
         Ok(())
     }
 
-    /// Normalizes everything after `name`'s checkpoint, batch by batch, until caught up (or
-    /// another replica holds the source).
+    /// One normalize run of `name`: everything after its checkpoint, batch by batch, until
+    /// caught up (or another replica holds the source). Recorded in `etl_runs` only when it did
+    /// something or failed.
     #[tracing::instrument(skip(self), fields(run_id))]
-    pub async fn catch_up(&self, name: &str) -> Result<PassOutcome, NormalizeError> {
+    pub async fn run_source(&self, name: &str) -> Result<RunOutcome, NormalizeError> {
         let inner = &self.inner;
         let source = inner
             .sources
             .get(name)
             .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
         let paths = &inner.paths[name];
-        let idle = PassOutcome {
+        let idle = RunOutcome {
             summary: None,
             busy: false,
         };
-        if !pass::has_work(&**inner.pool.get().await?, source).await? {
+        if !batch::has_work(&**inner.pool.get().await?, source).await? {
             return Ok(idle);
         }
-        let started = Instant::now();
-        // A pass cut off by a crash or an outage is recorded as failed before a new one starts.
-        reap_interrupted(&inner.pool, Service::Normalizer).await?;
-        let mut run = Run::start(&inner.pool, Service::Normalizer, name).await?;
+        let mut run = Run::begin(&inner.pool, Service::Normalizer, name).await?;
         let run_id = run.id;
-        tracing::Span::current().record("run_id", run_id);
         let mut total = RunCounts::default();
-        let mut outcome = Ok(());
+        let mut error = None;
         let mut busy = false;
         while !inner.shutdown.is_cancelled() {
             let batch_started = Instant::now();
-            let batch = pass::process_batch(
+            let batch = batch::process_batch(
                 run.client_mut(),
                 source,
                 paths,
@@ -267,31 +255,18 @@ impl Normalizer {
                 }
                 Ok(BatchOutcome::CaughtUp) => break,
                 Err(e) => {
-                    outcome = Err(e.to_string());
+                    error = Some(e.to_string());
                     break;
                 }
             }
         }
-        if total.processed == 0 && outcome.is_ok() {
+        if total.processed == 0 && error.is_none() {
             run.discard().await?;
-            return Ok(PassOutcome { busy, ..idle });
+            return Ok(RunOutcome { busy, ..idle });
         }
-        let error = outcome.as_ref().err().cloned();
-        run.finish(&inner.pool, total, outcome).await?;
-        inner
-            .metrics
-            .record_run(name, error.is_none(), started.elapsed().as_secs_f64());
-        match &error {
-            None => tracing::info!(?total, "normalize pass done"),
-            Some(e) => tracing::warn!(?total, error = %e, "normalize pass failed"),
-        }
-        Ok(PassOutcome {
-            summary: Some(PassSummary {
-                source: name.into(),
-                run_id,
-                counts: total,
-                error,
-            }),
+        let summary = run.end(&inner.pool, &inner.metrics, total, error).await?;
+        Ok(RunOutcome {
+            summary: Some(summary),
             busy,
         })
     }

@@ -1,4 +1,4 @@
-//! A normalize pass over real raw rows: the mapping and validation, rejects with reasons,
+//! A normalize run over real raw rows: the mapping and validation, rejects with reasons,
 //! idempotency, and the per-source invariant raw rows = normalized + rejected.
 
 mod support;
@@ -28,8 +28,8 @@ async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
     write_raw(&mut client, RawTable::Csv, "csv", &csv, false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
 
-    let api = normalizer.catch_up("api").await.unwrap().summary.unwrap();
-    let csv = normalizer.catch_up("csv").await.unwrap().summary.unwrap();
+    let api = normalizer.run_source("api").await.unwrap().summary.unwrap();
+    let csv = normalizer.run_source("csv").await.unwrap().summary.unwrap();
 
     assert_eq!(
         (api.counts.processed, api.counts.inserted, api.error),
@@ -72,8 +72,13 @@ async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
         .unwrap()
         .get(0);
     assert_eq!(total, 2500);
-    // Nothing more to do: no run is recorded for an idle pass.
-    assert!(normalizer.catch_up("api").await.unwrap().summary.is_none());
+    // Nothing more to do: no run is recorded for an idle one.
+    assert!(normalizer
+        .run_source("api")
+        .await
+        .unwrap()
+        .summary
+        .is_none());
 }
 
 #[tokio::test]
@@ -101,14 +106,14 @@ async fn bad_records_are_rejected_with_the_field_and_reason_while_good_ones_land
     write_raw_json(&mut client, RawTable::Api, "api", huge, false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
 
-    let pass = normalizer.catch_up("api").await.unwrap().summary.unwrap();
+    let run = normalizer.run_source("api").await.unwrap().summary.unwrap();
 
-    assert_eq!(pass.error, None, "bad records do not fail the pass");
+    assert_eq!(run.error, None, "bad records do not fail the run");
     assert_eq!(
         (
-            pass.counts.processed,
-            pass.counts.inserted,
-            pass.counts.rejected
+            run.counts.processed,
+            run.counts.inserted,
+            run.counts.rejected
         ),
         (10, 3, 7)
     );
@@ -158,7 +163,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
     install_apply_log(&client).await;
     write_raw(&mut client, RawTable::Api, "api", &api_items(1..=20), false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
-    normalizer.catch_up("api").await.unwrap();
+    normalizer.run_source("api").await.unwrap();
     let versions =
         "SELECT source_id, xmin::text, updated_at::text FROM normalized_data ORDER BY source_id";
     let before: Vec<(String, String, String)> = client
@@ -174,7 +179,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
         .execute("UPDATE etl_checkpoint SET last_processed_id = 0", &[])
         .await
         .unwrap();
-    let replay = normalizer.catch_up("api").await.unwrap().summary.unwrap();
+    let replay = normalizer.run_source("api").await.unwrap().summary.unwrap();
 
     assert_eq!(
         (
@@ -201,7 +206,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
         false,
     )
     .await;
-    let change = normalizer.catch_up("api").await.unwrap().summary.unwrap();
+    let change = normalizer.run_source("api").await.unwrap().summary.unwrap();
 
     assert_eq!((change.counts.processed, change.counts.updated), (1, 1));
     let row = client
@@ -240,7 +245,7 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
     .await;
     write_raw(&mut client, RawTable::Api, "api", &api_items(2..=2), false).await;
     let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
-    normalizer.catch_up("api").await.unwrap();
+    normalizer.run_source("api").await.unwrap();
     assert_eq!(tallies(&client, "api").await, (1, 1, 2));
 
     write_raw(
@@ -259,7 +264,7 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
         false,
     )
     .await;
-    normalizer.catch_up("api").await.unwrap();
+    normalizer.run_source("api").await.unwrap();
 
     assert_eq!(
         tallies(&client, "api").await,
@@ -312,12 +317,12 @@ async fn a_mapping_that_names_a_missing_column_fails_its_run_and_other_sources_g
     let normalizer = normalizer(&settings(&db, &sources_toml(extra)), None);
 
     let broken = normalizer
-        .catch_up("renamed")
+        .run_source("renamed")
         .await
         .unwrap()
         .summary
         .unwrap();
-    let fine = normalizer.catch_up("csv").await.unwrap().summary.unwrap();
+    let fine = normalizer.run_source("csv").await.unwrap().summary.unwrap();
 
     let error = broken.error.expect("the run fails");
     assert!(error.contains(r#"mapping.value = "amount""#), "{error}");
@@ -371,8 +376,8 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
         .get(0);
     // Another source commits later ids first, and is normalized.
     write_raw(&mut fast, RawTable::Api, "api", &api_items(1..=3), true).await;
-    normalizer.catch_up("api").await.unwrap();
-    normalizer.catch_up("csv").await.unwrap();
+    normalizer.run_source("api").await.unwrap();
+    normalizer.run_source("csv").await.unwrap();
     // A second writer of the same source waits for the first: it cannot commit before it.
     let writer_db = db.url.clone();
     let second = tokio::spawn(async move {
@@ -399,7 +404,7 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
 
     tx.commit().await.unwrap();
     second.await.unwrap();
-    normalizer.catch_up("csv").await.unwrap();
+    normalizer.run_source("csv").await.unwrap();
 
     let ids: Vec<String> = fast
         .query(

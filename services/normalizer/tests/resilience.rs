@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etl_normalizer::pass::{Hook, HookPoint};
+use etl_normalizer::batch::{Hook, HookPoint};
 use etl_shared::raw::RawTable;
 use etl_tests::{wait_for, TestDb};
 use support::*;
@@ -47,7 +47,7 @@ async fn crash_between_upsert_and_checkpoint(
     let (hook, mut stalled) = stall_after_first_upsert();
     let doomed = normalizer(&settings, Some(hook));
     let task = tokio::spawn(async move {
-        let _ = doomed.catch_up("api").await;
+        let _ = doomed.run_source("api").await;
     });
     let pid = tokio::time::timeout(DEADLINE, stalled.recv())
         .await
@@ -58,7 +58,7 @@ async fn crash_between_upsert_and_checkpoint(
 
     let survivor = normalizer(&settings, None);
     wait_for("the survivor to catch up", DEADLINE, || async {
-        survivor.catch_up("api").await.ok()?;
+        survivor.run_source("api").await.ok()?;
         caught_up(&client, "api").await.then_some(())
     })
     .await;

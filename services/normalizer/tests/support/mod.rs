@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use etl_normalizer::pass::Hook;
+use etl_normalizer::batch::Hook;
 use etl_normalizer::{Application, Normalizer, Settings};
 use etl_shared::raw::{self, RawJson, RawTable};
 use etl_shared::sources::Sources;

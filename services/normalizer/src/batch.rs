@@ -42,7 +42,7 @@ pub enum BatchOutcome {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PassError {
+pub enum BatchError {
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
     /// The mapping cannot apply to this source's rows at all (not one bad record): nothing is
@@ -71,7 +71,7 @@ pub async fn process_batch(
     run_id: i64,
     batch_size: i64,
     hook: Option<&Hook>,
-) -> Result<BatchOutcome, PassError> {
+) -> Result<BatchOutcome, BatchError> {
     let table = RawTable::of(source.kind);
     ensure_checkpoint(client, &source.name).await?;
     let tx = client.transaction().await?;
@@ -245,7 +245,7 @@ pub fn classify(
     paths: &FieldPaths,
     checkpoint: i64,
     rows: Vec<RawRow>,
-) -> Result<Classified, PassError> {
+) -> Result<Classified, BatchError> {
     let mut batch = Classified {
         last_change_id: checkpoint,
         processed: rows.len() as i64,
@@ -359,7 +359,7 @@ fn check_csv_columns(
     name: &Field,
     value: &Field,
     description: &Field,
-) -> Result<(), PassError> {
+) -> Result<(), BatchError> {
     let [name_at, value_at, description_at] = &paths.labels;
     let mut missing = Vec::new();
     if name.kind.is_none() {
@@ -374,7 +374,7 @@ fn check_csv_columns(
     if missing.is_empty() {
         return Ok(());
     }
-    Err(PassError::Mapping(format!(
+    Err(BatchError::Mapping(format!(
         "the mapping names columns the ingested rows do not have ({}); fix the sources file or re-ingest; nothing was normalized",
         missing.join(", ")
     )))
@@ -461,7 +461,7 @@ mod tests {
         let rest = classify(SourceKind::Rest, &paths(), 0, vec![missing()]).unwrap();
 
         assert!(
-            matches!(&csv, Err(PassError::Mapping(m)) if m.contains("mapping.name = \"name\"")),
+            matches!(&csv, Err(BatchError::Mapping(m)) if m.contains("mapping.name = \"name\"")),
             "{csv:?}"
         );
         assert_eq!(rest.invalid.reasons, ["name: nothing at name"]);
