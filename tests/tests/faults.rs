@@ -281,6 +281,22 @@ async fn scenario(fault: Fault, during: During) {
         http_status(&format!("http://{query_addr}/data?source=rows")).await,
         Some(200)
     );
+    if matches!(fault, Fault::Terminate) {
+        // The listener says why its connection ended, not just that it did.
+        let normalizer = pipeline
+            .services
+            .iter()
+            .find(|s| s.name == "etl-normalizer")
+            .unwrap()
+            .log();
+        assert!(
+            normalizer
+                .lines()
+                .any(|l| l.contains("LISTEN connection lost")
+                    && l.contains("terminating connection due to administrator command")),
+            "{normalizer}"
+        );
+    }
 
     pipeline.stop().await;
     std::fs::remove_file(sources).unwrap();

@@ -185,7 +185,7 @@ impl Ingester {
             };
             (counts, outcome)
         };
-        let error = outcome.err().map(|e| e.to_string());
+        let error = outcome.err().map(|e| etl_shared::error_chain(&e));
         Ok(run.end(&inner.pool, &inner.metrics, counts, error).await?)
     }
 }

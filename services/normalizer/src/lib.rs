@@ -255,7 +255,7 @@ impl Normalizer {
                 }
                 Ok(BatchOutcome::CaughtUp) => break,
                 Err(e) => {
-                    error = Some(e.to_string());
+                    error = Some(etl_shared::error_chain(&e));
                     break;
                 }
             }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use etl_shared::config::DatabaseSettings;
-use etl_shared::RAW_READY_CHANNEL;
+use etl_shared::{error_chain, RAW_READY_CHANNEL};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -77,10 +77,11 @@ async fn listen_once(
     let (client, mut connection) = config
         .connect(NoTls)
         .await
-        .map_err(|e| ListenError::Connect(e.to_string()))?;
+        .map_err(|e| ListenError::Connect(error_chain(&e)))?;
     // The Connection future alone drops notifications: poll its messages ourselves.
     let (notes_tx, mut notes) = mpsc::unbounded_channel::<String>();
-    let driver = tokio::spawn(async move {
+    // Ends with why the connection ended, which the loop below reports.
+    let mut driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -88,7 +89,7 @@ async fn listen_once(
                     let _ = notes_tx.send(n.payload().to_owned());
                 }
                 Ok(_) => {}
-                Err(e) => return e.to_string(),
+                Err(e) => return error_chain(&e),
             }
         }
         "connection closed".to_owned()
@@ -98,7 +99,7 @@ async fn listen_once(
             // sql: constant (a compile-time channel name; LISTEN takes no bind parameters)
             .batch_execute(&format!("LISTEN {RAW_READY_CHANNEL}"))
             .await
-            .map_err(|e| ListenError::Connect(e.to_string()))?;
+            .map_err(|e| ListenError::Connect(error_chain(&e)))?;
         tracing::info!(channel = RAW_READY_CHANNEL, "listening");
         // Subscribed first, then scan: a change committed in between is caught by one or the other.
         let _ = wake.send(Wake::All);
@@ -109,13 +110,19 @@ async fn listen_once(
                 _ = shutdown.cancelled() => return Ok(()),
                 note = notes.recv() => match note {
                     Some(source) => { let _ = wake.send(Wake::Source(source)); }
-                    None => return Err(ListenError::Connected("connection closed".into())),
+                    // The driver ended: its result says why (the server's error, a reset, …).
+                    None => {
+                        let why = (&mut driver)
+                            .await
+                            .unwrap_or_else(|e| format!("the connection's driver failed: {e}"));
+                        return Err(ListenError::Connected(why));
+                    }
                 },
                 _ = ping.tick() => {
                     let pong = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
                     match pong {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(ListenError::Connected(e.to_string())),
+                        Ok(Err(e)) => return Err(ListenError::Connected(error_chain(&e))),
                         Err(_) => return Err(ListenError::Connected("ping timed out".into())),
                     }
                 }
