@@ -156,12 +156,12 @@ impl ToSql for RawJson {
 }
 
 /// A record to [`write`]: its id within the source, and its data.
-pub trait RawRow: Sync {
+pub trait Landable: Sync {
     fn source_id(&self) -> &str;
     fn data(&self) -> &RawJson;
 }
 
-impl RawRow for (String, RawJson) {
+impl Landable for (String, RawJson) {
     fn source_id(&self) -> &str {
         &self.0
     }
@@ -188,7 +188,7 @@ impl Written {
 /// must: staged with a binary `COPY`, then, under the source's write lock, one upsert that
 /// leaves unchanged records untouched and gives changed ones a new change id. Nothing is visible before `tx`
 /// commits; follow with [`notify`] when something changed.
-pub async fn write<R: RawRow>(
+pub async fn write<R: Landable>(
     tx: &Transaction<'_>,
     table: RawTable,
     source: &str,
@@ -205,8 +205,7 @@ pub async fn write<R: RawRow>(
     let sink = tx
         .copy_in("COPY raw_staging (source_id, data) FROM STDIN BINARY")
         .await?;
-    let writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]));
-    let mut writer = writer;
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]));
     for record in records {
         writer
             .as_mut()

@@ -321,15 +321,7 @@ impl Cluster {
     /// and checkpoints, `Immediate` is a crash (recovery replays the WAL on the next start).
     /// For fault tests; [`resume`](Self::resume) starts it again on the same port.
     pub fn halt(&mut self, mode: ShutdownMode) -> Result<(), BootstrapError> {
-        let mut command = Command::new(self.binaries.tool("pg_ctl"));
-        command.arg("--pgdata").arg(self.data_dir()).args([
-            "--wait",
-            "--timeout=30",
-            "--mode",
-            mode.as_str(),
-            "stop",
-        ]);
-        self.run("pg_ctl stop", &mut command)?;
+        pg_ctl_stop(&self.binaries, &self.data_dir(), self.run_as, mode)?;
         self.stopped = true;
         Ok(())
     }
@@ -442,16 +434,7 @@ fn owner_of(entry: &Path) -> Option<u32> {
 pub fn kill_server(data: &Path) {
     if let Ok(binaries) = PgBinaries::find() {
         let user = unprivileged_user().ok().flatten();
-        let mut command = Command::new(binaries.tool("pg_ctl"));
-        command.arg("--pgdata").arg(data).args([
-            "--wait",
-            "--timeout=30",
-            "--mode",
-            "immediate",
-            "stop",
-        ]);
-        run_as(&mut command, user, Path::new("/"));
-        let _ = command.output();
+        let _ = pg_ctl_stop(&binaries, data, user, ShutdownMode::Immediate);
     }
 }
 
@@ -460,17 +443,28 @@ fn stop_server(
     data: &Path,
     user: Option<(u32, u32)>,
 ) -> Result<(), BootstrapError> {
-    let stop = |mode: &str| {
-        let mut command = Command::new(binaries.tool("pg_ctl"));
-        command
-            .arg("--pgdata")
-            .arg(data)
-            .args(["--wait", "--timeout=30", "--mode", mode, "stop"]);
-        run_as(&mut command, user, data.parent().unwrap_or(data));
-        checked("pg_ctl stop", &mut command)
-    };
     // A fast stop waits for the shutdown checkpoint; if that hangs, an immediate one still ends it.
-    stop("fast").or_else(|_| stop("immediate")).map(|_| ())
+    pg_ctl_stop(binaries, data, user, ShutdownMode::Fast)
+        .or_else(|_| pg_ctl_stop(binaries, data, user, ShutdownMode::Immediate))
+}
+
+/// `pg_ctl stop` of the server on `data` in `mode`, as `user`, waiting up to 30 s.
+fn pg_ctl_stop(
+    binaries: &PgBinaries,
+    data: &Path,
+    user: Option<(u32, u32)>,
+    mode: ShutdownMode,
+) -> Result<(), BootstrapError> {
+    let mut command = Command::new(binaries.tool("pg_ctl"));
+    command.arg("--pgdata").arg(data).args([
+        "--wait",
+        "--timeout=30",
+        "--mode",
+        mode.as_str(),
+        "stop",
+    ]);
+    run_as(&mut command, user, data.parent().unwrap_or(data));
+    checked("pg_ctl stop", &mut command).map(|_| ())
 }
 
 /// `None` when already unprivileged; the `postgres` user's (uid, gid) when running as root.

@@ -9,13 +9,11 @@
 use std::collections::HashSet;
 
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::raw::{self, RawTable, Written, RAW_READY_CHANNEL};
+use etl_shared::raw::{self, RawJson, RawTable, Written, RAW_READY_CHANNEL};
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
 use tokio_postgres::{Client, Transaction};
 use tracing::Instrument;
-
-pub use etl_shared::raw::RawJson;
 
 /// Rows per batch: large enough to amortize the round trips, small enough to bound memory and
 /// lock time.
@@ -31,7 +29,7 @@ pub struct RawRecord {
     pub position: Position,
 }
 
-impl raw::RawRow for RawRecord {
+impl raw::Landable for RawRecord {
     fn source_id(&self) -> &str {
         &self.source_id
     }
