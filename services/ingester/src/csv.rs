@@ -18,7 +18,7 @@ use url::Url;
 
 use crate::http::{FetchError, Fetcher};
 use crate::land::{Lander, Position};
-use crate::IngestError;
+use crate::{IngestError, SafeUrl, SourceError};
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -43,7 +43,7 @@ pub async fn ingest(
         delimiter: options.delimiter as u8,
         quote: options.quote as u8,
     };
-    let url = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;
+    let url = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
     let body = open(fetcher, &url, options.gzip).await?;
     // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
     let body = QuoteFollower::new(Capped::new(body, fetcher), dialect);
@@ -95,7 +95,7 @@ async fn next_record(
     csv: &mut CsvReader,
     record: &mut ByteRecord,
     url: &Url,
-) -> Result<bool, IngestError> {
+) -> Result<bool, SourceError> {
     csv.read_byte_record(record)
         .await
         .map_err(|e| csv_error(url, e))
@@ -118,10 +118,10 @@ async fn land_rows(
         if fetcher.stopping() {
             // The rows queued since the last batch are dropped, not half-written; the next
             // run reads the file again.
-            return Err(IngestError::Source(format!(
-                "interrupted by shutdown{}",
-                line_suffix(&record)
-            )));
+            return Err(SourceError::Interrupted {
+                line: record.position().map(|p| p.line()),
+            }
+            .into());
         }
         more = next_record(csv, &mut next, url).await?;
         let position = Position {
@@ -152,7 +152,7 @@ struct Header {
 }
 
 impl Header {
-    fn parse(record: &ByteRecord, source: &Source) -> Result<Self, IngestError> {
+    fn parse(record: &ByteRecord, source: &Source) -> Result<Self, SourceError> {
         let mut columns = Vec::with_capacity(record.len());
         for (i, field) in record.iter().enumerate() {
             let field = if i == 0 {
@@ -160,14 +160,11 @@ impl Header {
             } else {
                 field
             };
-            let name = std::str::from_utf8(field).map_err(|_| {
-                IngestError::Source(format!("the header's column {} is not valid UTF-8", i + 1))
-            })?;
+            let name = std::str::from_utf8(field)
+                .map_err(|_| SourceError::HeaderNotUtf8 { column: i + 1 })?;
             let name = name.trim().to_owned();
             if columns.contains(&name) {
-                return Err(IngestError::Source(format!(
-                    "the header names column {name:?} twice; rows could not be mapped unambiguously"
-                )));
+                return Err(SourceError::DuplicateColumn { name });
             }
             columns.push(name);
         }
@@ -181,10 +178,11 @@ impl Header {
         for (field, column) in mapped {
             if let Some(column) = column {
                 if !columns.contains(column) {
-                    return Err(IngestError::Source(format!(
-                        "the header has no column {column:?} ({field}); it has: {}",
-                        columns.join(", ")
-                    )));
+                    return Err(SourceError::MissingColumn {
+                        column: column.clone(),
+                        field,
+                        columns,
+                    });
                 }
             }
         }
@@ -389,23 +387,19 @@ impl<R: AsyncRead + Unpin> AsyncRead for Capped<R> {
     }
 }
 
-fn line_suffix(record: &ByteRecord) -> String {
-    record
-        .position()
-        .map(|p| format!(" at line {}", p.line()))
-        .unwrap_or_default()
+fn read_error(url: &Url, error: io::Error) -> SourceError {
+    SourceError::Read {
+        url: SafeUrl::from(url),
+        error,
+    }
 }
 
-fn read_error(url: &Url, e: io::Error) -> IngestError {
-    IngestError::Source(format!("reading {url} failed: {e}"))
-}
-
-fn csv_error(url: &Url, e: csv_async::Error) -> IngestError {
-    let line = e
-        .position()
-        .map(|p| format!(" near line {}", p.line()))
-        .unwrap_or_default();
-    IngestError::Source(format!("reading CSV from {url} failed{line}: {e}"))
+fn csv_error(url: &Url, error: csv_async::Error) -> SourceError {
+    SourceError::Csv {
+        url: SafeUrl::from(url),
+        line: error.position().map(|p| p.line()),
+        error,
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use reqwest::{Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::SafeUrl;
+
 /// Why a fetch failed. `retryable` says whether trying again could help.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -56,7 +58,9 @@ impl FetchError {
     }
 
     pub fn from_reqwest(e: reqwest::Error) -> Self {
-        // The chain holds the useful part ("connection refused", "operation timed out").
+        // The URL is dropped (whoever reports this shows it as a `SafeUrl`); the chain holds
+        // the useful part ("connection refused", "operation timed out").
+        let e = e.without_url();
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(inner) = source {
@@ -68,9 +72,12 @@ impl FetchError {
     }
 }
 
-/// A failure after all attempts, with the URL and how many tries it took.
+/// A failure after all attempts, with the URL (shown without secrets) and how many tries it took.
 #[derive(Debug, thiserror::Error)]
-#[error("GET {url} failed after {attempts} attempt(s): {last}")]
+#[error(
+    "GET {} failed after {attempts} attempt(s): {last}",
+    SafeUrl::from(url)
+)]
 pub struct GaveUp {
     pub url: Url,
     pub attempts: u32,
@@ -139,7 +146,7 @@ impl Fetcher {
                 });
             }
             let wait = self.backoff(attempt, &error);
-            tracing::warn!(%url, attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying");
+            tracing::warn!(url = %SafeUrl::from(url), attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.shutdown.cancelled() => {

@@ -7,6 +7,7 @@
 pub mod admin;
 mod csv;
 pub mod daemon;
+mod error;
 pub mod http;
 pub mod land;
 mod rest;
@@ -18,16 +19,16 @@ use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::runs::{Run, RunError, RunSummary, Service};
+use etl_shared::runs::{Run, RunSummary, Service};
 use etl_shared::sources::{SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
 use tokio_util::sync::CancellationToken;
 
 pub use daemon::Application;
+pub use error::{IngestError, SafeUrl, SourceError};
 
-use crate::http::{Fetcher, GaveUp, HeaderError};
-use crate::land::LandError;
+use crate::http::{Fetcher, HeaderError};
 
 /// Everything the ingester reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -75,29 +76,6 @@ impl Settings {
             headers,
             admin_addr,
         })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error("unknown source `{0}`")]
-    UnknownSource(String),
-    #[error(transparent)]
-    Fetch(Box<GaveUp>),
-    #[error(transparent)]
-    Land(#[from] LandError),
-    #[error("{0}")]
-    Source(String),
-    #[error(transparent)]
-    Run(#[from] RunError),
-    #[error("could not build the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-}
-
-impl From<GaveUp> for IngestError {
-    fn from(e: GaveUp) -> Self {
-        // Boxed: a URL and a response body make this variant several times larger than the rest.
-        IngestError::Fetch(Box::new(e))
     }
 }
 

@@ -11,7 +11,7 @@ use url::Url;
 
 use crate::http::{read_body_limited, FetchError, Fetcher};
 use crate::land::{Lander, Position};
-use crate::IngestError;
+use crate::{IngestError, SafeUrl, SourceError};
 
 /// One fetched page: the JSON body (validated) and the `Link: rel="next"` target, if any.
 struct Page {
@@ -25,7 +25,7 @@ pub async fn ingest(
     lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let rest = source.rest_options();
-    let base = Url::parse(&source.url).map_err(|e| IngestError::Source(format!("bad url: {e}")))?;
+    let base = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
     let limit = fetcher.max_page_bytes();
     let mut next = first_url(&base, &rest.pagination);
     let mut requested = HashSet::new();
@@ -34,21 +34,23 @@ pub async fn ingest(
     while let Some(url) = next.take() {
         page_no += 1;
         if page_no > rest.max_pages {
-            return Err(IngestError::Source(format!(
-                "stopped after {} pages (rest.max_pages) with more still announced; the API may be looping",
-                rest.max_pages
-            )));
+            return Err(SourceError::TooManyPages {
+                max_pages: rest.max_pages,
+            }
+            .into());
         }
         if !requested.insert(url.clone()) {
-            return Err(IngestError::Source(format!(
-                "pagination loop: page {page_no} points back to {url}, which was already fetched"
-            )));
+            return Err(SourceError::PaginationLoop {
+                page: page_no,
+                url: SafeUrl::from(&url),
+            }
+            .into());
         }
         let page = fetcher
             .get(&url, |response| read_page(response, limit))
             .await?;
-        let items = locate_items(&page.body, &rest.items)
-            .map_err(|why| IngestError::Source(format!("page {page_no} ({url}): {why}")))?;
+        let items =
+            locate_items(&page.body, &rest.items).map_err(|why| page_error(page_no, &url, why))?;
         let count = items.len() as u64;
         for (index, item) in items.into_iter().enumerate() {
             let position = Position {
@@ -63,9 +65,17 @@ pub async fn ingest(
                 .await?;
         }
         next = next_url(&base, &url, &rest.pagination, &page, page_no, count)
-            .map_err(|why| IngestError::Source(format!("page {page_no} ({url}): {why}")))?;
+            .map_err(|why| page_error(page_no, &url, why))?;
     }
     Ok(())
+}
+
+fn page_error(page: u32, url: &Url, why: String) -> SourceError {
+    SourceError::Page {
+        page,
+        url: SafeUrl::from(url),
+        why,
+    }
 }
 
 async fn read_page(response: reqwest::Response, limit: u64) -> Result<Page, FetchError> {
