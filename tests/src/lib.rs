@@ -5,7 +5,11 @@
 //! The server comes from `DATABASE_URL`, which `cargo xtask test` sets to the Postgres it
 //! provisioned (an existing one, or a throwaway cluster).
 
+mod fixtures;
+
 use std::time::Duration;
+
+pub use fixtures::{sources_toml, streamed_csv, SourceToml, SourcesFile, TestServer};
 
 pub use etl_shared::db::url_with_database as with_database;
 use etl_shared::DatabaseSettings;
@@ -36,6 +40,7 @@ impl TestDb {
     }
 
     async fn create(admin_url: String, template: Option<&str>) -> Self {
+        capture_logs();
         let name = format!("etl_test_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&admin_url).await;
         let sql = match template {
@@ -81,6 +86,24 @@ impl Drop for TestDb {
             eprintln!("warning: could not drop test database {}", self.name);
         }
     }
+}
+
+/// Sends the logs of services running inside the test process to the test's captured output,
+/// which the runner prints when the test fails (and hides when it passes). Installed by
+/// [`TestDb`], so every test that runs a service in-process has it; `RUST_LOG` overrides the
+/// level. (Services started as processes log to files: see [`ServiceProcess::log_tail`].)
+pub fn capture_logs() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // A test that installed its own subscriber keeps it.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
 }
 
 /// The server URL the harness works from.
@@ -183,28 +206,6 @@ where
             "timed out after {deadline:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// An HTTP server on 127.0.0.1 with a free port, serving `endpoint` until the test's runtime
-/// ends. Sources in tests are real servers, fetched over real HTTP.
-pub struct TestServer {
-    pub addr: std::net::SocketAddr,
-}
-
-impl TestServer {
-    pub async fn start(endpoint: impl poem::Endpoint + 'static) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().unwrap();
-        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
-        tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(endpoint));
-        Self { addr }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
     }
 }
 
@@ -494,30 +495,4 @@ impl Pipeline {
             assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
         }
     }
-}
-
-/// A CSV body (`id,name,value`, rows `i,row i,i` from 0) streamed in chunks of `chunk_rows`
-/// rows, `pause` apart: `rows` in all, or without end when `None`. For sources that are slow,
-/// huge or never finish.
-pub fn streamed_csv(rows: Option<u64>, chunk_rows: u64, pause: Duration) -> poem::Body {
-    let chunks = futures_util::stream::unfold(0u64, move |n| async move {
-        let first = n * chunk_rows;
-        if rows.is_some_and(|total| first >= total) {
-            return None;
-        }
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await; // the source's pace, not a synchronization
-        }
-        let last = rows.map_or(first + chunk_rows, |total| (first + chunk_rows).min(total));
-        let mut chunk = if n == 0 {
-            String::from("id,name,value\n")
-        } else {
-            String::new()
-        };
-        for i in first..last {
-            chunk.push_str(&format!("{i},row {i},{i}\n"));
-        }
-        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), n + 1))
-    });
-    poem::Body::from_bytes_stream(chunks)
 }

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etl_shared::sources::Sources;
-use etl_tests::{TestDb, TestServer};
-use poem::{endpoint::make_sync, Response, Route};
+use etl_tests::{SourceToml, TestDb, TestServer};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -50,21 +49,21 @@ fn expected() -> Expected {
     toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
+/// The source `corpus` of `kind`, its fields named as in the corpus files, tried once.
 fn sources_toml(kind: &str, url: &str) -> String {
-    let (mapping, rest) = match kind {
-        "csv" => (
+    let source = match kind {
+        "csv" => SourceToml::csv("corpus", url).mapping(
             r#"{ source_id = "id", name = "name", value = "value", description = "description" }"#,
-            "",
         ),
-        _ => (
-            r#"{ source_id = "/id", name = "/name", value = "/value", description = "/description" }"#,
-            "rest = { items = \"/items\" }",
-        ),
+        _ => SourceToml::rest("corpus", url)
+            .mapping(
+                r#"{ source_id = "/id", name = "/name", value = "/value", description = "/description" }"#,
+            )
+            .with(r#"rest = { items = "/items" }"#),
     };
-    format!(
-        "[[source]]\nname = \"corpus\"\nkind = \"{kind}\"\nurl = \"{url}\"\nmapping = {mapping}\n{rest}\n\
-         http = {{ attempts = 1, read_timeout = \"5s\" }}\n"
-    )
+    source
+        .with(r#"http = { attempts = 1, read_timeout = "5s" }"#)
+        .to_string()
 }
 
 /// What one corpus file produced.
@@ -81,11 +80,7 @@ struct Outcome {
 async fn run_case(file: &str) -> Outcome {
     let db = TestDb::new().await;
     let body = std::fs::read(corpus_dir().join(file)).unwrap();
-    let server = TestServer::start(Route::new().at(
-        "/*path",
-        make_sync(move |_| Response::builder().body(body.clone())),
-    ))
-    .await;
+    let server = TestServer::serving("/*path", body).await;
     let kind = if file.starts_with("csv/") {
         "csv"
     } else {

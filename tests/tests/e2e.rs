@@ -3,10 +3,9 @@
 //! the runs, a normalizer killed with SIGKILL in the middle of a large backlog is restarted and
 //! the result is exact, and SIGTERM stops every service cleanly.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use etl_tests::{wait_for, ServiceProcess as Service, TestDb, TestServer};
+use etl_tests::{wait_for, ServiceProcess as Service, SourceToml, SourcesFile, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use serde_json::{json, Value};
 
@@ -80,44 +79,18 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
         .await
         .unwrap();
     let server = sources_server().await;
-    let sources_file =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-sources-{}.toml", db.name));
-    std::fs::write(
-        &sources_file,
-        format!(
-            r#"
-            [[source]]
-            name = "products"
-            kind = "rest"
-            url = "{products}"
-            schedule = "1h"
-            mapping = {{ source_id = "/id", name = "/title", value = "/price" }}
-            rest = {{ items = "/items", pagination = {{ style = "page", size = 100 }} }}
-
-            [[source]]
-            name = "sensors"
-            kind = "csv"
-            url = "{sensors}"
-            schedule = "1h"
-            mapping = {{ source_id = "id", name = "name", value = "value" }}
-
-            [[source]]
-            name = "big"
-            kind = "csv"
-            url = "{big}"
-            schedule = "1h"
-            mapping = {{ source_id = "id", name = "name", value = "value" }}
-            "#,
-            products = server.url("/products"),
-            sensors = server.url("/sensors.csv"),
-            big = server.url("/big.csv"),
-        ),
-    )
-    .unwrap();
+    let hourly = r#"schedule = "1h""#;
+    let sources_file = SourcesFile::of(&[
+        SourceToml::rest("products", &server.url("/products"))
+            .with(hourly)
+            .with(r#"rest = { items = "/items", pagination = { style = "page", size = 100 } }"#),
+        SourceToml::csv("sensors", &server.url("/sensors.csv")).with(hourly),
+        SourceToml::csv("big", &server.url("/big.csv")).with(hourly),
+    ]);
     let query_addr = etl_tests::free_local_addr();
     let common = vec![
         ("DATABASE_URL", db.url.clone()),
-        ("SOURCES_FILE", sources_file.display().to_string()),
+        ("SOURCES_FILE", sources_file.env_value()),
     ];
     let with = |extra: (&'static str, String)| {
         let mut env = common.clone();
@@ -225,5 +198,4 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
             service.log_tail()
         );
     }
-    std::fs::remove_file(sources_file).unwrap();
 }

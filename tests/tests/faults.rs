@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use etl_tests::{streamed_csv, wait_for, Pipeline, TcpProxy, TestDb, TestServer};
+use etl_tests::{
+    streamed_csv, wait_for, Pipeline, SourceToml, SourcesFile, TcpProxy, TestDb, TestServer,
+};
 use poem::{endpoint::make_sync, Response, Route};
 use xtask::pg::{Cluster, PgBinaries, ShutdownMode};
 
@@ -120,31 +122,14 @@ async fn scenario(fault: Fault, during: During) {
         make_sync(move |_| Response::builder().body(streamed_csv(Some(ROWS), 1_000, pause))),
     ))
     .await;
-    let sources = std::env::temp_dir().join(format!(
-        "sources-faults-{}-{}.toml",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
-    std::fs::write(
-        &sources,
-        format!(
-            r#"
-            [[source]]
-            name = "rows"
-            kind = "csv"
-            url = "{}"
-            schedule = "1h"
-            mapping = {{ source_id = "id", name = "name", value = "value" }}
-            "#,
-            server.url("/rows.csv")
-        ),
-    )
-    .unwrap();
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("rows", &server.url("/rows.csv")).with(r#"schedule = "1h""#)
+    ]);
     let service_url = proxy.as_ref().map_or(url.clone(), |p| p.url_for(&url));
     let mut pipeline = Pipeline::start(&[
         ("DATABASE_URL", service_url),
         ("DATABASE_CONNECT_TIMEOUT_SECS", "1".to_string()),
-        ("SOURCES_FILE", sources.display().to_string()),
+        ("SOURCES_FILE", sources.env_value()),
         ("NORMALIZER_BATCH_SIZE", "200".to_string()),
     ]);
     let query_addr = pipeline.query_addr;
@@ -299,7 +284,6 @@ async fn scenario(fault: Fault, during: During) {
     }
 
     pipeline.stop().await;
-    std::fs::remove_file(sources).unwrap();
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use etl_tests::{streamed_csv, wait_for, Pipeline, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, Pipeline, SourceToml, SourcesFile, TestDb, TestServer};
 use poem::{endpoint::make_sync, Response, Route};
 
 const CLIENTS: usize = 64;
@@ -24,19 +24,12 @@ async fn sixty_four_clients_for_thirty_seconds_during_ingest_and_normalize_see_n
         }),
     ))
     .await;
-    let sources = std::env::temp_dir().join(format!("sources-load-{}.toml", db.name));
-    std::fs::write(
-        &sources,
-        format!(
-            "[[source]]\nname = \"rows\"\nkind = \"csv\"\nurl = \"{}\"\nschedule = \"1h\"\n\
-             mapping = {{ source_id = \"id\", name = \"name\", value = \"value\" }}\n",
-            server.url("/rows.csv")
-        ),
-    )
-    .unwrap();
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("rows", &server.url("/rows.csv")).with(r#"schedule = "1h""#)
+    ]);
     let mut pipeline = Pipeline::start(&[
         ("DATABASE_URL", db.url.clone()),
-        ("SOURCES_FILE", sources.display().to_string()),
+        ("SOURCES_FILE", sources.env_value()),
         // /stats recomputed every second, so the load also hits its aggregate.
         ("QUERY_STATS_MAX_AGE_SECS", "1".to_string()),
     ]);
@@ -125,5 +118,4 @@ async fn sixty_four_clients_for_thirty_seconds_during_ingest_and_normalize_see_n
     })
     .await;
     pipeline.stop().await;
-    std::fs::remove_file(sources).unwrap();
 }

@@ -4,8 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use etl_tests::{wait_for, Pipeline, TestDb, TestServer};
-use poem::{endpoint::make_sync, Route};
+use etl_tests::{wait_for, Pipeline, SourceToml, SourcesFile, TestDb, TestServer};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -34,20 +33,12 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 #[tokio::test]
 async fn counters_move_by_exactly_the_rows_processed_and_stats_agree() {
     let db = TestDb::new().await;
-    let source = TestServer::start(Route::new().at("/m.csv", make_sync(|_| CSV))).await;
-    let sources = std::env::temp_dir().join(format!("sources-metrics-{}.toml", db.name));
-    std::fs::write(
-        &sources,
-        format!(
-            "[[source]]\nname = \"m\"\nkind = \"csv\"\nurl = \"{}\"\nschedule = \"1h\"\n\
-             mapping = {{ source_id = \"id\", name = \"name\", value = \"value\" }}\n",
-            source.url("/m.csv")
-        ),
-    )
-    .unwrap();
+    let source = TestServer::serving("/m.csv", CSV).await;
+    let sources =
+        SourcesFile::of(&[SourceToml::csv("m", &source.url("/m.csv")).with(r#"schedule = "1h""#)]);
     let mut pipeline = Pipeline::start(&[
         ("DATABASE_URL", db.url.clone()),
-        ("SOURCES_FILE", sources.display().to_string()),
+        ("SOURCES_FILE", sources.env_value()),
         ("QUERY_STATS_MAX_AGE_SECS", "0".to_string()),
     ]);
     let (ingester_addr, normalizer_addr, query_addr) = (
@@ -189,5 +180,4 @@ async fn counters_move_by_exactly_the_rows_processed_and_stats_agree() {
     );
 
     pipeline.stop().await;
-    std::fs::remove_file(sources).unwrap();
 }

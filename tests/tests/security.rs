@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use etl_tests::{TestDb, TestServer};
+use etl_tests::{SourceToml, SourcesFile, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 
 fn workspace() -> PathBuf {
@@ -114,25 +114,12 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         }),
     ))
     .await;
-    let sources = std::env::temp_dir().join(format!("sources-secret-{}.toml", db.name));
-    std::fs::write(
-        &sources,
-        format!(
-            r#"
-            [[source]]
-            name = "private"
-            kind = "rest"
-            url = "{}"
-            headers.Authorization = {{ env = "PRIVATE_TOKEN", prefix = "Bearer " }}
-            mapping = {{ source_id = "/id", name = "/t", value = "/v" }}
-            "#,
-            server.url("/items")
-        ),
-    )
-    .unwrap();
+    let sources = SourcesFile::of(&[SourceToml::rest("private", &server.url("/items"))
+        .mapping(r#"{ source_id = "/id", name = "/t", value = "/v" }"#)
+        .with(r#"headers.Authorization = { env = "PRIVATE_TOKEN", prefix = "Bearer " }"#)]);
 
     let output = tokio::task::spawn_blocking({
-        let (url, sources) = (url_with_password.clone(), sources.clone());
+        let (url, sources) = (url_with_password.clone(), sources.env_value());
         move || {
             Command::new(bin("etl-ingester"))
                 .args(["ingest"])
@@ -204,7 +191,6 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
     );
     assert_eq!(query.stop().await, Some(0));
     assert!(!query.log_tail().contains("never-log-me"));
-    std::fs::remove_file(sources).unwrap();
 }
 
 #[test]

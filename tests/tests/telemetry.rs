@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etl_tests::{service_binary, wait_for, ServiceProcess, TestDb, TestServer};
+use etl_tests::{
+    service_binary, wait_for, ServiceProcess, SourceToml, SourcesFile, TestDb, TestServer,
+};
 use poem::web::Data;
 use poem::{handler, post, EndpointExt, Route};
 use serde_json::Value;
@@ -135,24 +137,19 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
             .at("/v1/metrics", post(collect_metrics).data(points.clone())),
     )
     .await;
-    let source = TestServer::start(Route::new().at(
+    let source = TestServer::serving(
         "/rows.csv",
-        poem::endpoint::make_sync(|_| "id,name,value\n1,one,1\n2,two,2\n3,three,3\n"),
-    ))
-    .await;
-    let sources = std::env::temp_dir().join(format!("sources-otel-{}.toml", db.name));
-    std::fs::write(
-        &sources,
-        format!(
-            "[[source]]\nname = \"rows\"\nkind = \"csv\"\nurl = \"{}\"\n\
-             mapping = {{ source_id = \"id\", name = \"name\", value = \"value\" }}\n",
-            source.url("/rows.csv")
-        ),
+        "id,name,value
+1,one,1
+2,two,2
+3,three,3
+",
     )
-    .unwrap();
+    .await;
+    let sources = SourcesFile::of(&[SourceToml::csv("rows", &source.url("/rows.csv"))]);
     let mut env = otel_env(&collector);
     env.push(("DATABASE_URL", db.url.clone()));
-    env.push(("SOURCES_FILE", sources.display().to_string()));
+    env.push(("SOURCES_FILE", sources.env_value()));
 
     // The one-shot ingest exits, flushing its spans on the way out.
     let ingest = tokio::process::Command::new(service_binary("etl-ingester"))
@@ -241,7 +238,6 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
         ),
         3.0
     );
-    std::fs::remove_file(sources).unwrap();
 }
 
 #[tokio::test]

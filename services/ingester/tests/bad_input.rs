@@ -4,29 +4,15 @@
 
 mod support;
 
-use etl_tests::{TestDb, TestServer};
-use poem::{endpoint::make_sync, Response, Route};
+use etl_tests::{SourceToml, TestDb, TestServer};
 use support::*;
 
 async fn serve(body: Vec<u8>) -> TestServer {
-    TestServer::start(Route::new().at(
-        "/:file",
-        make_sync(move |_| Response::builder().body(body.clone())),
-    ))
-    .await
+    TestServer::serving("/:file", body).await
 }
 
-fn csv_source(name: &str, url: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "{name}"
-        kind = "csv"
-        url = "{url}"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        "#
-    )
-}
+/// REST items `{id, n, v}`.
+const REST_MAPPING: &str = r#"{ source_id = "/id", name = "/n", value = "/v" }"#;
 
 #[tokio::test]
 async fn nul_bytes_huge_fields_mixed_line_endings_and_odd_numbers_land_or_are_rejected() {
@@ -42,10 +28,13 @@ async fn nul_bytes_huge_fields_mixed_line_endings_and_odd_numbers_land_or_are_re
     body.extend_from_slice(b"8,last,8\n");
     let server = serve(body).await;
 
-    let summary = ingester(&db, &csv_source("odd", &server.url("/odd.csv")))
-        .run_source("odd")
-        .await
-        .unwrap();
+    let summary = ingester(
+        &db,
+        &SourceToml::csv("odd", &server.url("/odd.csv")).to_string(),
+    )
+    .run_source("odd")
+    .await
+    .unwrap();
 
     assert_eq!(summary.error, None);
     assert_eq!(
@@ -80,10 +69,13 @@ async fn ten_thousand_columns_land_as_one_object() {
     }
     let server = serve(format!("{header}\n{row}\n").into_bytes()).await;
 
-    let summary = ingester(&db, &csv_source("wide", &server.url("/wide.csv")))
-        .run_source("wide")
-        .await
-        .unwrap();
+    let summary = ingester(
+        &db,
+        &SourceToml::csv("wide", &server.url("/wide.csv")).to_string(),
+    )
+    .run_source("wide")
+    .await
+    .unwrap();
 
     assert_eq!(summary.error, None);
     let keys: i64 = db
@@ -108,14 +100,9 @@ async fn ten_thousand_levels_of_nesting_land_without_overflowing_the_stack() {
         "]".repeat(10_000)
     );
     let server = serve(deep.into_bytes()).await;
-    let toml = r#"
-        [[source]]
-        name = "deep"
-        kind = "rest"
-        url = "URL"
-        mapping = { source_id = "/id", name = "/n", value = "/v" }
-    "#
-    .replace("URL", &server.url("/deep.json"));
+    let toml = SourceToml::rest("deep", &server.url("/deep.json"))
+        .mapping(REST_MAPPING)
+        .to_string();
 
     let summary = ingester(&db, &toml).run_source("deep").await.unwrap();
 
@@ -135,14 +122,9 @@ async fn duplicate_keys_and_wrong_types_land_raw_for_the_normalizer_to_judge() {
         {"id": -4, "n": 12, "v": "1e3"}
     ]"#;
     let server = serve(body.as_bytes().to_vec()).await;
-    let toml = r#"
-        [[source]]
-        name = "types"
-        kind = "rest"
-        url = "URL"
-        mapping = { source_id = "/id", name = "/n", value = "/v" }
-    "#
-    .replace("URL", &server.url("/types.json"));
+    let toml = SourceToml::rest("types", &server.url("/types.json"))
+        .mapping(REST_MAPPING)
+        .to_string();
 
     let summary = ingester(&db, &toml).run_source("types").await.unwrap();
 
@@ -174,14 +156,9 @@ async fn a_record_postgres_cannot_store_is_rejected_alone_and_its_batch_lands() 
     // that Postgres refuses, so the batch fails and is landed record by record.
     let body = r#"[{"id": 1, "n": "a", "v": 1}, {"id": 2, "n": "b", "v": 1e200000}, {"id": 3, "n": "c", "v": 3}]"#;
     let server = serve(body.as_bytes().to_vec()).await;
-    let toml = r#"
-        [[source]]
-        name = "huge"
-        kind = "rest"
-        url = "URL"
-        mapping = { source_id = "/id", name = "/n", value = "/v" }
-    "#
-    .replace("URL", &server.url("/huge.json"));
+    let toml = SourceToml::rest("huge", &server.url("/huge.json"))
+        .mapping(REST_MAPPING)
+        .to_string();
 
     let summary = ingester(&db, &toml).run_source("huge").await.unwrap();
 

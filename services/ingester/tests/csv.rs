@@ -5,22 +5,15 @@ mod support;
 
 use std::io::Write;
 
-use etl_tests::{TestDb, TestServer};
+use etl_tests::{SourceToml, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
 
-fn csv_source(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "{name}"
-        kind = "csv"
-        url = "{url}"
-        mapping = {{ source_id = "id", name = "name", value = "value", description = "note" }}
-        http = {{ attempts = 2, initial_backoff = "10ms" }}
-        {extra}
-        "#
-    )
+/// This file's sources: CSV with a `note` column as the description, retried quickly.
+fn noted(name: &str, url: &str) -> SourceToml {
+    SourceToml::csv(name, url)
+        .mapping(r#"{ source_id = "id", name = "name", value = "value", description = "note" }"#)
+        .with(r#"http = { attempts = 2, initial_backoff = "10ms" }"#)
 }
 
 /// Serves `body` at `/data.csv` (and `/data.csv.gz`), optionally with a Content-Encoding.
@@ -92,7 +85,7 @@ async fn quoted_delimiters_quotes_and_newlines_survive_and_a_bom_is_stripped() {
                 2,plain,2,\"two\nlines\"\r\n\
                 3,last,3,\n";
     let server = serve_csv(body.as_bytes().to_vec(), None).await;
-    let toml = csv_source("people", &server.url("/data.csv"), "");
+    let toml = noted("people", &server.url("/data.csv")).to_string();
 
     let summary = ingester(&db, &toml).run_source("people").await.unwrap();
 
@@ -114,11 +107,9 @@ async fn a_custom_delimiter_and_quote_are_honoured() {
     let db = TestDb::new().await;
     let body = "id;name;value;note\n1;'a;b';1;'it''s'\n";
     let server = serve_csv(body.as_bytes().to_vec(), None).await;
-    let toml = csv_source(
-        "semi",
-        &server.url("/data.csv"),
-        r#"csv = { delimiter = ";", quote = "'" }"#,
-    );
+    let toml = noted("semi", &server.url("/data.csv"))
+        .with(r#"csv = { delimiter = ";", quote = "'" }"#)
+        .to_string();
 
     ingester(&db, &toml).run_source("semi").await.unwrap();
 
@@ -136,11 +127,9 @@ async fn a_rejected_row_of_a_custom_dialect_keeps_the_bytes_the_source_sent() {
     let bad = "2;'c;d';2;'it''s';extra";
     let body = format!("id;name;value;note\n1;'a;b';1;x\n{bad}\n3;e;3;y\n");
     let server = serve_csv(body.into_bytes(), None).await;
-    let toml = csv_source(
-        "dialect",
-        &server.url("/data.csv"),
-        r#"csv = { delimiter = ";", quote = "'" }"#,
-    );
+    let toml = noted("dialect", &server.url("/data.csv"))
+        .with(r#"csv = { delimiter = ";", quote = "'" }"#)
+        .to_string();
 
     let summary = ingester(&db, &toml).run_source("dialect").await.unwrap();
 
@@ -162,9 +151,9 @@ async fn gzip_is_decoded_from_content_encoding_and_from_a_gz_file() {
     let encoded = serve_csv(gzip(&body), Some("gzip")).await;
     let file = serve_csv(gzip(&body), None).await;
     let toml = format!(
-        "{}{}",
-        csv_source("encoded", &encoded.url("/data.csv"), ""),
-        csv_source("gzfile", &file.url("/data.csv.gz"), "")
+        "{}\n{}",
+        noted("encoded", &encoded.url("/data.csv")),
+        noted("gzfile", &file.url("/data.csv.gz"))
     );
     let ingester = ingester(&db, &toml);
 
@@ -187,7 +176,7 @@ async fn ragged_and_non_utf8_rows_are_rejected_with_line_numbers_and_later_rows_
             .to_vec();
     body.extend_from_slice(b"5,caf\xe9,5,latin-1\n6,f,6,z\n,noid,7,w\n");
     let server = serve_csv(body, None).await;
-    let toml = csv_source("ragged", &server.url("/data.csv"), "");
+    let toml = noted("ragged", &server.url("/data.csv")).to_string();
 
     let summary = ingester(&db, &toml).run_source("ragged").await.unwrap();
 
@@ -241,9 +230,9 @@ async fn an_empty_file_and_a_header_only_file_are_successful_runs_with_nothing_l
     let empty = serve_csv(Vec::new(), None).await;
     let header_only = serve_csv(b"id,name,value,note\n".to_vec(), None).await;
     let toml = format!(
-        "{}{}",
-        csv_source("empty", &empty.url("/data.csv"), ""),
-        csv_source("headeronly", &header_only.url("/data.csv"), "")
+        "{}\n{}",
+        noted("empty", &empty.url("/data.csv")),
+        noted("headeronly", &header_only.url("/data.csv"))
     );
     let ingester = ingester(&db, &toml);
 
@@ -263,7 +252,7 @@ async fn an_empty_file_and_a_header_only_file_are_successful_runs_with_nothing_l
 async fn a_header_without_the_mapped_id_column_fails_the_run_naming_the_column() {
     let db = TestDb::new().await;
     let server = serve_csv(b"key,name,value,note\n1,a,1,x\n".to_vec(), None).await;
-    let toml = csv_source("nokey", &server.url("/data.csv"), "");
+    let toml = noted("nokey", &server.url("/data.csv")).to_string();
 
     let summary = ingester(&db, &toml).run_source("nokey").await.unwrap();
 
@@ -283,7 +272,7 @@ async fn the_last_copy_of_a_duplicated_id_wins() {
         None,
     )
     .await;
-    let toml = csv_source("dups", &server.url("/data.csv"), "");
+    let toml = noted("dups", &server.url("/data.csv")).to_string();
 
     let summary = ingester(&db, &toml).run_source("dups").await.unwrap();
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etl_ingester::Application;
 use etl_shared::runs::{reap_interrupted, Run, Service};
-use etl_tests::{streamed_csv, wait_for, TestDb, TestServer};
+use etl_tests::{streamed_csv, wait_for, SourceToml, SourcesFile, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
@@ -31,26 +31,12 @@ async fn good_and_bad_sources() -> (TestServer, String) {
             ),
     )
     .await;
-    let toml = format!(
-        r#"
-        [[source]]
-        name = "good"
-        kind = "csv"
-        url = "{good}"
-        schedule = "1h"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-
-        [[source]]
-        name = "bad"
-        kind = "csv"
-        url = "{bad}"
-        schedule = "1h"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        http = {{ attempts = 2, initial_backoff = "10ms" }}
-        "#,
-        good = server.url("/good.csv"),
-        bad = server.url("/bad.csv"),
-    );
+    let toml = etl_tests::sources_toml(&[
+        SourceToml::csv("good", &server.url("/good.csv")).with(r#"schedule = "1h""#),
+        SourceToml::csv("bad", &server.url("/bad.csv"))
+            .with(r#"schedule = "1h""#)
+            .with(r#"http = { attempts = 2, initial_backoff = "10ms" }"#),
+    ]);
     (server, toml)
 }
 
@@ -166,11 +152,10 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
 async fn the_one_shot_command_exits_non_zero_when_a_run_fails() {
     let db = TestDb::new().await;
     let (_server, toml) = good_and_bad_sources().await;
-    let file = std::env::temp_dir().join(format!("sources-{}.toml", db.name));
-    std::fs::write(&file, toml).unwrap();
+    let file = SourcesFile::new(&toml);
     let ingest = |source: &str| {
         let db_url = db.url.clone();
-        let file = file.clone();
+        let file = file.env_value();
         let source = source.to_owned();
         tokio::task::spawn_blocking(move || {
             Command::new(env!("CARGO_BIN_EXE_etl-ingester"))
@@ -197,29 +182,18 @@ async fn the_one_shot_command_exits_non_zero_when_a_run_fails() {
         stdout.contains("bad: FAILED") && stdout.contains("HTTP 503"),
         "{stdout}"
     );
-    std::fs::remove_file(file).unwrap();
 }
 
 #[tokio::test]
 async fn a_missing_secret_stops_the_ingester_at_start_naming_the_variable() {
-    let file = std::env::temp_dir().join(format!("sources-secret-{}.toml", std::process::id()));
-    std::fs::write(
-        &file,
-        r#"
-        [[source]]
-        name = "private"
-        kind = "rest"
-        url = "http://127.0.0.1:1/x"
-        headers.Authorization = { env = "PRIVATE_API_TOKEN_FOR_TEST", prefix = "Bearer " }
-        mapping = { source_id = "/id", name = "/n", value = "/v" }
-        "#,
-    )
-    .unwrap();
+    let file = SourcesFile::of(&[SourceToml::rest("private", "http://127.0.0.1:1/x").with(
+        r#"headers.Authorization = { env = "PRIVATE_API_TOKEN_FOR_TEST", prefix = "Bearer " }"#,
+    )]);
 
     let output = Command::new(env!("CARGO_BIN_EXE_etl-ingester"))
         .args(["ingest"])
         .env("DATABASE_URL", "postgres://u@127.0.0.1:1/db")
-        .env("SOURCES_FILE", &file)
+        .env("SOURCES_FILE", file.path())
         .env_remove("PRIVATE_API_TOKEN_FOR_TEST")
         .output()
         .unwrap();
@@ -230,7 +204,6 @@ async fn a_missing_secret_stops_the_ingester_at_start_naming_the_variable() {
         stderr.contains("PRIVATE_API_TOKEN_FOR_TEST, which is not set"),
         "{stderr}"
     );
-    std::fs::remove_file(file).unwrap();
 }
 
 #[tokio::test]
@@ -275,16 +248,7 @@ async fn shutdown_stops_a_streaming_run_between_batches_and_records_it_as_failed
         }),
     ))
     .await;
-    let toml = format!(
-        r#"
-        [[source]]
-        name = "endless"
-        kind = "csv"
-        url = "{}"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        "#,
-        server.url("/endless.csv")
-    );
+    let toml = SourceToml::csv("endless", &server.url("/endless.csv")).to_string();
     let shutdown = CancellationToken::new();
     let app = Application::build(settings(&db, &toml), shutdown.clone())
         .await

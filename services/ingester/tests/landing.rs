@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etl_shared::RAW_READY_CHANNEL;
-use etl_tests::{Listener, TestDb, TestServer};
+use etl_tests::{Listener, SourceToml, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
 
@@ -32,16 +32,9 @@ fn rows(n: u64, tag: &str) -> String {
     csv
 }
 
-fn csv_source(url: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "items"
-        kind = "csv"
-        url = "{url}"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        "#
-    )
+/// The source every test here ingests, named `items`.
+fn items_source(url: &str) -> String {
+    SourceToml::csv("items", url).to_string()
 }
 
 /// (source_id, change_id, xmin) of every raw row: xmin moves on any write to the row.
@@ -63,7 +56,7 @@ async fn row_versions(db: &TestDb) -> Vec<(String, i64, String)> {
 async fn reingesting_unchanged_data_writes_nothing_and_sends_no_notification() {
     let db = TestDb::new().await;
     let (server, _) = mutable_csv(rows(100, "item")).await;
-    let ingester = ingester(&db, &csv_source(&server.url("/data.csv")));
+    let ingester = ingester(&db, &items_source(&server.url("/data.csv")));
     let mut listener = Listener::start(&db.url, RAW_READY_CHANNEL).await;
     ingester.run_source("items").await.unwrap();
     assert_eq!(
@@ -91,7 +84,7 @@ async fn reingesting_unchanged_data_writes_nothing_and_sends_no_notification() {
 async fn changing_one_record_updates_exactly_that_raw_row() {
     let db = TestDb::new().await;
     let (server, body) = mutable_csv(rows(50, "item")).await;
-    let ingester = ingester(&db, &csv_source(&server.url("/data.csv")));
+    let ingester = ingester(&db, &items_source(&server.url("/data.csv")));
     ingester.run_source("items").await.unwrap();
     let before = row_versions(&db).await;
     *body.lock().unwrap() = rows(50, "item").replace("7,item 7,7.5", "7,renamed,7.5");
@@ -123,7 +116,7 @@ async fn concurrent_ingests_of_one_source_lose_and_duplicate_nothing() {
     let db = TestDb::new().await;
     // 12,000 rows: several batches per run, so the runs' batches interleave.
     let (server, _) = mutable_csv(rows(12_000, "item")).await;
-    let ingester = ingester(&db, &csv_source(&server.url("/data.csv")));
+    let ingester = ingester(&db, &items_source(&server.url("/data.csv")));
 
     let runs = (0..4).map(|_| ingester.run_source("items"));
     let summaries = futures_util::future::join_all(runs).await;
@@ -177,7 +170,7 @@ async fn a_reader_checkpointing_the_highest_change_id_misses_nothing_under_concu
         }),
     ))
     .await;
-    let ingester = ingester(&db, &csv_source(&server.url("/data.csv")));
+    let ingester = ingester(&db, &items_source(&server.url("/data.csv")));
 
     let reader_db = db.url.clone();
     let stop = tokio_util::sync::CancellationToken::new();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etl_tests::{TestDb, TestServer};
+use etl_tests::{SourceToml, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Request, Response, Route};
 use serde_json::json;
@@ -23,18 +23,12 @@ fn page_of(start: u64, len: u64) -> Vec<serde_json::Value> {
     items(start..=end)
 }
 
+/// A REST source with `rest` as its `rest` options, retried quickly.
 fn source(name: &str, url: &str, rest: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "{name}"
-        kind = "rest"
-        url = "{url}"
-        mapping = {{ source_id = "/id", name = "/title", value = "/price" }}
-        http = {{ attempts = 3, initial_backoff = "10ms", max_backoff = "2s", read_timeout = "5s" }}
-        rest = {rest}
-        "#
-    )
+    SourceToml::rest(name, url)
+        .with(r#"http = { attempts = 3, initial_backoff = "10ms", max_backoff = "2s", read_timeout = "5s" }"#)
+        .with(&format!("rest = {rest}"))
+        .to_string()
 }
 
 /// Ingests `toml`'s source `name` and checks all 25 items landed and the run succeeded.
@@ -221,7 +215,7 @@ async fn cursor_tokens_are_sent_back_until_none_is_returned_with_items_at_a_nest
 }
 
 #[tokio::test]
-async fn a_cursor_that_repeats_is_a_failed_run_that_names_the_loop() {
+async fn a_cursor_that_repeats_is_a_failed_run_that_names_the_loop_without_query_values() {
     let db = TestDb::new().await;
     let server = TestServer::start(Route::new().at(
         "/items",
@@ -230,7 +224,7 @@ async fn a_cursor_that_repeats_is_a_failed_run_that_names_the_loop() {
     .await;
     let toml = source(
         "looping",
-        &server.url("/items"),
+        &server.url("/items?api_key=hunter2"),
         r#"{ items = "/data", pagination = { style = "cursor", param = "c", pointer = "/next" } }"#,
     );
 
@@ -238,6 +232,11 @@ async fn a_cursor_that_repeats_is_a_failed_run_that_names_the_loop() {
 
     let error = summary.error.expect("the run fails");
     assert!(error.contains("pagination loop"), "{error}");
+    assert!(
+        error.contains("/items?api_key=***&c=***, which was already fetched"),
+        "the looping URL is named, its query values are not: {error}"
+    );
+    assert!(!error.contains("hunter2"), "{error}");
     let run = run_row(&db, summary.run_id).await;
     assert_eq!(run.status, "failed");
     assert_eq!(run.error.as_deref(), Some(error.as_str()));

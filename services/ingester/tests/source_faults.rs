@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use etl_tests::{streamed_csv, TestDb, TestServer};
+use etl_tests::{streamed_csv, SourceToml, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Response, Route};
 use support::*;
@@ -22,17 +22,12 @@ async fn failed_run(db: &TestDb, toml: &str, name: &str) -> String {
     run.error.expect("a failed run says why")
 }
 
+/// A REST source (items `{id, n, v}`) with short timeouts and one retry.
 fn rest(name: &str, url: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "{name}"
-        kind = "rest"
-        url = "{url}"
-        mapping = {{ source_id = "/id", name = "/n", value = "/v" }}
-        http = {{ attempts = 2, initial_backoff = "10ms", read_timeout = "300ms", connect_timeout = "1s" }}
-        "#
-    )
+    SourceToml::rest(name, url)
+        .mapping(r#"{ source_id = "/id", name = "/n", value = "/v" }"#)
+        .with(r#"http = { attempts = 2, initial_backoff = "10ms", read_timeout = "300ms", connect_timeout = "1s" }"#)
+        .to_string()
 }
 
 #[tokio::test]
@@ -132,17 +127,9 @@ async fn an_endless_csv_stops_at_the_size_limit_and_says_why() {
         make_sync(|_| Response::builder().body(streamed_csv(None, 1_000, Duration::ZERO))),
     ))
     .await;
-    let toml = format!(
-        r#"
-        [[source]]
-        name = "endless"
-        kind = "csv"
-        url = "{}"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        http = {{ max_file_bytes = 1000000 }}
-        "#,
-        server.url("/endless.csv")
-    );
+    let toml = SourceToml::csv("endless", &server.url("/endless.csv"))
+        .with(r#"http = { max_file_bytes = 1000000 }"#)
+        .to_string();
 
     let error = failed_run(&db, &toml, "endless").await;
 
@@ -181,17 +168,9 @@ async fn a_csv_that_trickles_byte_by_byte_stops_at_the_response_time_limit() {
         make_sync(move |_| Response::builder().body(trickle(rows))),
     ))
     .await;
-    let toml = format!(
-        r#"
-        [[source]]
-        name = "slow"
-        kind = "csv"
-        url = "{}"
-        mapping = {{ source_id = "id", name = "name", value = "value" }}
-        http = {{ read_timeout = "1s", max_response_time = "1500ms" }}
-        "#,
-        server.url("/slow.csv")
-    );
+    let toml = SourceToml::csv("slow", &server.url("/slow.csv"))
+        .with(r#"http = { read_timeout = "1s", max_response_time = "1500ms" }"#)
+        .to_string();
 
     let error = failed_run(&db, &toml, "slow").await;
 

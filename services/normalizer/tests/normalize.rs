@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use support::*;
 
 use etl_shared::raw::{self, RawJson, RawTable};
-use etl_tests::TestDb;
+use etl_tests::{SourceToml, TestDb};
 
 #[tokio::test]
 async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
@@ -26,7 +26,7 @@ async fn valid_rows_of_both_kinds_are_normalized_and_the_checkpoint_advances() {
         json!({"id": "b", "name": "Beta", "value": " -3e2 ", "note": ""}),
     ];
     write_raw(&mut client, RawTable::Csv, "csv", &csv, false).await;
-    let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
 
     let api = normalizer.run_source("api").await.unwrap().summary.unwrap();
     let csv = normalizer.run_source("csv").await.unwrap().summary.unwrap();
@@ -104,7 +104,7 @@ async fn bad_records_are_rejected_with_the_field_and_reason_while_good_ones_land
     write_raw(&mut client, RawTable::Api, "api", &items, false).await;
     let huge = r#"[{"id": "huge", "title": "t", "price": 1e999}]"#;
     write_raw_json(&mut client, RawTable::Api, "api", huge, false).await;
-    let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
 
     let run = normalizer.run_source("api").await.unwrap().summary.unwrap();
 
@@ -162,7 +162,7 @@ async fn reprocessing_unchanged_rows_writes_nothing_and_a_changed_row_moves_upda
     let mut client = db.client().await;
     install_apply_log(&client).await;
     write_raw(&mut client, RawTable::Api, "api", &api_items(1..=20), false).await;
-    let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
     normalizer.run_source("api").await.unwrap();
     let versions =
         "SELECT source_id, xmin::text, updated_at::text FROM normalized_data ORDER BY source_id";
@@ -244,7 +244,7 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
     )
     .await;
     write_raw(&mut client, RawTable::Api, "api", &api_items(2..=2), false).await;
-    let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
     normalizer.run_source("api").await.unwrap();
     assert_eq!(tallies(&client, "api").await, (1, 1, 2));
 
@@ -291,13 +291,8 @@ async fn a_fixed_record_replaces_its_reject_and_a_broken_one_is_withdrawn() {
 async fn a_mapping_that_names_a_missing_column_fails_its_run_and_other_sources_go_on() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    let extra = r#"
-        [[source]]
-        name = "renamed"
-        kind = "csv"
-        url = "http://127.0.0.1:1/r.csv"
-        mapping = { source_id = "id", name = "name", value = "amount" }
-    "#;
+    let extra = [SourceToml::csv("renamed", "http://127.0.0.1:1/r.csv")
+        .mapping(r#"{ source_id = "id", name = "name", value = "amount" }"#)];
     write_raw(
         &mut client,
         RawTable::Csv,
@@ -314,7 +309,7 @@ async fn a_mapping_that_names_a_missing_column_fails_its_run_and_other_sources_g
         false,
     )
     .await;
-    let normalizer = normalizer(&settings(&db, &sources_toml(extra)), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&extra)), None);
 
     let broken = normalizer
         .run_source("renamed")
@@ -355,7 +350,7 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
     let db = TestDb::new().await;
     let mut slow = db.client().await;
     let mut fast = db.client().await;
-    let normalizer = normalizer(&settings(&db, &sources_toml("")), None);
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
 
     // The slow writer takes the lock and its change ids, and does not commit yet.
     let tx = slow.transaction().await.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etl_normalizer::batch::{Hook, HookPoint};
 use etl_shared::raw::RawTable;
-use etl_tests::{wait_for, TestDb};
+use etl_tests::{wait_for, SourceToml, TestDb};
 use support::*;
 use tokio::sync::mpsc;
 
@@ -43,7 +43,7 @@ async fn crash_between_upsert_and_checkpoint(
         false,
     )
     .await;
-    let settings = settings(&db, &sources_toml(""));
+    let settings = settings(&db, &sources_toml(&[]));
     let (hook, mut stalled) = stall_after_first_upsert();
     let doomed = normalizer(&settings, Some(hook));
     let task = tokio::spawn(async move {
@@ -111,18 +111,8 @@ async fn three_replicas_share_a_backlog_and_normalize_every_row_exactly_once() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
     install_apply_log(&client).await;
-    let extra: String = (1..=3)
-        .map(|i| {
-            format!(
-                r#"
-                [[source]]
-                name = "feed{i}"
-                kind = "rest"
-                url = "http://127.0.0.1:1/f{i}"
-                mapping = {{ source_id = "/id", name = "/title", value = "/price" }}
-                "#
-            )
-        })
+    let extra: Vec<_> = (1..=3)
+        .map(|i| SourceToml::rest(&format!("feed{i}"), &format!("http://127.0.0.1:1/f{i}")))
         .collect();
     let settings = settings(&db, &sources_toml(&extra));
     let replicas = vec![
@@ -202,7 +192,7 @@ async fn with_its_listener_connection_killed_the_normalizer_reconnects_and_catch
     let db = TestDb::new().await;
     let mut client = db.client().await;
     // Poll interval an hour: only the reconnect's catch-up scan can find the rows in time.
-    let daemon = Daemon::start(settings(&db, &sources_toml(""))).await;
+    let daemon = Daemon::start(settings(&db, &sources_toml(&[]))).await;
     let listener_pids = "SELECT pid FROM pg_stat_activity
                          WHERE application_name = 'etl-normalizer-listen' AND datname = current_database()";
     wait_for("the listener to connect", DEADLINE, || async {
@@ -255,7 +245,7 @@ async fn with_its_listener_connection_killed_the_normalizer_reconnects_and_catch
 async fn without_any_notification_the_poll_still_converges() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    let mut settings = settings(&db, &sources_toml(""));
+    let mut settings = settings(&db, &sources_toml(&[]));
     settings.poll_interval = Duration::from_secs(1);
     let daemon = Daemon::start(settings).await;
     // A row from before the start, found by the start-up scan: once it is normalized, that
@@ -294,7 +284,7 @@ async fn without_any_notification_the_poll_still_converges() {
 async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    let mut settings = settings(&db, &sources_toml(""));
+    let mut settings = settings(&db, &sources_toml(&[]));
     settings.poll_interval = Duration::from_secs(3600);
     // Rows written before start and without NOTIFY, then the scrape races the start-up scan:
     // so measure lag with a normalizer that is not running, through its handler.

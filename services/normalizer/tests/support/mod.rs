@@ -10,30 +10,24 @@ use etl_normalizer::batch::Hook;
 use etl_normalizer::{Application, Normalizer, Settings};
 use etl_shared::raw::{self, RawJson, RawTable};
 use etl_shared::sources::Sources;
-use etl_tests::TestDb;
+use etl_tests::{SourceToml, TestDb};
 use serde_json::Value;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 /// A REST source `api` (items `{id, title, price, summary}`) and a CSV source `csv`
-/// (`{id, name, value, note}`), plus any extra TOML.
-pub fn sources_toml(extra: &str) -> String {
-    format!(
-        r#"
-        [[source]]
-        name = "api"
-        kind = "rest"
-        url = "http://127.0.0.1:1/items"
-        mapping = {{ source_id = "/id", name = "/title", value = "/price", description = "/summary" }}
-
-        [[source]]
-        name = "csv"
-        kind = "csv"
-        url = "http://127.0.0.1:1/data.csv"
-        mapping = {{ source_id = "id", name = "name", value = "value", description = "note" }}
-        {extra}
-        "#
-    )
+/// (`{id, name, value, note}`), plus `extra`. Nothing is fetched: the tests write raw rows.
+pub fn sources_toml(extra: &[SourceToml]) -> String {
+    let mut sources = vec![
+        SourceToml::rest("api", "http://127.0.0.1:1/items").mapping(
+            r#"{ source_id = "/id", name = "/title", value = "/price", description = "/summary" }"#,
+        ),
+        SourceToml::csv("csv", "http://127.0.0.1:1/data.csv").mapping(
+            r#"{ source_id = "id", name = "name", value = "value", description = "note" }"#,
+        ),
+    ];
+    sources.extend_from_slice(extra);
+    etl_tests::sources_toml(&sources)
 }
 
 pub fn settings(db: &TestDb, toml: &str) -> Settings {
