@@ -120,6 +120,8 @@ pub struct DatabaseSettings {
     /// Bounds both opening a connection and waiting for a free pooled one, so a dead database
     /// turns into an error instead of a hang.
     pub connect_timeout: Duration,
+    /// `sslmode` and `sslrootcert` from the URL, and the TLS connector every connection uses.
+    pub tls: crate::tls::Tls,
 }
 
 impl DatabaseSettings {
@@ -134,7 +136,7 @@ impl DatabaseSettings {
             Self::URL_VAR,
             "e.g. postgres://user:password@localhost:5432/etl; `cargo xtask up` starts a local one",
         )?;
-        let config = Self::parse_url(&url)?;
+        let (config, tls) = Self::parse_url(&url)?;
         let pool_max_size = env.parse_in_range(
             Self::POOL_MAX_SIZE_VAR,
             1..=1000,
@@ -146,6 +148,7 @@ impl DatabaseSettings {
             config,
             pool_max_size,
             connect_timeout,
+            tls,
         })
     }
 
@@ -154,12 +157,28 @@ impl DatabaseSettings {
         Self::from_env(&Env::from_pairs([(Self::URL_VAR, url)]))
     }
 
-    fn parse_url(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
-        url.parse::<tokio_postgres::Config>()
-            .map_err(|e| ConfigError::Invalid {
-                var: Self::URL_VAR.into(),
-                reason: format!("not a Postgres connection string: {e}"),
-            })
+    fn parse_url(url: &str) -> Result<(tokio_postgres::Config, crate::tls::Tls), ConfigError> {
+        use crate::tls::{split_url, SslMode, Tls};
+        let invalid = |reason: String| ConfigError::Invalid {
+            var: Self::URL_VAR.into(),
+            reason,
+        };
+        let (rest, mode, root_cert) = split_url(url);
+        let mut config = rest
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| invalid(format!("not a Postgres connection string: {e}")))?;
+        let mode = match mode {
+            Some(mode) => SslMode::parse(&mode).map_err(|e| invalid(e.to_string()))?,
+            // A key=value string's sslmode, which the driver parsed (libpq's default: prefer).
+            None => match config.get_ssl_mode() {
+                tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+                tokio_postgres::config::SslMode::Require => SslMode::Require,
+                _ => SslMode::Prefer,
+            },
+        };
+        config.ssl_mode(mode.driver_mode());
+        let tls = Tls::new(mode, root_cert.map(Into::into)).map_err(|e| invalid(e.to_string()))?;
+        Ok((config, tls))
     }
 }
 
@@ -173,6 +192,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("dbname", &self.config.get_dbname())
             .field("pool_max_size", &self.pool_max_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }

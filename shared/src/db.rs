@@ -3,7 +3,7 @@
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::DatabaseSettings;
 
@@ -15,6 +15,26 @@ pub enum DbError {
     Pool(#[from] deadpool_postgres::BuildError),
     #[error("could not connect to Postgres: {0}")]
     Connect(#[source] tokio_postgres::Error),
+    /// A TLS misconfiguration (wrong CA, wrong host name): retrying cannot help.
+    #[error("could not connect to Postgres over TLS: {0}")]
+    Tls(String),
+    #[error(
+        "DATABASE_URL leads to a connection pooler in transaction or statement mode ({0}); \
+         this service keeps session state (LISTEN, advisory locks), so give it a direct \
+         connection or a pooler in session mode (only the query service works through \
+         transaction pooling)"
+    )]
+    TransactionPooling(String),
+}
+
+impl DbError {
+    /// `Connect`, or `Tls` when the failure is the server's certificate being refused.
+    fn from_connect(e: tokio_postgres::Error, settings: &DatabaseSettings) -> Self {
+        match crate::tls::explain(&e, &settings.tls) {
+            Some(why) => DbError::Tls(why),
+            None => DbError::Connect(e),
+        }
+    }
 }
 
 /// The shared pool. Connections are opened lazily, so building it never touches the network;
@@ -22,7 +42,7 @@ pub enum DbError {
 pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         connection_config(settings),
-        NoTls,
+        settings.tls.connector.clone(),
         // `Fast` skips the test query on checkout; a broken connection fails its query and is
         // dropped, and callers retry at the unit-of-work level anyway.
         ManagerConfig {
@@ -43,10 +63,85 @@ pub async fn connect(
     settings: &DatabaseSettings,
 ) -> Result<(Client, JoinHandle<Result<(), tokio_postgres::Error>>), DbError> {
     let (client, connection) = connection_config(settings)
-        .connect(NoTls)
+        .connect(settings.tls.connector.clone())
         .await
-        .map_err(DbError::Connect)?;
+        .map_err(|e| DbError::from_connect(e, settings))?;
     Ok((client, tokio::spawn(connection)))
+}
+
+/// What a service needs of its database connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Each unit of work is one transaction (the query API): any pooler will do.
+    Transactions,
+    /// Session state that lives across transactions (`LISTEN`, session advisory locks): a
+    /// direct connection or a pooler in session mode.
+    Session,
+}
+
+/// The start-up check every service runs: one connection, so a TLS misconfiguration (and, for
+/// [`Needs::Session`], a pooler in transaction mode) stops the process at once with the
+/// reason instead of failing queries later. A database that is merely unreachable is not an
+/// error here (services start before their database and wait for it): that gives `Ok(false)`,
+/// logged.
+pub async fn check_at_start(settings: &DatabaseSettings, needs: Needs) -> Result<bool, DbError> {
+    let (first, first_driver) = match connect(settings).await {
+        Ok(connected) => connected,
+        Err(e @ DbError::Tls(_)) => return Err(e),
+        Err(e) => {
+            let error = crate::error_chain(&e);
+            tracing::warn!(%error, "the database does not answer yet; carrying on");
+            return Ok(false);
+        }
+    };
+    if needs == Needs::Session {
+        let (second, second_driver) = connect(settings).await?;
+        let pooled = shares_server_sessions(&first, &second).await;
+        drop((second, second_driver));
+        if let Some(evidence) = pooled {
+            return Err(DbError::TransactionPooling(evidence));
+        }
+    }
+    drop(first);
+    let _ = first_driver.await;
+    Ok(true)
+}
+
+/// Whether two client connections are served by whichever server session is free, as poolers
+/// in transaction or statement mode do: with `second` holding a transaction open, `first`
+/// must still be on the server process it was on. (PgBouncer hands out the most recently
+/// freed server first, so in transaction mode `second` takes `first`'s and the check sees it.)
+/// Returns what gave it away.
+async fn shares_server_sessions(first: &Client, second: &Client) -> Option<String> {
+    async fn backend(client: &Client) -> Result<String, tokio_postgres::Error> {
+        // Simple protocol: a pooler in transaction mode would lose a named statement.
+        let rows = client.simple_query("SELECT pg_backend_pid()").await?;
+        Ok(rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+    let probe = async {
+        let before = backend(first).await?;
+        second.simple_query("BEGIN").await?;
+        let held = backend(second).await?;
+        let after = backend(first).await?;
+        second.simple_query("ROLLBACK").await?;
+        Ok::<_, tokio_postgres::Error>((before, held, after))
+    };
+    match probe.await {
+        Ok((before, held, after)) if held == before || after != before => Some(format!(
+            "one connection moved from server process {before} to {after} while another \
+             held {held} in a transaction"
+        )),
+        Ok(_) => None,
+        // Statement mode refuses transactions outright.
+        Err(e) if crate::error_chain(&e).contains("pooling mode") => Some(crate::error_chain(&e)),
+        Err(_) => None,
+    }
 }
 
 fn connection_config(settings: &DatabaseSettings) -> tokio_postgres::Config {

@@ -13,6 +13,7 @@ pub mod runs;
 pub mod shutdown;
 pub mod sources;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::{ConfigError, DatabaseSettings};
 pub use db::{DbError, Pool};

@@ -329,17 +329,7 @@ impl TcpProxy {
 
     /// `url` (a postgres:// URL) pointed at this proxy instead of the server.
     pub fn url_for(&self, url: &str) -> String {
-        let scheme_end = url.find("://").unwrap() + 3;
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        let userinfo = authority.rfind('@').map_or("", |i| &authority[..=i]);
-        format!(
-            "{}{userinfo}{}{}",
-            &url[..scheme_end],
-            self.addr,
-            &rest[authority_end..]
-        )
+        url_at(url, self.addr)
     }
 
     /// Cuts every open connection and refuses new ones.
@@ -431,6 +421,20 @@ impl ServiceProcess {
     }
 }
 
+/// `url` (a postgres:// URL) with its host and port replaced by `addr`, user and path kept.
+pub fn url_at(url: &str, addr: std::net::SocketAddr) -> String {
+    let scheme_end = url.find("://").unwrap() + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority.rfind('@').map_or("", |i| &authority[..=i]);
+    format!(
+        "{}{userinfo}{addr}{}",
+        &url[..scheme_end],
+        &rest[authority_end..]
+    )
+}
+
 /// A free port on 127.0.0.1 for a service under test to listen on.
 pub fn free_local_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -495,4 +499,107 @@ impl Pipeline {
             assert_eq!(code, Some(0), "{}:\n{}", service.name, service.log_tail());
         }
     }
+}
+
+/// PgBouncer (Debian's `pgbouncer` package) in front of the test server, in the given pool mode
+/// (`transaction`, `session`), for showing what the services do behind a pooler. Runs as the
+/// `postgres` user when the tests run as root (PgBouncer refuses root); stopped on drop.
+pub struct PgBouncer {
+    pub addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PgBouncer {
+    pub async fn start(database_url: &str, pool_mode: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let config: tokio_postgres::Config = database_url.parse().expect("database URL");
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("PgBouncer needs a TCP database URL"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+            .expect(
+                "pgbouncer is not installed: `apt-get install pgbouncer` (.ci/run installs it)",
+            );
+        let dir = std::env::temp_dir().join(format!(
+            "etl-test-pgbouncer-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let addr = free_local_addr();
+        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host={host} port={port}\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {}\npool_mode = {pool_mode}\n\
+                 default_pool_size = 3\nmax_client_conn = 500\n\
+                 ignore_startup_parameters = extra_float_digits\n",
+                addr.port(),
+                dir.join("users.txt").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("pgbouncer.log")).unwrap();
+        let mut command = std::process::Command::new(binary);
+        command
+            .arg(dir.join("pgbouncer.ini"))
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some((uid, gid)) = postgres_user_if_root() {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        let child = command.spawn().expect("start pgbouncer");
+        let bouncer = Self { addr, dir, child };
+        wait_for("pgbouncer to listen", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+        bouncer
+    }
+
+    /// `url` (a postgres:// URL to the server behind it) pointed at PgBouncer instead.
+    pub fn url_for(&self, url: &str) -> String {
+        url_at(url, self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `postgres` user's ids when this process runs as root, for servers that refuse root.
+fn postgres_user_if_root() -> Option<(u32, u32)> {
+    let id = |args: &[&str]| {
+        let out = std::process::Command::new("id").args(args).output().ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .ok()
+    };
+    if id(&["-u"])? != 0 {
+        return None;
+    }
+    Some((id(&["-u", "postgres"])?, id(&["-g", "postgres"])?))
 }

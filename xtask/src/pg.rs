@@ -221,6 +221,16 @@ synchronous_commit = off
 full_page_writes = off
 ";
 
+/// What a test cluster needs beyond the defaults: settings appended to `postgresql.conf`, files
+/// placed in the data folder (owned by the server's user, mode 0600: TLS keys must be), and a
+/// `pg_hba.conf` to replace the one initdb wrote.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub settings: String,
+    pub files: Vec<(String, Vec<u8>)>,
+    pub hba: Option<String>,
+}
+
 impl Cluster {
     /// Creates and starts a cluster in a new folder under `clusters_dir` (or the temp folder
     /// when the server's user cannot reach it).
@@ -233,6 +243,17 @@ impl Cluster {
         binaries: &PgBinaries,
         clusters_dir: &Path,
         placement: Placement,
+    ) -> Result<Self, BootstrapError> {
+        Self::start_configured(binaries, clusters_dir, placement, &ServerConfig::default())
+    }
+
+    /// As [`start_placed`](Self::start_placed), with more server configuration (TLS, a
+    /// stricter `pg_hba.conf`).
+    pub fn start_configured(
+        binaries: &PgBinaries,
+        clusters_dir: &Path,
+        placement: Placement,
+        server: &ServerConfig,
     ) -> Result<Self, BootstrapError> {
         let run_as = unprivileged_user()?;
         // Built before anything is created, so a failure below still removes what was made.
@@ -272,7 +293,28 @@ impl Cluster {
         let conf = data.join("postgresql.conf");
         let mut text = fs::read_to_string(&conf).map_err(io("reading postgresql.conf"))?;
         text.push_str(SERVER_SETTINGS);
+        text.push_str(&server.settings);
         fs::write(&conf, text).map_err(io("writing postgresql.conf"))?;
+        let hba = server.hba.iter().map(|hba| ("pg_hba.conf", hba.as_bytes()));
+        let files = server.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()));
+        for (name, contents) in files.chain(hba) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = data.join(name);
+            let _ = fs::remove_file(&path);
+            let write = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, contents));
+            write.map_err(io(format!("writing {}", path.display())))?;
+            if let Some((uid, gid)) = cluster.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io(format!(
+                    "handing {} to the postgres user",
+                    path.display()
+                )))?;
+            }
+        }
 
         // A free port can be taken between our probe and the server's bind: try a few.
         let mut last_error = None;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use etl_shared::db::Needs;
 use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
@@ -28,6 +29,7 @@ pub struct Application {
 impl Application {
     /// Binds the admin port (port 0 picks a free one) and prepares the pool; nothing runs yet.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        etl_shared::db::check_at_start(&settings.database, Needs::Session).await?;
         let pool = etl_shared::db::pool(&settings.database)?;
         let listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = listener.local_addr()?;

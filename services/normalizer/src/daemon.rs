@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etl_shared::config::DatabaseSettings;
+use etl_shared::db::Needs;
 use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
@@ -30,6 +31,7 @@ pub struct Application {
 impl Application {
     /// Binds the admin port (port 0 picks a free one); nothing runs yet.
     pub async fn build(settings: Settings, normalizer: Normalizer) -> anyhow::Result<Self> {
+        etl_shared::db::check_at_start(&settings.database, Needs::Session).await?;
         let listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = listener.local_addr()?;
         Ok(Self {

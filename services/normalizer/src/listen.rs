@@ -9,7 +9,7 @@ use etl_shared::config::DatabaseSettings;
 use etl_shared::{error_chain, RAW_READY_CHANNEL};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 /// What to look at.
@@ -75,7 +75,7 @@ async fn listen_once(
         .keepalives_idle(Duration::from_secs(30))
         .application_name("etl-normalizer-listen");
     let (client, mut connection) = config
-        .connect(NoTls)
+        .connect(database.tls.connector.clone())
         .await
         .map_err(|e| ListenError::Connect(error_chain(&e)))?;
     // The Connection future alone drops notifications: poll its messages ourselves.

@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use etl_shared::Pool;
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use crate::data::{self, DataPage, DataQuery};
 use crate::problem;
+use crate::reader::Reader;
 use crate::stats::{Stats, StatsCache};
 use etl_shared::problem::Problem;
 
@@ -24,7 +24,7 @@ enum Tag {
 }
 
 pub struct Api {
-    pub pool: Pool,
+    pub reader: Reader,
     pub stats: StatsCache,
 }
 
@@ -135,7 +135,7 @@ impl Api {
             source: source.0,
             search: search.0,
         };
-        match data::list(&self.pool, &query).await {
+        match data::list(&self.reader, &query).await {
             Ok(page) => {
                 let total = page.total;
                 DataResponse::Ok(Json(page), total)
@@ -156,7 +156,7 @@ impl Api {
         tag = "Tag::Stats"
     )]
     async fn stats(&self) -> StatsResponse {
-        match self.stats.get(&self.pool).await {
+        match self.stats.get(&self.reader).await {
             Ok(stats) => StatsResponse::Ok(Json(stats)),
             Err(e) => StatsResponse::Unavailable(Json(problem::from_db_error(&e))),
         }
@@ -183,7 +183,7 @@ impl Api {
         tag = "Tag::Health"
     )]
     async fn ready(&self) -> HealthResponse {
-        match etl_shared::admin::database_answers(&self.pool, HEALTH_TIMEOUT).await {
+        match etl_shared::admin::database_answers(self.reader.pool(), HEALTH_TIMEOUT).await {
             Ok(()) => HealthResponse::Ok(Json(Health {
                 status: "ok".into(),
                 database: "up".into(),

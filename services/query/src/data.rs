@@ -4,11 +4,11 @@
 
 use poem_openapi::Object;
 use time::OffsetDateTime;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 use tracing::Instrument;
 
-use etl_shared::Pool;
+use crate::reader::{Reader, Snapshot};
 
 /// Searches count at most this many matches: counting is a heap visit per match, so an exact
 /// count of a broad search would cost far more than the page itself (10,000 matches: ~100 ms).
@@ -57,50 +57,72 @@ pub struct DataQuery {
     pub search: Option<String>,
 }
 
-pub async fn list(pool: &Pool, query: &DataQuery) -> Result<DataPage, QueryError> {
-    let client = pool.get().await?;
+pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryError> {
     let limit = i64::from(query.page_size) + 1; // one extra row tells whether there is more
     let offset = i64::from(query.page - 1) * i64::from(query.page_size);
     let pattern = query.search.as_deref().map(like_pattern);
-    let cap = SEARCH_COUNT_CAP + 1;
-    type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
-    let (page_sql, count_sql, page_params, count_params): (_, _, Params, Params) =
-        match (&query.source, &pattern) {
-            (None, None) => (PAGE_ALL, COUNT_ALL, vec![&limit, &offset], vec![]),
-            (Some(source), None) => (
-                PAGE_SOURCE,
-                COUNT_SOURCE,
-                vec![&limit, &offset, source],
-                vec![source],
-            ),
-            (None, Some(pattern)) => (
-                PAGE_SEARCH,
-                COUNT_SEARCH,
-                vec![&limit, &offset, pattern],
-                vec![pattern, &cap],
-            ),
-            (Some(source), Some(pattern)) => (
-                PAGE_SOURCE_SEARCH,
-                COUNT_SOURCE_SEARCH,
-                vec![&limit, &offset, source, pattern],
-                vec![source, pattern, &cap],
-            ),
-        };
-    // Prepared once per connection, and sent together: one round trip for both.
-    let (page, count) = (
-        client.prepare_cached(page_sql).await?,
-        client.prepare_cached(count_sql).await?,
-    );
-    let (rows, counted) = tokio::try_join!(
-        client
-            .query(&page, &page_params)
-            .instrument(tracing::info_span!("db.query", db.query.text = page_sql)),
-        client
-            .query_one(&count, &count_params)
-            .instrument(tracing::info_span!("db.query", db.query.text = count_sql))
-    )?;
-    let counted: i64 = counted.get(0);
-    let (total, total_exact) = if pattern.is_some() {
+    let searching = pattern.is_some();
+    let source = query.source.clone();
+    let (rows, counted) = reader
+        .read(Snapshot::PerStatement, move |client| {
+            Box::pin(async move {
+                let cap = SEARCH_COUNT_CAP + 1;
+                let (int, text) = (Type::INT8, Type::TEXT);
+                type Params<'a> = Vec<(&'a (dyn ToSql + Sync), Type)>;
+                let (page_sql, count_sql, page_params, count_params): (_, _, Params, Params) =
+                    match (&source, &pattern) {
+                        (None, None) => (
+                            PAGE_ALL,
+                            COUNT_ALL,
+                            vec![(&limit, int.clone()), (&offset, int)],
+                            vec![],
+                        ),
+                        (Some(source), None) => (
+                            PAGE_SOURCE,
+                            COUNT_SOURCE,
+                            vec![
+                                (&limit, int.clone()),
+                                (&offset, int),
+                                (source, text.clone()),
+                            ],
+                            vec![(source, text)],
+                        ),
+                        (None, Some(pattern)) => (
+                            PAGE_SEARCH,
+                            COUNT_SEARCH,
+                            vec![
+                                (&limit, int.clone()),
+                                (&offset, int.clone()),
+                                (pattern, text.clone()),
+                            ],
+                            vec![(pattern, text), (&cap, int)],
+                        ),
+                        (Some(source), Some(pattern)) => (
+                            PAGE_SOURCE_SEARCH,
+                            COUNT_SOURCE_SEARCH,
+                            vec![
+                                (&limit, int.clone()),
+                                (&offset, int.clone()),
+                                (source, text.clone()),
+                                (pattern, text.clone()),
+                            ],
+                            vec![(source, text.clone()), (pattern, text), (&cap, int)],
+                        ),
+                    };
+                // Sent together: one round trip for both.
+                tokio::try_join!(
+                    client
+                        .query_typed(page_sql, &page_params)
+                        .instrument(tracing::info_span!("db.query", db.query.text = page_sql)),
+                    client
+                        .query_typed(count_sql, &count_params)
+                        .instrument(tracing::info_span!("db.query", db.query.text = count_sql))
+                )
+            })
+        })
+        .await?;
+    let counted: i64 = counted.first().map_or(0, |row| row.get(0));
+    let (total, total_exact) = if searching {
         (counted.min(SEARCH_COUNT_CAP), counted <= SEARCH_COUNT_CAP)
     } else {
         (counted, true)

@@ -8,6 +8,7 @@ mod api;
 pub mod data;
 mod metrics;
 pub mod problem;
+pub mod reader;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -109,7 +110,7 @@ pub fn openapi_json() -> String {
     )
     .expect("a lazy pool needs no database");
     openapi(Api {
-        pool,
+        reader: reader::Reader::new(pool, Duration::ZERO),
         stats: StatsCache::new(Duration::ZERO),
     })
     .spec()
@@ -125,13 +126,10 @@ pub struct Application {
 impl Application {
     /// Binds the port (0 picks a free one) and builds the routes; nothing is served yet.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let mut database = settings.database.clone();
-        let options = format!(
-            "-c statement_timeout={} -c default_transaction_read_only=on",
-            settings.statement_timeout.as_millis()
-        );
-        database.config.options(&options);
-        let pool = etl_shared::db::pool(&database)?;
+        etl_shared::db::check_at_start(&settings.database, etl_shared::db::Needs::Transactions)
+            .await?;
+        // Read-only and the statement timeout are set per transaction (see `reader`).
+        let pool = etl_shared::db::pool(&settings.database)?;
         let listener = tokio::net::TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
@@ -170,7 +168,7 @@ fn routes(
     pool: etl_shared::Pool,
 ) -> poem::endpoint::BoxEndpoint<'static, Response> {
     let service = openapi(Api {
-        pool: pool.clone(),
+        reader: reader::Reader::new(pool.clone(), settings.statement_timeout),
         stats: StatsCache::new(settings.stats_max_age),
     });
     let metrics = HttpMetrics::new();

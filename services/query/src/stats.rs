@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etl_shared::Pool;
 use poem_openapi::Object;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use crate::data::QueryError;
+use crate::reader::{Reader, Snapshot};
 
 /// Statistics of the whole pipeline.
 #[derive(Debug, Clone, Object)]
@@ -110,15 +110,15 @@ impl StatsCache {
         }
     }
 
-    pub async fn get(&self, pool: &Pool) -> Result<Stats, QueryError> {
+    pub async fn get(&self, reader: &Reader) -> Result<Stats, QueryError> {
         let mut cached = self.cached.lock().await;
         match cached.as_ref() {
             Some((at, stats)) if at.elapsed() < self.max_age => Ok(stats.clone()),
             Some((_, stale)) => {
                 if !self.refreshing.swap(true, Ordering::SeqCst) {
-                    let (cache, pool) = (self.clone(), pool.clone());
+                    let (cache, reader) = (self.clone(), reader.clone());
                     tokio::spawn(async move {
-                        match compute(&pool, cache.max_age).await {
+                        match compute(&reader, cache.max_age).await {
                             Ok(fresh) => *cache.cached.lock().await = Some((Instant::now(), fresh)),
                             Err(e) => tracing::warn!(error = %e, "could not refresh /stats"),
                         }
@@ -128,7 +128,7 @@ impl StatsCache {
                 Ok(stale.clone())
             }
             None => {
-                let stats = compute(pool, self.max_age).await?;
+                let stats = compute(reader, self.max_age).await?;
                 *cached = Some((Instant::now(), stats.clone()));
                 Ok(stats)
             }
@@ -136,16 +136,23 @@ impl StatsCache {
     }
 }
 
-async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
-    let mut client = pool.get().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
+async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError> {
+    // One snapshot for all five, sent together.
+    let (normalized, raw, rejects, checkpoints, latest_runs) = reader
+        .read(Snapshot::Shared, |client| {
+            Box::pin(async move {
+                tokio::try_join!(
+                    client.query_typed(NORMALIZED, &[]),
+                    client.query_typed(RAW, &[]),
+                    client.query_typed(REJECTS, &[]),
+                    client.query_typed(CHECKPOINTS, &[]),
+                    client.query_typed(LATEST_RUNS, &[]),
+                )
+            })
+        })
         .await?;
     let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
-    for row in tx.query(NORMALIZED, &[]).await? {
+    for row in normalized {
         let s = entry(&mut sources, row.get(0));
         s.records = row.get(1);
         s.value_min = row.get(2);
@@ -153,17 +160,17 @@ async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
         s.value_avg = row.get(4);
     }
     let mut pending = BTreeMap::new();
-    for row in tx.query(RAW, &[]).await? {
+    for row in raw {
         let source: String = row.get(0);
         entry(&mut sources, source.clone()).raw_records = row.get(1);
         pending.insert(source, row.get::<_, i64>(2));
     }
-    for row in tx.query(REJECTS, &[]).await? {
+    for row in rejects {
         let s = entry(&mut sources, row.get(0));
         s.rejected_at_ingest = row.get(1);
         s.rejected_at_normalize = row.get(2);
     }
-    for row in tx.query(CHECKPOINTS, &[]).await? {
+    for row in checkpoints {
         let source: String = row.get(0);
         let lag = pending.get(&source).copied().unwrap_or(0);
         entry(&mut sources, source).checkpoint = Some(Checkpoint {
@@ -173,7 +180,7 @@ async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
             lag,
         });
     }
-    for row in tx.query(LATEST_RUNS, &[]).await? {
+    for row in latest_runs {
         let run = RunInfo {
             run_id: row.get(2),
             status: row.get(3),
@@ -193,7 +200,6 @@ async fn compute(pool: &Pool, max_age: Duration) -> Result<Stats, QueryError> {
             _ => s.last_normalize = Some(run),
         }
     }
-    tx.commit().await?;
     let sources: Vec<SourceStats> = sources.into_values().collect();
     Ok(Stats {
         generated_at: OffsetDateTime::now_utc(),
