@@ -42,9 +42,11 @@ impl SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            other => return Err(TlsError::Mode(format!(
+            other => {
+                return Err(TlsError::Mode(format!(
                 "sslmode={other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))),
+            )))
+            }
         })
     }
 

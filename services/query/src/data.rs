@@ -110,14 +110,15 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                         ),
                     };
                 // Sent together: one round trip for both.
-                tokio::try_join!(
+                let (page, count) = tokio::join!(
                     client
                         .query_typed(page_sql, &page_params)
                         .instrument(tracing::info_span!("db.query", db.query.text = page_sql)),
                     client
                         .query_typed(count_sql, &count_params)
                         .instrument(tracing::info_span!("db.query", db.query.text = count_sql))
-                )
+                );
+                Ok((page?, count?))
             })
         })
         .await?;

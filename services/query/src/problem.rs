@@ -18,7 +18,7 @@ pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
             "the query took longer than the statement timeout; narrow it with `source` or `search`",
         );
     }
-    tracing::error!(error = %err, "database error");
+    tracing::error!(error = %etl_shared::error_chain(err), "database error");
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ProblemCode::Unavailable,

@@ -17,7 +17,8 @@ use tokio_postgres::Client;
 
 use crate::data::QueryError;
 
-/// A read's work: the queries it sends on the client it is given.
+/// A read's work: the queries it sends on the client it is given. Statements sent together
+/// should be awaited with `join!` and their errors taken in statement order (see [`Reader::read`]).
 pub type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>;
 
 /// What a read sees: each statement its own snapshot, or one snapshot for all (`/stats`).
@@ -63,11 +64,16 @@ impl Reader {
             Snapshot::Shared => BEGIN_SHARED_SNAPSHOT,
         };
         let timeout = [(&self.statement_timeout as &(dyn ToSql + Sync), Type::TEXT)];
-        let (_, _, out) = tokio::try_join!(
+        // join, not try_join: every answer is awaited, and the first error in statement order
+        // is the one reported (after it, the rest only say the transaction is aborted).
+        let (began, timeout_set, out) = tokio::join!(
             client.batch_execute(begin),
             client.query_typed(SET_TIMEOUT, &timeout),
             work(client),
-        )?;
+        );
+        began?;
+        timeout_set?;
+        let out = out?;
         client.batch_execute("COMMIT").await?;
         guard.release();
         Ok(out)

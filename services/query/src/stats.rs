@@ -141,13 +141,14 @@ async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError
     let (normalized, raw, rejects, checkpoints, latest_runs) = reader
         .read(Snapshot::Shared, |client| {
             Box::pin(async move {
-                tokio::try_join!(
+                let (normalized, raw, rejects, checkpoints, latest_runs) = tokio::join!(
                     client.query_typed(NORMALIZED, &[]),
                     client.query_typed(RAW, &[]),
                     client.query_typed(REJECTS, &[]),
                     client.query_typed(CHECKPOINTS, &[]),
                     client.query_typed(LATEST_RUNS, &[]),
-                )
+                );
+                Ok((normalized?, raw?, rejects?, checkpoints?, latest_runs?))
             })
         })
         .await?;
