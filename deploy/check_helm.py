@@ -22,7 +22,54 @@ VARIANTS = [
       "otel": {"endpoint": "http://otel-collector.observability:4318"},
       "query": {"autoscaling": {"enabled": True}, "corsOrigins": ["https://app.example.com"]}},
      {"Deployment": 2, "CronJob": 1, "HorizontalPodAutoscaler": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
+    ("TLS to Postgres with the CA from a Secret",
+     {"database": {"existingSecret": "etl-db", "sslmode": "verify-full",
+                   "caCert": {"secretName": "pg-ca", "key": "root.crt"}}},
+     {"Deployment": 3, "Service": 1, "ConfigMap": 1, "Job": 1}),
+    ("TLS to Postgres with the CA from a ConfigMap, cronjob ingester",
+     {"database": {"existingSecret": "etl-db", "sslmode": "verify-ca",
+                   "caCert": {"configMapName": "pg-ca"}}, "ingester": {"mode": "cronjob"}},
+     {"Deployment": 2, "CronJob": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
 ]
+
+
+def pod_specs(obj):
+    """The pod spec of a workload, if it is one."""
+    spec = obj.get("spec", {})
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return [spec["template"]["spec"]] if "template" in spec else []
+
+
+def check_database_tls(what, values, objects):
+    """Every pod that connects to Postgres gets PGSSLMODE / PGSSLROOTCERT and the CA mounted."""
+    database = values.get("database", {})
+    ca = database.get("caCert", {})
+    key = ca.get("key", "ca.crt")
+    problems = []
+    for obj in objects:
+        for pod in pod_specs(obj):
+            name = f"{obj['kind']} {obj['metadata']['name']}"
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+                if env.get("PGSSLMODE") != (database.get("sslmode") or None):
+                    problems.append(f"{name}: PGSSLMODE = {env.get('PGSSLMODE')}")
+                if not (ca.get("secretName") or ca.get("configMapName")):
+                    if "PGSSLROOTCERT" in env or "postgres-ca" in volumes:
+                        problems.append(f"{name}: a CA is mounted though none is configured")
+                    continue
+                if env.get("PGSSLROOTCERT") != f"/etc/etl-postgres-ca/{key}":
+                    problems.append(f"{name}: PGSSLROOTCERT = {env.get('PGSSLROOTCERT')}")
+                if mounts.get("postgres-ca") != "/etc/etl-postgres-ca":
+                    problems.append(f"{name}: the CA is not mounted: {mounts}")
+                source = volumes.get("postgres-ca", {})
+                if ca.get("secretName") and source.get("secret", {}).get("secretName") != ca["secretName"]:
+                    problems.append(f"{name}: CA volume {source}")
+                if ca.get("configMapName") and source.get("configMap", {}).get("name") != ca["configMapName"]:
+                    problems.append(f"{name}: CA volume {source}")
+    return [f"{what}: {p}" for p in problems]
 
 failures = []
 report = helm.lint(str(CHART), {"database": {"url": "postgres://etl:pw@db:5432/etl"}}, strict=True)
@@ -40,15 +87,18 @@ for what, values, expected in VARIANTS:
         failures.append(f"{what}: {e}")
         continue
     kinds = {}
+    objects = []
     for path, text in rendered.items():
         for obj in yaml.safe_load_all(text):
             if not obj:
                 continue
+            objects.append(obj)
             kinds[obj["kind"]] = kinds.get(obj["kind"], 0) + 1
             try:
                 kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
             except kubernetes_validate.ValidationError as e:
                 failures.append(f"{what}: {path}: {obj['kind']} {obj['metadata']['name']}: {e.message}")
+    failures += check_database_tls(what, values, objects)
     if kinds != expected:
         failures.append(f"{what}: rendered {kinds}, expected {expected}")
     exporting = "OTEL_EXPORTER_OTLP_ENDPOINT" in "".join(rendered.values())

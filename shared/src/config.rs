@@ -128,6 +128,10 @@ impl DatabaseSettings {
     pub const URL_VAR: &'static str = "DATABASE_URL";
     pub const POOL_MAX_SIZE_VAR: &'static str = "DATABASE_POOL_MAX_SIZE";
     pub const CONNECT_TIMEOUT_VAR: &'static str = "DATABASE_CONNECT_TIMEOUT_SECS";
+    /// libpq's variables for what the URL does not say (the Helm chart sets them, so the URL
+    /// can stay in a Secret as the operator wrote it).
+    pub const SSLMODE_VAR: &'static str = "PGSSLMODE";
+    pub const SSLROOTCERT_VAR: &'static str = "PGSSLROOTCERT";
 
     /// Reads `DATABASE_URL` (required), `DATABASE_POOL_MAX_SIZE` (1–1000, default: four per
     /// CPU, kept within 5–20) and `DATABASE_CONNECT_TIMEOUT_SECS` (1–300, default 5).
@@ -136,7 +140,11 @@ impl DatabaseSettings {
             Self::URL_VAR,
             "e.g. postgres://user:password@localhost:5432/etl; `cargo xtask up` starts a local one",
         )?;
-        let (config, tls) = Self::parse_url(&url)?;
+        let (config, tls) = Self::parse_url(
+            &url,
+            env.get(Self::SSLMODE_VAR)?,
+            env.get(Self::SSLROOTCERT_VAR)?,
+        )?;
         let pool_max_size = env.parse_in_range(
             Self::POOL_MAX_SIZE_VAR,
             1..=1000,
@@ -157,23 +165,37 @@ impl DatabaseSettings {
         Self::from_env(&Env::from_pairs([(Self::URL_VAR, url)]))
     }
 
-    fn parse_url(url: &str) -> Result<(tokio_postgres::Config, crate::tls::Tls), ConfigError> {
+    /// The driver's config and the TLS settings: `sslmode` and `sslrootcert` from the URL, else
+    /// from `PGSSLMODE` / `PGSSLROOTCERT`, else `prefer` and the system's CAs.
+    fn parse_url(
+        url: &str,
+        env_mode: Option<String>,
+        env_root_cert: Option<String>,
+    ) -> Result<(tokio_postgres::Config, crate::tls::Tls), ConfigError> {
         use crate::tls::{split_url, SslMode, Tls};
         let invalid = |reason: String| ConfigError::Invalid {
             var: Self::URL_VAR.into(),
             reason,
         };
-        let (rest, mode, root_cert) = split_url(url);
+        let (rest, url_mode, url_root_cert) = split_url(url);
+        let root_cert = url_root_cert.or(env_root_cert);
         let mut config = rest
             .parse::<tokio_postgres::Config>()
             .map_err(|e| invalid(format!("not a Postgres connection string: {e}")))?;
-        let mode = match mode {
-            Some(mode) => SslMode::parse(&mode).map_err(|e| invalid(e.to_string()))?,
-            // A key=value string's sslmode, which the driver parsed (libpq's default: prefer).
-            None => match config.get_ssl_mode() {
+        // A key=value string's own sslmode was parsed by the driver.
+        let in_key_values = !rest.contains("://") && rest.contains("sslmode");
+        let mode = match (url_mode, env_mode) {
+            (Some(mode), _) => SslMode::parse(&mode).map_err(|e| invalid(e.to_string()))?,
+            (None, Some(mode)) if !in_key_values => {
+                SslMode::parse(&mode).map_err(|e| ConfigError::Invalid {
+                    var: Self::SSLMODE_VAR.into(),
+                    reason: e.to_string(),
+                })?
+            }
+            (None, _) => match config.get_ssl_mode() {
                 tokio_postgres::config::SslMode::Disable => SslMode::Disable,
                 tokio_postgres::config::SslMode::Require => SslMode::Require,
-                _ => SslMode::Prefer,
+                _ => SslMode::Prefer, // libpq's default
             },
         };
         config.ssl_mode(mode.driver_mode());
@@ -207,6 +229,28 @@ fn default_pool_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sslmode_comes_from_the_url_else_from_pgsslmode_else_prefer() {
+        use crate::tls::SslMode;
+        let mode = |pairs: &[(&str, &str)]| {
+            DatabaseSettings::from_env(&Env::from_pairs(pairs.iter().copied()))
+                .unwrap()
+                .tls
+                .mode
+        };
+        let url = ("DATABASE_URL", "postgres://u@h/db");
+        let url_require = ("DATABASE_URL", "postgres://u@h/db?sslmode=require");
+        assert_eq!(mode(&[url]), SslMode::Prefer);
+        assert_eq!(mode(&[url, ("PGSSLMODE", "disable")]), SslMode::Disable);
+        assert_eq!(
+            mode(&[url_require, ("PGSSLMODE", "disable")]),
+            SslMode::Require
+        );
+        let err = DatabaseSettings::from_env(&Env::from_pairs([url, ("PGSSLMODE", "strict")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("PGSSLMODE"), "{err}");
+    }
 
     #[test]
     fn missing_database_url_names_the_variable() {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use etl_query::reader::{Reader, Snapshot};
+use etl_query::reader::{Reader, Snapshot, Statement};
 use etl_shared::DatabaseSettings;
 use etl_tests::{free_local_addr, wait_for, PgBouncer, ServiceProcess, SourcesFile, TestDb};
 
@@ -126,23 +126,24 @@ async fn reads_are_read_only_through_pgbouncer_in_transaction_mode() {
     );
 
     let write = reader
-        .read(Snapshot::PerStatement, |client| {
-            Box::pin(async move {
-                client
-                    .query_typed("INSERT INTO etl_checkpoint (source) VALUES ('x')", &[])
-                    .await
-            })
-        })
+        .read(
+            Snapshot::PerStatement,
+            &[Statement::new(
+                "INSERT INTO etl_checkpoint (source) VALUES ('x')",
+                vec![],
+            )],
+        )
         .await
         .expect_err("a write inside a read");
     let error = etl_shared::error_chain(&write);
     assert!(error.contains("read-only transaction"), "{error}");
     let timeout: String = reader
-        .read(Snapshot::PerStatement, |client| {
-            Box::pin(async move { client.query_typed("SHOW statement_timeout", &[]).await })
-        })
+        .read(
+            Snapshot::PerStatement,
+            &[Statement::new("SHOW statement_timeout", vec![])],
+        )
         .await
-        .unwrap()[0]
+        .unwrap()[0][0]
         .get(0);
     assert_eq!(timeout, "5s");
 }

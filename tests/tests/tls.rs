@@ -202,12 +202,17 @@ async fn the_three_services_and_the_listen_connection_run_over_verified_tls() {
     let ca_file = files.write("ca.pem", &ca.issuer.pem());
     let cluster = tls_only_cluster(&ca, &ca_file).await;
     let database_url = url(&cluster, "localhost", "verify-full", Some(&ca_file));
+    // The services get TLS the way the Helm chart passes it: libpq's variables beside a URL
+    // that says nothing about TLS.
+    let plain_url = format!("postgres://postgres@localhost:{}/postgres", cluster.port);
     let source = TestServer::serving("/rows.csv", "id,name,value\n1,a,1\n2,b,2\n3,c,3\n").await;
     let sources = SourcesFile::of(&[
         SourceToml::csv("rows", &source.url("/rows.csv")).with(r#"schedule = "1h""#)
     ]);
     let mut pipeline = Pipeline::start(&[
-        ("DATABASE_URL", database_url.clone()),
+        ("DATABASE_URL", plain_url),
+        ("PGSSLMODE", "verify-full".into()),
+        ("PGSSLROOTCERT", ca_file.display().to_string()),
         ("SOURCES_FILE", sources.env_value()),
         ("QUERY_STATS_MAX_AGE_SECS", "0".into()),
     ]);

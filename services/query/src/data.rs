@@ -4,11 +4,10 @@
 
 use poem_openapi::Object;
 use time::OffsetDateTime;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::Row;
-use tracing::Instrument;
 
-use crate::reader::{Reader, Snapshot};
+use crate::reader::{Reader, Snapshot, Statement};
 
 /// Searches count at most this many matches: counting is a heap visit per match, so an exact
 /// count of a broad search would cost far more than the page itself (10,000 matches: ~100 ms).
@@ -61,69 +60,61 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
     let limit = i64::from(query.page_size) + 1; // one extra row tells whether there is more
     let offset = i64::from(query.page - 1) * i64::from(query.page_size);
     let pattern = query.search.as_deref().map(like_pattern);
-    let searching = pattern.is_some();
-    let source = query.source.clone();
-    let (rows, counted) = reader
-        .read(Snapshot::PerStatement, move |client| {
-            Box::pin(async move {
-                let cap = SEARCH_COUNT_CAP + 1;
-                let (int, text) = (Type::INT8, Type::TEXT);
-                type Params<'a> = Vec<(&'a (dyn ToSql + Sync), Type)>;
-                let (page_sql, count_sql, page_params, count_params): (_, _, Params, Params) =
-                    match (&source, &pattern) {
-                        (None, None) => (
-                            PAGE_ALL,
-                            COUNT_ALL,
-                            vec![(&limit, int.clone()), (&offset, int)],
-                            vec![],
-                        ),
-                        (Some(source), None) => (
-                            PAGE_SOURCE,
-                            COUNT_SOURCE,
-                            vec![
-                                (&limit, int.clone()),
-                                (&offset, int),
-                                (source, text.clone()),
-                            ],
-                            vec![(source, text)],
-                        ),
-                        (None, Some(pattern)) => (
-                            PAGE_SEARCH,
-                            COUNT_SEARCH,
-                            vec![
-                                (&limit, int.clone()),
-                                (&offset, int.clone()),
-                                (pattern, text.clone()),
-                            ],
-                            vec![(pattern, text), (&cap, int)],
-                        ),
-                        (Some(source), Some(pattern)) => (
-                            PAGE_SOURCE_SEARCH,
-                            COUNT_SOURCE_SEARCH,
-                            vec![
-                                (&limit, int.clone()),
-                                (&offset, int.clone()),
-                                (source, text.clone()),
-                                (pattern, text.clone()),
-                            ],
-                            vec![(source, text.clone()), (pattern, text), (&cap, int)],
-                        ),
-                    };
-                // Sent together: one round trip for both.
-                let (page, count) = tokio::join!(
-                    client
-                        .query_typed(page_sql, &page_params)
-                        .instrument(tracing::info_span!("db.query", db.query.text = page_sql)),
-                    client
-                        .query_typed(count_sql, &count_params)
-                        .instrument(tracing::info_span!("db.query", db.query.text = count_sql))
-                );
-                Ok((page?, count?))
-            })
-        })
-        .await?;
+    let cap = SEARCH_COUNT_CAP + 1;
+    let (int, text) = (Type::INT8, Type::TEXT);
+    let (page, count) = match (&query.source, &pattern) {
+        (None, None) => (
+            Statement::new(PAGE_ALL, vec![(&limit, int.clone()), (&offset, int)]),
+            Statement::new(COUNT_ALL, vec![]),
+        ),
+        (Some(source), None) => (
+            Statement::new(
+                PAGE_SOURCE,
+                vec![
+                    (&limit, int.clone()),
+                    (&offset, int),
+                    (source, text.clone()),
+                ],
+            ),
+            Statement::new(COUNT_SOURCE, vec![(source, text)]),
+        ),
+        (None, Some(pattern)) => (
+            Statement::new(
+                PAGE_SEARCH,
+                vec![
+                    (&limit, int.clone()),
+                    (&offset, int.clone()),
+                    (pattern, text.clone()),
+                ],
+            ),
+            Statement::new(COUNT_SEARCH, vec![(pattern, text), (&cap, int)]),
+        ),
+        (Some(source), Some(pattern)) => (
+            Statement::new(
+                PAGE_SOURCE_SEARCH,
+                vec![
+                    (&limit, int.clone()),
+                    (&offset, int.clone()),
+                    (source, text.clone()),
+                    (pattern, text.clone()),
+                ],
+            ),
+            Statement::new(
+                COUNT_SOURCE_SEARCH,
+                vec![(source, text.clone()), (pattern, text), (&cap, int)],
+            ),
+        ),
+    };
+    let mut answers = reader
+        .read(Snapshot::PerStatement, &[page, count])
+        .await?
+        .into_iter();
+    let (rows, counted) = (
+        answers.next().unwrap_or_default(),
+        answers.next().unwrap_or_default(),
+    );
     let counted: i64 = counted.first().map_or(0, |row| row.get(0));
-    let (total, total_exact) = if searching {
+    let (total, total_exact) = if pattern.is_some() {
         (counted.min(SEARCH_COUNT_CAP), counted <= SEARCH_COUNT_CAP)
     } else {
         (counted, true)

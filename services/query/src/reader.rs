@@ -1,5 +1,7 @@
 //! Every read the API makes runs in one read-only transaction on a pooled connection, with the
-//! statement timeout set for that transaction only (`set_config(…, true)`).
+//! statement timeout set for that transaction only (`set_config(…, true)`), and goes to the
+//! server in one round trip: `BEGIN`, the timeout, the statements and `COMMIT` are sent
+//! together, and the answers read back in order.
 //!
 //! Why per transaction: connection poolers in transaction mode (PgBouncer and the poolers of
 //! managed Postgres) hand each transaction to any server connection, so session settings and
@@ -7,25 +9,33 @@
 //! leaves any `options` the operator put in `DATABASE_URL` in force. Statements use the unnamed
 //! prepared statement (`query_typed`), which such poolers also carry correctly.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
+use futures_util::future::{join4, join_all};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::Row;
+use tracing::Instrument;
 
 use crate::data::QueryError;
-
-/// A read's work: the queries it sends on the client it is given. Statements sent together
-/// should be awaited with `join!` and their errors taken in statement order (see [`Reader::read`]).
-pub type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>;
 
 /// What a read sees: each statement its own snapshot, or one snapshot for all (`/stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Snapshot {
     PerStatement,
     Shared,
+}
+
+/// One statement of a read: constant SQL and its typed bind parameters.
+pub struct Statement<'a> {
+    pub sql: &'static str,
+    pub params: Vec<(&'a (dyn ToSql + Sync), Type)>,
+}
+
+impl<'a> Statement<'a> {
+    pub fn new(sql: &'static str, params: Vec<(&'a (dyn ToSql + Sync), Type)>) -> Self {
+        Self { sql, params }
+    }
 }
 
 #[derive(Clone)]
@@ -51,38 +61,48 @@ impl Reader {
         &self.pool
     }
 
-    /// Runs `work` inside the transaction. `BEGIN`, the timeout and `work`'s first statements
-    /// go out together (one round trip), then `COMMIT`.
-    pub async fn read<T, F>(&self, snapshot: Snapshot, work: F) -> Result<T, QueryError>
-    where
-        F: for<'c> FnOnce(&'c Client) -> Work<'c, T>,
-    {
+    /// The rows of each statement, in order; or the first error in statement order (after
+    /// one, the others only say that the transaction is aborted).
+    pub async fn read(
+        &self,
+        snapshot: Snapshot,
+        statements: &[Statement<'_>],
+    ) -> Result<Vec<Vec<Row>>, QueryError> {
         let mut guard = InTransaction(Some(self.pool.get().await?));
-        let client: &Client = guard.0.as_ref().expect("held until released");
-        let begin = match snapshot {
-            Snapshot::PerStatement => BEGIN,
-            Snapshot::Shared => BEGIN_SHARED_SNAPSHOT,
-        };
+        let client = guard.0.as_ref().expect("held until released");
         let timeout = [(&self.statement_timeout as &(dyn ToSql + Sync), Type::TEXT)];
-        // join, not try_join: every answer is awaited, and the first error in statement order
-        // is the one reported (after it, the rest only say the transaction is aborted).
-        let (began, timeout_set, out) = tokio::join!(
-            client.batch_execute(begin),
+        // Each future sends its messages when first polled, and join4 and join_all poll in
+        // order: the server receives BEGIN, the timeout, the statements, then COMMIT.
+        let (began, timeout_set, answers, committed) = join4(
+            client.batch_execute(match snapshot {
+                Snapshot::PerStatement => BEGIN,
+                Snapshot::Shared => BEGIN_SHARED_SNAPSHOT,
+            }),
             client.query_typed(SET_TIMEOUT, &timeout),
-            work(client),
-        );
+            join_all(statements.iter().map(|s| {
+                client
+                    .query_typed(s.sql, &s.params)
+                    .instrument(tracing::info_span!("db.query", db.query.text = s.sql))
+            })),
+            // On an aborted transaction COMMIT rolls back: the connection ends idle either way.
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        // COMMIT answered: the session is idle again, whatever the statements did.
+        if committed.is_ok() {
+            guard.release();
+        }
         began?;
         timeout_set?;
-        let out = out?;
-        client.batch_execute("COMMIT").await?;
-        guard.release();
-        Ok(out)
+        let rows = answers.into_iter().collect::<Result<Vec<_>, _>>()?;
+        committed?;
+        Ok(rows)
     }
 }
 
-/// A pooled connection that may be inside a transaction. Unless released after `COMMIT`, it is
-/// taken out of the pool when dropped (an error, or a request cancelled mid-way), so no other
-/// request ever inherits an open or aborted transaction.
+/// A pooled connection that may be inside a transaction. Unless released once COMMIT has been
+/// answered, it is taken out of the pool when dropped (a request cancelled mid-way, a broken
+/// connection), so no other request ever inherits an open transaction.
 struct InTransaction(Option<Object>);
 
 impl InTransaction {

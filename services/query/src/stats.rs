@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use crate::data::QueryError;
-use crate::reader::{Reader, Snapshot};
+use crate::reader::{Reader, Snapshot, Statement};
 
 /// Statistics of the whole pipeline.
 #[derive(Debug, Clone, Object)]
@@ -138,20 +138,15 @@ impl StatsCache {
 
 async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError> {
     // One snapshot for all five, sent together.
-    let (normalized, raw, rejects, checkpoints, latest_runs) = reader
-        .read(Snapshot::Shared, |client| {
-            Box::pin(async move {
-                let (normalized, raw, rejects, checkpoints, latest_runs) = tokio::join!(
-                    client.query_typed(NORMALIZED, &[]),
-                    client.query_typed(RAW, &[]),
-                    client.query_typed(REJECTS, &[]),
-                    client.query_typed(CHECKPOINTS, &[]),
-                    client.query_typed(LATEST_RUNS, &[]),
-                );
-                Ok((normalized?, raw?, rejects?, checkpoints?, latest_runs?))
-            })
-        })
-        .await?;
+    let statements =
+        [NORMALIZED, RAW, REJECTS, CHECKPOINTS, LATEST_RUNS].map(|sql| Statement::new(sql, vec![]));
+    let mut answers = reader
+        .read(Snapshot::Shared, &statements)
+        .await?
+        .into_iter();
+    let mut next = || answers.next().unwrap_or_default();
+    let (normalized, raw, rejects, checkpoints, latest_runs) =
+        (next(), next(), next(), next(), next());
     let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
     for row in normalized {
         let s = entry(&mut sources, row.get(0));

@@ -37,6 +37,7 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "etl.databaseSecret" . }}
       key: {{ .Values.database.existingSecretKey }}
+{{ include "etl.databaseTlsEnv" . }}
 - name: DATABASE_POOL_MAX_SIZE
   value: {{ .Values.database.poolMaxSize | quote }}
 - name: SOURCES_FILE
@@ -56,6 +57,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* TLS to Postgres: PGSSLMODE and PGSSLROOTCERT (the mounted CA), when set. */}}
+{{- define "etl.databaseTlsEnv" -}}
+{{- with .Values.database.sslmode }}
+- name: PGSSLMODE
+  value: {{ . | quote }}
+{{- end }}
+{{- if include "etl.caCert" . }}
+- name: PGSSLROOTCERT
+  value: /etc/etl-postgres-ca/{{ .Values.database.caCert.key }}
+{{- end }}
+{{- end -}}
+
+{{/* Non-empty when a CA certificate for Postgres is configured. */}}
+{{- define "etl.caCert" -}}
+{{- if or .Values.database.caCert.secretName .Values.database.caCert.configMapName -}}
+yes
+{{- end -}}
+{{- end -}}
+
 {{- define "etl.podSecurity" -}}
 securityContext:
   runAsNonRoot: true
@@ -73,18 +93,43 @@ securityContext:
     drop: ["ALL"]
 {{- end -}}
 
-{{- define "etl.sourcesVolume" -}}
+{{/* The sources file, and the Postgres CA when configured. */}}
+{{- define "etl.volumes" -}}
 volumes:
   - name: sources
     configMap:
       name: {{ include "etl.fullname" . }}-sources
+{{- include "etl.caVolume" . }}
 {{- end -}}
 
-{{- define "etl.sourcesMount" -}}
+{{- define "etl.volumeMounts" -}}
 volumeMounts:
   - name: sources
     mountPath: /etc/etl
     readOnly: true
+{{- include "etl.caMount" . }}
+{{- end -}}
+
+{{- define "etl.caVolume" -}}
+{{- with .Values.database.caCert }}
+{{- if .secretName }}
+  - name: postgres-ca
+    secret:
+      secretName: {{ .secretName }}
+{{- else if .configMapName }}
+  - name: postgres-ca
+    configMap:
+      name: {{ .configMapName }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "etl.caMount" -}}
+{{- if include "etl.caCert" . }}
+  - name: postgres-ca
+    mountPath: /etc/etl-postgres-ca
+    readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Liveness and readiness probes on a port's /health/live and /health/ready. */}}
