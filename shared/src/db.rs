@@ -1,7 +1,10 @@
 //! Postgres connections: a pool for ordinary queries and dedicated connections for the jobs a
 //! pooled connection cannot do (holding a session advisory lock for migrations, `LISTEN`).
 
-use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
+use std::time::Duration;
+
+use deadpool_postgres::Hook;
+use deadpool_postgres::{HookError, Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
@@ -37,9 +40,47 @@ impl DbError {
     }
 }
 
+/// The server's half of dead-peer detection, for sessions we own (not through a transaction
+/// pooler): the server drops a session whose client vanished without closing (a partition, a
+/// frozen pod) within about a minute, releasing its locks and claims, instead of after the
+/// kernel's default of hours. The client's half is in [`connection_config`].
+pub const SERVER_KEEPALIVES: &str =
+    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 60000";
+
+/// For the pipeline's own sessions: a transaction left idle (its client stalled between two
+/// statements) ends after 30 s and gives back what it holds, such as a normalizer's claim on a
+/// source; no statement waits more than a minute for a lock.
+const SESSION_TIMEOUTS: &str =
+    "SET idle_in_transaction_session_timeout = '30s'; SET lock_timeout = '60s'";
+
 /// The shared pool. Connections are opened lazily, so building it never touches the network;
-/// the first query reports an unreachable database.
-pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+/// the first query reports an unreachable database. With [`Needs::Session`] each new
+/// connection gets the server-side keepalives and the session timeouts; with
+/// [`Needs::Transactions`] nothing is set on the session (a transaction pooler would carry it
+/// to other clients).
+pub fn pool(settings: &DatabaseSettings, needs: Needs) -> Result<Pool, DbError> {
+    let mut builder = pool_builder(settings);
+    if needs == Needs::Session {
+        builder = builder.post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(SERVER_KEEPALIVES)
+                    .await
+                    .map_err(HookError::Backend)?;
+                client
+                    .batch_execute(SESSION_TIMEOUTS)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }));
+    }
+    Ok(builder.build()?)
+}
+
+/// The pool's builder with the settings every pool shares, for a service that sets its
+/// sessions up its own way (a `post_create` hook).
+pub fn pool_builder(settings: &DatabaseSettings) -> deadpool_postgres::PoolBuilder {
     let manager = Manager::from_config(
         connection_config(settings),
         settings.tls.connector.clone(),
@@ -49,12 +90,11 @@ pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Ok(Pool::builder(manager)
+    Pool::builder(manager)
         .max_size(settings.pool_max_size)
         .runtime(Runtime::Tokio1)
         .create_timeout(Some(settings.connect_timeout))
         .wait_timeout(Some(settings.connect_timeout))
-        .build()?)
 }
 
 /// A connection of its own, outside the pool, with its driver task. The task ends when the
@@ -66,7 +106,12 @@ pub async fn connect(
         .connect(settings.tls.connector.clone())
         .await
         .map_err(|e| DbError::from_connect(e, settings))?;
-    Ok((client, tokio::spawn(connection)))
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(SERVER_KEEPALIVES)
+        .await
+        .map_err(DbError::Connect)?;
+    Ok((client, driver))
 }
 
 /// What a service needs of its database connections.
@@ -79,32 +124,40 @@ pub enum Needs {
     Session,
 }
 
-/// The start-up check every service runs: one connection, so a TLS misconfiguration (and, for
-/// [`Needs::Session`], a pooler in transaction mode) stops the process at once with the
-/// reason instead of failing queries later. A database that is merely unreachable is not an
-/// error here (services start before their database and wait for it): that gives `Ok(false)`,
-/// logged.
-pub async fn check_at_start(settings: &DatabaseSettings, needs: Needs) -> Result<bool, DbError> {
+/// What the start-up check found at the other end of `DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing answered (yet): services start before their database and wait for it.
+    Nothing,
+    /// Sessions of our own: a server, or a pooler in session mode.
+    OwnSessions,
+    /// A pooler in transaction or statement mode, and what gave it away.
+    TransactionPooler(String),
+}
+
+/// The start-up check every service runs: a TLS misconfiguration stops the process at once
+/// with the reason instead of failing every query later, and a pooler in transaction mode is
+/// detected (an error for [`Needs::Session`]). A database that is merely unreachable is not an
+/// error here: that is [`Found::Nothing`], logged.
+pub async fn check_at_start(settings: &DatabaseSettings, needs: Needs) -> Result<Found, DbError> {
     let (first, first_driver) = match connect(settings).await {
         Ok(connected) => connected,
         Err(e @ DbError::Tls(_)) => return Err(e),
         Err(e) => {
             let error = crate::error_chain(&e);
             tracing::warn!(%error, "the database does not answer yet; carrying on");
-            return Ok(false);
+            return Ok(Found::Nothing);
         }
     };
-    if needs == Needs::Session {
-        let (second, second_driver) = connect(settings).await?;
-        let pooled = shares_server_sessions(&first, &second).await;
-        drop((second, second_driver));
-        if let Some(evidence) = pooled {
-            return Err(DbError::TransactionPooling(evidence));
-        }
+    let (second, second_driver) = connect(settings).await?;
+    let pooled = shares_server_sessions(&first, &second).await;
+    drop((first, second));
+    let _ = tokio::join!(first_driver, second_driver);
+    match pooled {
+        Some(evidence) if needs == Needs::Session => Err(DbError::TransactionPooling(evidence)),
+        Some(evidence) => Ok(Found::TransactionPooler(evidence)),
+        None => Ok(Found::OwnSessions),
     }
-    drop(first);
-    let _ = first_driver.await;
-    Ok(true)
 }
 
 /// Whether two client connections are served by whichever server session is free, as poolers
@@ -144,11 +197,19 @@ async fn shares_server_sessions(first: &Client, second: &Client) -> Option<Strin
     }
 }
 
-fn connection_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
+/// The client's half of dead-peer detection: TCP keepalives from 30 s of silence, so a
+/// connection to a server that vanished fails within about a minute instead of hanging.
+pub fn connection_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
     let mut config = settings.config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(settings.connect_timeout);
     }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(60));
     if config.get_application_name().is_none() {
         if let Some(name) = std::env::current_exe()
             .ok()

@@ -1,18 +1,22 @@
 //! Bookkeeping of ingest and normalize runs in `etl_runs`: the one way both services run work
-//! as a recorded run ([`Run::begin`], the work on the run's connection, then [`Run::end`] or
-//! [`Run::discard`]).
+//! as a recorded run ([`Runs::begin`], the work, then [`Run::end`] or [`Run::discard`]).
 //!
-//! A running run holds a session advisory lock keyed by its id on the connection it works on.
-//! If the process dies, Postgres drops the connection and the lock with it, so any replica can
-//! tell an interrupted run (unlocked) from one still in progress (locked) and mark only the
-//! former failed, without clocks or heartbeats.
+//! A running run is marked live by a session advisory lock keyed by its id. If the process
+//! dies, Postgres drops its sessions and the locks with them, so any replica can tell an
+//! interrupted run (unlocked) from one still in progress (locked) and mark only the former
+//! failed, without clocks or heartbeats. The locks of all of a process's runs live on one
+//! connection of its own ([`Runs`]), not on pooled ones: a run waiting on its source holds no
+//! pooled connection, so a process runs more sources at once than its pool has connections.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Object;
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::Pool;
+use crate::config::DatabaseSettings;
+use crate::db::{DbError, Pool};
 use crate::metrics::PipelineMetrics;
 
 /// Which service a run belongs to (the `etl_runs.service` column).
@@ -68,42 +72,171 @@ pub enum RunError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("could not record the run: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("could not lock the run: {0}")]
+    Locks(#[from] DbError),
 }
 
-/// A run in progress. Owns the connection that holds its lock; the run's own work may use it.
-pub struct Run {
-    pub id: i64,
+/// Where one service records its runs: the pool for the rows, and the one connection that
+/// holds the locks of this process's live runs. Cheap to clone.
+#[derive(Clone)]
+pub struct Runs {
+    pool: Pool,
     service: Service,
-    source: String,
-    started: Instant,
-    client: Option<Object>,
+    locks: Arc<Mutex<LockSession>>,
 }
 
-impl Run {
-    /// Starts a recorded run of `service` over `source`: runs of the service cut off by a crash
-    /// or an outage are first marked failed (cheap: a partial index holds only running runs),
-    /// then a `running` row is recorded and locked, and the current span gets its `run_id`.
-    pub async fn begin(pool: &Pool, service: Service, source: &str) -> Result<Self, RunError> {
-        reap_interrupted(pool, service).await?;
-        let run = Self::start(pool, service, source).await?;
+/// The connection the run locks live on, and which runs it holds, so a new connection (after a
+/// database restart) takes them again.
+struct LockSession {
+    database: DatabaseSettings,
+    connection: Option<tokio_postgres::Client>,
+    held: BTreeSet<i64>,
+}
+
+impl LockSession {
+    async fn client(&mut self) -> Result<&tokio_postgres::Client, RunError> {
+        if self.connection.as_ref().is_none_or(|c| c.is_closed()) {
+            self.connection = None;
+            let (client, _driver) = crate::db::connect(&self.database).await?;
+            // Runs still going on here: locked again. One may have been reaped as failed in
+            // between; it is still recorded by its own end.
+            for id in &self.held {
+                client.execute("SELECT pg_advisory_lock($1)", &[id]).await?;
+            }
+            self.connection = Some(client);
+        }
+        Ok(self.connection.as_ref().expect("just connected"))
+    }
+}
+
+impl Runs {
+    pub fn new(pool: Pool, database: &DatabaseSettings, service: Service) -> Self {
+        Self {
+            pool,
+            service,
+            locks: Arc::new(Mutex::new(LockSession {
+                database: database.clone(),
+                connection: None,
+                held: BTreeSet::new(),
+            })),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Starts a recorded run over `source`: runs of the service cut off by a crash or an outage
+    /// are first marked failed (cheap: a partial index holds only running runs), then a new run
+    /// id is locked and its `running` row recorded, and the current span gets its `run_id`.
+    pub async fn begin(&self, source: &str) -> Result<Run, RunError> {
+        self.reap().await?;
+        let run = self.start(source).await?;
         tracing::Span::current().record("run_id", run.id);
         Ok(run)
     }
 
+    /// Records a new `running` run for `source`, locked before its row exists, so no other
+    /// session ever sees the row unlocked.
+    pub async fn start(&self, source: &str) -> Result<Run, RunError> {
+        let id: i64 = {
+            let mut locks = self.locks.lock().await;
+            let client = locks.client().await?;
+            let id = client
+                .query_one(
+                    "SELECT nextval(pg_get_serial_sequence('etl_runs', 'id'))",
+                    &[],
+                )
+                .await?
+                .get(0);
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&id])
+                .await?;
+            locks.held.insert(id);
+            id
+        };
+        let run = Run {
+            id,
+            runs: self.clone(),
+            source: source.to_owned(),
+            started: Instant::now(),
+            open: true,
+        };
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "INSERT INTO etl_runs (id, service, source) OVERRIDING SYSTEM VALUE
+                 VALUES ($1, $2, $3)",
+                &[&id, &self.service.as_str(), &source],
+            )
+            .await?;
+        Ok(run)
+    }
+
+    /// Marks failed every `running` run of the service whose process is gone. This process's
+    /// own runs are locked again first if their lock connection was lost (a database restart
+    /// they rode out), so they are never taken for interrupted here.
+    pub async fn reap(&self) -> Result<u64, RunError> {
+        {
+            let mut locks = self.locks.lock().await;
+            if !locks.held.is_empty() {
+                locks.client().await?;
+            }
+        }
+        reap_interrupted(&self.pool, self.service).await
+    }
+
+    /// Reaps now and every [`REAP_INTERVAL`] until shutdown. Runs are otherwise reaped only
+    /// when new work starts: a run whose end could not be recorded (the database went away
+    /// mid-run) must not stay `running` while its source stays quiet.
+    pub async fn reap_periodically(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.reap().await {
+                tracing::warn!(error = %e, "could not look for interrupted runs");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REAP_INTERVAL) => {}
+            }
+        }
+    }
+
+    async fn unlock(&self, id: i64) -> Result<(), RunError> {
+        let mut locks = self.locks.lock().await;
+        locks.held.remove(&id);
+        if let Some(client) = locks.connection.as_ref().filter(|c| !c.is_closed()) {
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&id])
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A run in progress; its lock is held (by [`Runs`]) until it ends.
+pub struct Run {
+    pub id: i64,
+    runs: Runs,
+    source: String,
+    started: Instant,
+    /// Not yet ended or discarded.
+    open: bool,
+}
+
+impl Run {
     /// Ends the run: records its outcome (and releases its lock), counts it in `metrics`, logs
     /// it, and says what it did.
     pub async fn end(
-        self,
-        pool: &Pool,
+        mut self,
         metrics: &PipelineMetrics,
         counts: RunCounts,
         error: Option<String>,
     ) -> Result<RunSummary, RunError> {
-        let (run_id, service, source) = (self.id, self.service, self.source.clone());
+        let service = self.runs.service;
         let seconds = self.started.elapsed().as_secs_f64();
-        self.finish(pool, counts, error.clone().map_or(Ok(()), Err))
-            .await?;
-        metrics.record_run(&source, error.is_none(), seconds);
+        self.finish(counts, error.as_deref()).await?;
+        metrics.record_run(&self.source, error.is_none(), seconds);
         match &error {
             None => tracing::info!(service = service.as_str(), ?counts, "run succeeded"),
             Some(e) => {
@@ -111,110 +244,70 @@ impl Run {
             }
         }
         Ok(RunSummary {
-            source,
-            run_id,
+            source: std::mem::take(&mut self.source),
+            run_id: self.id,
             counts,
             error,
         })
     }
 
-    /// Records a new `running` run for `source` and locks it.
-    pub async fn start(pool: &Pool, service: Service, source: &str) -> Result<Self, RunError> {
-        let mut client = pool.get().await?;
-        // Insert and lock in one transaction: no other session can see the row unlocked.
-        let tx = client.transaction().await?;
-        let id: i64 = tx
-            .query_one(
-                "INSERT INTO etl_runs (service, source) VALUES ($1, $2) RETURNING id",
-                &[&service.as_str(), &source],
-            )
-            .await?
-            .get(0);
-        tx.execute("SELECT pg_advisory_lock($1)", &[&id]).await?;
-        tx.commit().await?;
-        Ok(Self {
-            id,
-            service,
-            source: source.to_owned(),
-            started: Instant::now(),
-            client: Some(client),
-        })
-    }
-
-    /// The connection this run holds (and its lock lives on), for the run's own work.
-    pub fn client_mut(&mut self) -> &mut tokio_postgres::Client {
-        self.client.as_mut().expect("connection held until finish")
-    }
-
-    /// Records the outcome and releases the lock. If the run's own connection broke (say the
-    /// database restarted), the outcome is written over a fresh one; if that fails too, the run
-    /// is left for [`reap_interrupted`].
-    pub async fn finish(
-        mut self,
-        pool: &Pool,
-        counts: RunCounts,
-        outcome: Result<(), String>,
-    ) -> Result<(), RunError> {
-        let client = self.client.take().expect("finish runs once");
-        let (status, error) = match &outcome {
-            Ok(()) => ("success", None),
-            Err(e) => ("failed", Some(e.as_str())),
-        };
+    /// Records the outcome, then releases the lock. If the outcome cannot be written (the
+    /// database went away), the lock is let go all the same (when the run is dropped) and the
+    /// run is left for [`reap_interrupted`].
+    async fn finish(&mut self, counts: RunCounts, error: Option<&str>) -> Result<(), RunError> {
+        let status = if error.is_some() { "failed" } else { "success" };
         let elapsed = self.started.elapsed().as_secs_f64();
-        const SQL: &str = "UPDATE etl_runs SET status = $2, error_message = $3, ended_at = now(),
-                 duration_seconds = $4, records_processed = $5, records_inserted = $6,
-                 records_updated = $7, records_unchanged = $8, records_rejected = $9
-             WHERE id = $1";
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-            &self.id,
-            &status,
-            &error,
-            &elapsed,
-            &counts.processed,
-            &counts.inserted,
-            &counts.updated,
-            &counts.unchanged,
-            &counts.rejected,
-        ];
-        match client.execute(SQL, &params).await {
-            Ok(_) => {
-                client
-                    .execute("SELECT pg_advisory_unlock($1)", &[&self.id])
-                    .await?;
-                Ok(())
-            }
-            Err(first) => {
-                // Close the broken connection (and any lock on it) rather than pool it.
-                drop(Object::take(client));
-                let fresh = pool.get().await.map_err(|_| first)?;
-                fresh.execute(SQL, &params).await?;
-                Ok(())
-            }
-        }
+        self.runs
+            .pool
+            .get()
+            .await?
+            .execute(
+                "UPDATE etl_runs SET status = $2, error_message = $3, ended_at = now(),
+                     duration_seconds = $4, records_processed = $5, records_inserted = $6,
+                     records_updated = $7, records_unchanged = $8, records_rejected = $9
+                 WHERE id = $1",
+                &[
+                    &self.id,
+                    &status,
+                    &error,
+                    &elapsed,
+                    &counts.processed,
+                    &counts.inserted,
+                    &counts.updated,
+                    &counts.unchanged,
+                    &counts.rejected,
+                ],
+            )
+            .await?;
+        self.open = false;
+        self.runs.unlock(self.id).await
     }
-}
 
-impl Run {
     /// Removes a run that turned out to have nothing to do (another replica took the work), so
     /// `etl_runs` holds only runs that did something or failed.
     pub async fn discard(mut self) -> Result<(), RunError> {
-        let client = self.client.take().expect("discard runs once");
-        client
+        self.runs
+            .pool
+            .get()
+            .await?
             .execute("DELETE FROM etl_runs WHERE id = $1", &[&self.id])
             .await?;
-        client
-            .execute("SELECT pg_advisory_unlock($1)", &[&self.id])
-            .await?;
-        Ok(())
+        self.open = false;
+        self.runs.unlock(self.id).await
     }
 }
 
 impl Drop for Run {
     fn drop(&mut self) {
-        // Not finished (a panic, or the task was aborted): close the connection instead of
-        // returning it to the pool with the lock still held, so the run can be reaped.
-        if let Some(client) = self.client.take() {
-            drop(Object::take(client));
+        // Not ended (a panic, or the task was aborted): let go of the lock so the run is reaped
+        // as interrupted.
+        if self.open {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (runs, id) = (self.runs.clone(), self.id);
+                runtime.spawn(async move {
+                    let _ = runs.unlock(id).await;
+                });
+            }
         }
     }
 }
@@ -243,20 +336,5 @@ pub async fn reap_interrupted(pool: &Pool, service: Service) -> Result<u64, RunE
     Ok(reaped)
 }
 
-/// How often [`reap_periodically`] looks for runs left `running` by a dead process.
+/// How often [`Runs::reap_periodically`] looks for runs left `running` by a dead process.
 pub const REAP_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Reaps interrupted runs of `service` now and every [`REAP_INTERVAL`] until shutdown. Runs
-/// are otherwise reaped only when new work starts: a run whose end could not be recorded (the
-/// database went away mid-run) must not stay `running` while its source stays quiet.
-pub async fn reap_periodically(pool: Pool, service: Service, shutdown: CancellationToken) {
-    loop {
-        if let Err(e) = reap_interrupted(&pool, service).await {
-            tracing::warn!(error = %e, "could not look for interrupted runs");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REAP_INTERVAL) => {}
-        }
-    }
-}

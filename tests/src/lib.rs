@@ -286,6 +286,8 @@ pub struct TcpProxy {
     pub addr: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// While true, no byte moves either way, but every connection stays open.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl TcpProxy {
@@ -308,23 +310,46 @@ impl TcpProxy {
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (accept_up, accept_links) = (up.clone(), links.clone());
+        let (frozen, thawed) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 // Checked and registered under the lock `cut` takes, so no link accepted as the
                 // cut happens escapes it.
                 let mut links = accept_links.lock().unwrap();
                 if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the connection is closed at once
                 }
+                let thawed = thawed.clone();
                 let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        tokio::join!(
+                            pump(from_client, to_server, thawed.clone()),
+                            pump(from_server, to_client, thawed)
+                        );
                     }
                 });
                 links.push(link.abort_handle());
             }
         });
-        Self { addr, up, links }
+        Self {
+            addr,
+            up,
+            links,
+            frozen,
+        }
+    }
+
+    /// Stops every byte in both directions without closing anything, as a network partition
+    /// or a frozen pod would: peers see silence, not a reset.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Lets bytes through again; what was held back is delivered.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     /// `url` (a postgres:// URL) pointed at this proxy instead of the server.
@@ -419,6 +444,32 @@ impl ServiceProcess {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
+}
+
+/// Copies bytes one way until either side closes, holding them while the proxy is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            break;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Read just as the freeze began: held until the thaw, as a stalled network would.
+        if frozen.wait_for(|frozen| !frozen).await.is_err()
+            || to.write_all(&buf[..n]).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// `url` (a postgres:// URL) with its host and port replaced by `addr`, user and path kept.

@@ -91,7 +91,7 @@ async fn run_case(file: &str) -> Outcome {
         &sources_toml(kind, &server.url("/f")),
     )
     .unwrap();
-    let pool = etl_shared::db::pool(&db.settings()).unwrap();
+    let pool = etl_shared::db::pool(&db.settings(), etl_shared::db::Needs::Session).unwrap();
 
     let ingester = etl_ingester::Ingester::new(
         &etl_ingester::Settings {

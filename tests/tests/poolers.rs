@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use etl_query::reader::{Reader, Snapshot, Statement};
+use etl_query::reader::{pool, Reader, Sessions, Snapshot, Statement};
 use etl_shared::DatabaseSettings;
 use etl_tests::{free_local_addr, wait_for, PgBouncer, ServiceProcess, SourcesFile, TestDb};
 
@@ -120,9 +120,19 @@ async fn reads_are_read_only_through_pgbouncer_in_transaction_mode() {
     let db = TestDb::new().await;
     let bouncer = PgBouncer::start(&db.url, "transaction").await;
     let settings = DatabaseSettings::from_url(&bouncer.url_for(&db.url)).unwrap();
+    let found = etl_shared::db::check_at_start(&settings, etl_shared::db::Needs::Transactions)
+        .await
+        .unwrap();
+    assert!(
+        matches!(found, etl_shared::db::Found::TransactionPooler(_)),
+        "{found:?}"
+    );
+    let sessions = Sessions::from_found(&found);
+    let timeout = Duration::from_secs(5);
     let reader = Reader::new(
-        etl_shared::db::pool(&settings).unwrap(),
-        Duration::from_secs(5),
+        pool(&settings, sessions, timeout).unwrap(),
+        timeout,
+        sessions,
     );
 
     let write = reader

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etl_shared::db::Needs;
-use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
 use tokio::sync::Notify;
@@ -30,7 +29,7 @@ impl Application {
     /// Binds the admin port (port 0 picks a free one) and prepares the pool; nothing runs yet.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         etl_shared::db::check_at_start(&settings.database, Needs::Session).await?;
-        let pool = etl_shared::db::pool(&settings.database)?;
+        let pool = etl_shared::db::pool(&settings.database, Needs::Session)?;
         let listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = listener.local_addr()?;
         let acceptor = TcpAcceptor::from_tokio(listener)?;
@@ -71,11 +70,12 @@ impl Application {
                 trigger,
             ));
         }
-        tasks.spawn(reap_periodically(
-            self.ingester.pool().clone(),
-            Service::Ingester,
-            shutdown.clone(),
-        ));
+        tasks.spawn(
+            self.ingester
+                .runs()
+                .clone()
+                .reap_periodically(shutdown.clone()),
+        );
         tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
 
         let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(

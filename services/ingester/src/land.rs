@@ -12,6 +12,7 @@ use etl_shared::metrics::PipelineMetrics;
 use etl_shared::raw::{self, RawJson, RawTable, Written, RAW_READY_CHANNEL};
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
+use etl_shared::Pool;
 use tokio_postgres::{Client, Transaction};
 use tracing::Instrument;
 
@@ -57,6 +58,8 @@ pub struct Reject {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LandError {
+    #[error("no database connection for a batch: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
     #[error("writing a batch to {table} failed: {source}")]
     Db {
         table: &'static str,
@@ -84,10 +87,10 @@ pub struct Lander {
     rejects: Vec<Reject>,
 }
 
-/// The writing side of a run: lands batches in order, one transaction each, on the run's
-/// connection.
+/// The writing side of a run: lands batches in order, one transaction each, each on a pooled
+/// connection taken for that batch only: while the run waits on its source it holds none.
 pub struct BatchWriter<'a> {
-    client: &'a mut Client,
+    pool: &'a Pool,
     source: &'a str,
     table: RawTable,
     run_id: i64,
@@ -100,7 +103,7 @@ pub struct BatchWriter<'a> {
 /// being filled, one queued, one being written) and a failed write stops the reader at its next
 /// batch.
 pub fn pipeline<'a>(
-    client: &'a mut Client,
+    pool: &'a Pool,
     source: &'a str,
     kind: SourceKind,
     run_id: i64,
@@ -116,7 +119,7 @@ pub fn pipeline<'a>(
         rejects: Vec::new(),
     };
     let writer = BatchWriter {
-        client,
+        pool,
         source,
         table,
         run_id,
@@ -245,18 +248,22 @@ impl BatchWriter<'_> {
         } = batch;
         let table = self.table.name();
         let db = |source| LandError::Db { table, source };
-        match self.write(&records, &rejects).await {
+        let mut client = self.pool.get().await?;
+        match self.write(&mut client, &records, &rejects).await {
             Ok((inserted, updated)) => {
                 self.account(records.len(), rejects.len(), inserted, updated, started);
                 Ok(())
             }
-            Err(e) if is_data_error(&e) && !records.is_empty() => {
+            Err(e) if is_record_error(&e) && !records.is_empty() => {
                 tracing::warn!(source = self.source, error = %e, "batch refused; landing its records one by one");
                 for record in records {
                     let one = std::time::Instant::now();
-                    match self.write(std::slice::from_ref(&record), &[]).await {
+                    match self
+                        .write(&mut client, std::slice::from_ref(&record), &[])
+                        .await
+                    {
                         Ok((inserted, updated)) => self.account(1, 0, inserted, updated, one),
-                        Err(e) if is_data_error(&e) => rejects.push(Reject {
+                        Err(e) if is_record_error(&e) => rejects.push(Reject {
                             position: record.position,
                             reason: format!("Postgres refused the record: {}", db_message(&e)),
                             raw: record.data.0.into_bytes(),
@@ -264,7 +271,7 @@ impl BatchWriter<'_> {
                         Err(e) => return Err(db(e)),
                     }
                 }
-                self.write(&[], &rejects).await.map_err(db)?;
+                self.write(&mut client, &[], &rejects).await.map_err(db)?;
                 self.account(0, rejects.len(), 0, 0, started);
                 Ok(())
             }
@@ -275,11 +282,12 @@ impl BatchWriter<'_> {
     /// One transaction: the records (written by the raw-write protocol), the rejects, and a
     /// NOTIFY if anything changed. Returns (inserted, updated).
     async fn write(
-        &mut self,
+        &self,
+        client: &mut Client,
         records: &[RawRecord],
         rejects: &[Reject],
     ) -> Result<(i64, i64), tokio_postgres::Error> {
-        let tx = self.client.transaction().await?;
+        let tx = client.transaction().await?;
         let written = if records.is_empty() {
             Written::default()
         } else {
@@ -326,9 +334,14 @@ impl BatchWriter<'_> {
     }
 }
 
-/// A data exception (SQLSTATE class 22): the input, not the database, is at fault.
-fn is_data_error(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| c.code().starts_with("22"))
+/// The record, not the database, is at fault: a data exception (SQLSTATE class 22), or a value
+/// past one of Postgres's limits (54000, e.g. a jsonb too large) or too deep to parse (54001,
+/// stack depth). Such a record is rejected alone; the rest of its batch lands.
+fn is_record_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let code = c.code();
+        code.starts_with("22") || code == "54000" || code == "54001"
+    })
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::runs::{Run, RunSummary, Service};
+use etl_shared::runs::{RunSummary, Runs, Service};
 use etl_shared::sources::{SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
@@ -87,6 +87,7 @@ pub struct Ingester {
 
 struct Inner {
     pool: Pool,
+    runs: Runs,
     sources: Sources,
     headers: HashMap<String, HeaderMap>,
     metrics: PipelineMetrics,
@@ -97,6 +98,7 @@ impl Ingester {
     pub fn new(settings: &Settings, pool: Pool, shutdown: CancellationToken) -> Self {
         Self {
             inner: Arc::new(Inner {
+                runs: Runs::new(pool.clone(), &settings.database, Service::Ingester),
                 pool,
                 sources: settings.sources.clone(),
                 headers: settings.headers.clone(),
@@ -104,6 +106,10 @@ impl Ingester {
                 shutdown,
             }),
         }
+    }
+
+    pub fn runs(&self) -> &Runs {
+        &self.inner.runs
     }
 
     pub fn pool(&self) -> &Pool {
@@ -132,13 +138,17 @@ impl Ingester {
             .sources
             .get(name)
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
-        let mut run = Run::begin(&inner.pool, Service::Ingester, name).await?;
+        let run = inner.runs.begin(name).await?;
         let run_id = run.id;
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
-            let client = run.client_mut();
-            let (mut lander, writer) =
-                land::pipeline(client, &source.name, source.kind, run_id, &inner.metrics);
+            let (mut lander, writer) = land::pipeline(
+                &inner.pool,
+                &source.name,
+                source.kind,
+                run_id,
+                &inner.metrics,
+            );
             let read = async move {
                 let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
                     Ok(fetcher) => match source.kind {
@@ -164,6 +174,6 @@ impl Ingester {
             (counts, outcome)
         };
         let error = outcome.err().map(|e| etl_shared::error_chain(&e));
-        Ok(run.end(&inner.pool, &inner.metrics, counts, error).await?)
+        Ok(run.end(&inner.metrics, counts, error).await?)
     }
 }

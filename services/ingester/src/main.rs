@@ -66,7 +66,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn ingest_once(settings: Settings, only: Option<String>) -> anyhow::Result<ExitCode> {
     etl_shared::db::check_at_start(&settings.database, etl_shared::db::Needs::Session).await?;
     // Each run reaps interrupted runs of dead processes before it starts.
-    let pool = etl_shared::db::pool(&settings.database)?;
+    let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session)?;
     let ingester = Ingester::new(&settings, pool, etl_shared::shutdown::on_signal());
     let names: Vec<String> = match only {
         Some(name) => vec![name],

@@ -92,6 +92,42 @@ async fn ten_thousand_columns_land_as_one_object() {
 }
 
 #[tokio::test]
+async fn an_item_too_deep_for_postgres_is_rejected_alone_with_postgres_s_reason() {
+    let db = TestDb::new().await;
+    // Far past Postgres's parser stack (max_stack_depth): refused with SQLSTATE 54001.
+    let levels = 300_000;
+    let abyss = format!(
+        "{{\"id\": 2, \"n\": {}1{}, \"v\": 2}}",
+        "[".repeat(levels),
+        "]".repeat(levels)
+    );
+    let body = format!(
+        "[{{\"id\": 1, \"n\": \"a\", \"v\": 1}}, {abyss}, {{\"id\": 3, \"n\": \"c\", \"v\": 3}}]"
+    );
+    let server = serve(body.into_bytes()).await;
+    let toml = SourceToml::rest("abyss", &server.url("/abyss.json"))
+        .mapping(REST_MAPPING)
+        .to_string();
+
+    let summary = ingester(&db, &toml).run_source("abyss").await.unwrap();
+
+    assert_eq!(summary.error, None, "one record cannot fail the run");
+    assert_eq!(raw_ids(&db, "raw_api_data", "abyss").await, ["1", "3"]);
+    let rejects = rejects(&db, "abyss").await;
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert!(
+        rejects[0].3.contains("Postgres refused the record")
+            && rejects[0].3.contains("stack depth"),
+        "{:?}",
+        rejects[0].3
+    );
+    assert!(
+        rejects[0].4 == abyss.as_bytes(),
+        "the item's exact bytes are kept"
+    );
+}
+
+#[tokio::test]
 async fn ten_thousand_levels_of_nesting_land_without_overflowing_the_stack() {
     let db = TestDb::new().await;
     let deep = format!(

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use etl_ingester::Application;
-use etl_shared::runs::{reap_interrupted, Run, Service};
+use etl_shared::runs::{reap_interrupted, Runs, Service};
 use etl_tests::{streamed_csv, wait_for, SourceToml, SourcesFile, TestDb, TestServer};
 use poem::http::StatusCode;
 use poem::{endpoint::make_sync, Request, Response, Route};
@@ -209,7 +209,7 @@ async fn a_missing_secret_stops_the_ingester_at_start_naming_the_variable() {
 #[tokio::test]
 async fn runs_of_dead_processes_are_marked_failed_but_live_ones_are_left_alone() {
     let db = TestDb::new().await;
-    let pool = etl_shared::db::pool(&db.settings()).unwrap();
+    let pool = etl_shared::db::pool(&db.settings(), etl_shared::db::Needs::Session).unwrap();
     // A run whose process died: the row says running, but no session holds its lock.
     let dead: i64 = db
         .client()
@@ -221,7 +221,8 @@ async fn runs_of_dead_processes_are_marked_failed_but_live_ones_are_left_alone()
         .await
         .unwrap()
         .get(0);
-    let live = Run::start(&pool, Service::Ingester, "y").await.unwrap();
+    let runs = Runs::new(pool.clone(), &db.settings(), Service::Ingester);
+    let live = runs.start("y").await.unwrap();
 
     let reaped = reap_interrupted(&pool, Service::Ingester).await.unwrap();
 
@@ -231,10 +232,14 @@ async fn runs_of_dead_processes_are_marked_failed_but_live_ones_are_left_alone()
     assert!(dead_run.error.unwrap().starts_with("interrupted"));
     assert_eq!(run_row(&db, live.id).await.status, "running");
     let live_id = live.id;
-    live.finish(&pool, Default::default(), Ok(()))
-        .await
-        .unwrap();
+    let metrics = etl_shared::metrics::PipelineMetrics::new("etl_ingest", "ingest");
+    live.end(&metrics, Default::default(), None).await.unwrap();
     assert_eq!(run_row(&db, live_id).await.status, "success");
+    assert_eq!(
+        reap_interrupted(&pool, Service::Ingester).await.unwrap(),
+        0,
+        "an ended run is left as it ended"
+    );
 }
 
 #[tokio::test]
@@ -293,4 +298,55 @@ async fn shutdown_stops_a_streaming_run_between_batches_and_records_it_as_failed
         0,
         "only whole batches landed"
     );
+}
+
+#[tokio::test]
+async fn twelve_slow_sources_all_succeed_with_a_pool_of_five() {
+    const SOURCES: usize = 12;
+    const ROWS: u64 = 1_000;
+    let db = TestDb::new().await;
+    // Each file takes about 1.5 s to arrive: a run that held a pooled connection while it
+    // waited would keep the sixth run waiting past the 1 s pool timeout.
+    let server = TestServer::start(Route::new().at(
+        "/:file",
+        make_sync(|_| {
+            Response::builder().body(streamed_csv(Some(ROWS), 200, Duration::from_millis(300)))
+        }),
+    ))
+    .await;
+    let sources: Vec<SourceToml> = (0..SOURCES)
+        .map(|i| SourceToml::csv(&format!("slow{i}"), &server.url(&format!("/slow{i}.csv"))))
+        .collect();
+    let file = SourcesFile::of(&sources);
+    let db_url = db.url.clone();
+    let path = file.env_value();
+
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_etl-ingester"))
+            .arg("ingest")
+            .env("DATABASE_URL", db_url)
+            .env("SOURCES_FILE", path)
+            .env("DATABASE_POOL_MAX_SIZE", "5")
+            .env("DATABASE_CONNECT_TIMEOUT_SECS", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches(": ok (run").count(), SOURCES, "{stdout}");
+    let landed: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM raw_csv_data", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(landed, SOURCES as i64 * ROWS as i64);
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use etl_shared::config::DatabaseSettings;
 use etl_shared::db::Needs;
-use etl_shared::runs::{reap_periodically, Service};
 use poem::listener::TcpAcceptor;
 use poem::Server;
 use tokio::sync::{mpsc, Notify};
@@ -58,11 +57,12 @@ impl Application {
             .map(|s| (s.name.clone(), Arc::new(Notify::new())))
             .collect();
         let mut tasks = JoinSet::new();
-        tasks.spawn(reap_periodically(
-            normalizer.pool().clone(),
-            Service::Normalizer,
-            shutdown.clone(),
-        ));
+        tasks.spawn(
+            normalizer
+                .runs()
+                .clone()
+                .reap_periodically(shutdown.clone()),
+        );
         for (name, notify) in &workers {
             tasks.spawn(work(normalizer.clone(), name.clone(), notify.clone()));
         }

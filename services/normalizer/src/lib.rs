@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::{PipelineMetrics, SourceLabels};
-use etl_shared::runs::{Run, RunCounts, RunError, RunSummary, Service};
+use etl_shared::runs::{RunCounts, RunError, RunSummary, Runs, Service};
 use etl_shared::sources::{Sources, SourcesError};
 use etl_shared::Pool;
 use prometheus_client::metrics::counter::Counter;
@@ -109,6 +109,7 @@ pub struct Normalizer {
 
 struct Inner {
     pool: Pool,
+    runs: Runs,
     sources: Sources,
     paths: HashMap<String, FieldPaths>,
     batch_size: i64,
@@ -153,6 +154,7 @@ impl Normalizer {
             .collect();
         Self {
             inner: Arc::new(Inner {
+                runs: Runs::new(pool.clone(), &settings.database, Service::Normalizer),
                 pool,
                 sources: settings.sources.clone(),
                 paths,
@@ -164,6 +166,10 @@ impl Normalizer {
                 hook,
             }),
         }
+    }
+
+    pub fn runs(&self) -> &etl_shared::runs::Runs {
+        &self.inner.runs
     }
 
     pub fn pool(&self) -> &Pool {
@@ -216,10 +222,13 @@ impl Normalizer {
             summary: None,
             busy: false,
         };
-        if !batch::has_work(&**inner.pool.get().await?, source).await? {
+        // One pooled connection for the run's batches (a normalize run never waits on anything
+        // but the database).
+        let mut client = inner.pool.get().await?;
+        if !batch::has_work(&client, source).await? {
             return Ok(idle);
         }
-        let mut run = Run::begin(&inner.pool, Service::Normalizer, name).await?;
+        let run = inner.runs.begin(name).await?;
         let run_id = run.id;
         let mut total = RunCounts::default();
         let mut error = None;
@@ -227,7 +236,7 @@ impl Normalizer {
         while !inner.shutdown.is_cancelled() {
             let batch_started = Instant::now();
             let batch = batch::process_batch(
-                run.client_mut(),
+                &mut client,
                 source,
                 paths,
                 run_id,
@@ -264,7 +273,8 @@ impl Normalizer {
             run.discard().await?;
             return Ok(RunOutcome { busy, ..idle });
         }
-        let summary = run.end(&inner.pool, &inner.metrics, total, error).await?;
+        drop(client);
+        let summary = run.end(&inner.metrics, total, error).await?;
         Ok(RunOutcome {
             summary: Some(summary),
             busy,

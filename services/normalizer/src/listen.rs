@@ -68,12 +68,8 @@ async fn listen_once(
     wake: &mpsc::UnboundedSender<Wake>,
     shutdown: &CancellationToken,
 ) -> Result<(), ListenError> {
-    let mut config = database.config.clone();
-    config
-        .connect_timeout(database.connect_timeout)
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30))
-        .application_name("etl-normalizer-listen");
+    let mut config = etl_shared::db::connection_config(database);
+    config.application_name("etl-normalizer-listen");
     let (client, mut connection) = config
         .connect(database.tls.connector.clone())
         .await
@@ -95,6 +91,10 @@ async fn listen_once(
         "connection closed".to_owned()
     });
     let result = async {
+        client
+            .batch_execute(etl_shared::db::SERVER_KEEPALIVES)
+            .await
+            .map_err(|e| ListenError::Connect(error_chain(&e)))?;
         client
             // sql: constant (a compile-time channel name; LISTEN takes no bind parameters)
             .batch_execute(&format!("LISTEN {RAW_READY_CHANNEL}"))

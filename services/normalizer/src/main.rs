@@ -45,7 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run => {
             let settings = Settings::from_env(&env).context("invalid configuration")?;
-            let pool = etl_shared::db::pool(&settings.database)?;
+            let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session)?;
             let normalizer = Normalizer::new(&settings, pool, etl_shared::shutdown::on_signal());
             Application::build(settings, normalizer)
                 .await?

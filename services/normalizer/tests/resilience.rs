@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etl_normalizer::batch::{Hook, HookPoint};
 use etl_shared::raw::RawTable;
-use etl_tests::{wait_for, SourceToml, TestDb};
+use etl_tests::{wait_for, SourceToml, TcpProxy, TestDb};
 use support::*;
 use tokio::sync::mpsc;
 
@@ -324,4 +324,85 @@ async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
         "{metrics}"
     );
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_normalizer_frozen_mid_batch_loses_its_claim_to_another_replica_and_its_run_fails() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    install_apply_log(&client).await;
+    write_raw(
+        &mut client,
+        RawTable::Api,
+        "api",
+        &api_items(1..=2500),
+        false,
+    )
+    .await;
+    let settings = settings(&db, &sources_toml(&[]));
+    // One replica reaches the database through a proxy that freezes (no reset, no close) right
+    // after its first upsert, with its batch transaction and its claim on the source open.
+    let proxy = Arc::new(TcpProxy::to_database(&db.url).await);
+    let mut frozen_settings = settings.clone();
+    frozen_settings.database =
+        etl_shared::DatabaseSettings::from_url(&proxy.url_for(&db.url)).unwrap();
+    let (frozen_tx, mut frozen_at) = mpsc::unbounded_channel();
+    let freezer = proxy.clone();
+    let hook: Hook = Arc::new(move |point, pid| {
+        let (proxy, tx) = (freezer.clone(), frozen_tx.clone());
+        Box::pin(async move {
+            if point == HookPoint::AfterUpsert && tx.send(pid).is_ok() {
+                proxy.freeze();
+            }
+        })
+    });
+    let frozen = normalizer(&frozen_settings, Some(hook));
+    let frozen_run = tokio::spawn(async move { frozen.run_source("api").await });
+    tokio::time::timeout(DEADLINE, frozen_at.recv())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The server ends the stalled transaction (idle_in_transaction_session_timeout), which
+    // frees the claim: the other replica normalizes everything, within a minute.
+    let survivor = normalizer(&settings, None);
+    wait_for(
+        "the other replica to take the source over",
+        Duration::from_secs(60),
+        || async {
+            survivor.run_source("api").await.ok()?;
+            caught_up(&client, "api").await.then_some(())
+        },
+    )
+    .await;
+    assert_eq!(tallies(&client, "api").await, (2500, 0, 2500));
+    assert_eq!(
+        apply_counts(&client).await,
+        (2500, 0),
+        "the frozen batch's upsert was rolled back: every row applied exactly once"
+    );
+
+    // Back on the network, the frozen replica finds its session gone and records a failure (as
+    // after a real partition, the server's goodbye may be lost to the reset that follows it).
+    proxy.thaw();
+    let outcome = tokio::time::timeout(DEADLINE, frozen_run)
+        .await
+        .expect("the frozen run ends once the network is back")
+        .unwrap()
+        .expect("its run is recorded");
+    let summary = outcome.summary.expect("a recorded run");
+    let error = summary.error.expect("the frozen run failed");
+    assert!(
+        error.contains("idle-in-transaction timeout") || error.contains("connection closed"),
+        "{error}"
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status FROM etl_runs WHERE id = $1",
+            &[&summary.run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "failed");
 }

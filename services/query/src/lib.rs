@@ -107,10 +107,11 @@ fn openapi(api: Api) -> OpenApiService<Api, ()> {
 pub fn openapi_json() -> String {
     let pool = etl_shared::db::pool(
         &DatabaseSettings::from_url("postgres://spec@localhost/spec").expect("static URL"),
+        etl_shared::db::Needs::Transactions,
     )
     .expect("a lazy pool needs no database");
     openapi(Api {
-        reader: reader::Reader::new(pool, Duration::ZERO),
+        reader: reader::Reader::new(pool, Duration::ZERO, reader::Sessions::Pooled),
         stats: StatsCache::new(Duration::ZERO),
     })
     .spec()
@@ -126,15 +127,18 @@ pub struct Application {
 impl Application {
     /// Binds the port (0 picks a free one) and builds the routes; nothing is served yet.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        etl_shared::db::check_at_start(&settings.database, etl_shared::db::Needs::Transactions)
-            .await?;
-        // Read-only and the statement timeout are set per transaction (see `reader`).
-        let pool = etl_shared::db::pool(&settings.database)?;
+        let found =
+            etl_shared::db::check_at_start(&settings.database, etl_shared::db::Needs::Transactions)
+                .await?;
+        // Read-only and the statement timeout: per session or per transaction (see `reader`).
+        let sessions = reader::Sessions::from_found(&found);
+        let pool = reader::pool(&settings.database, sessions, settings.statement_timeout)?;
+        let reader = reader::Reader::new(pool, settings.statement_timeout, sessions);
         let listener = tokio::net::TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
         let addr = listener.local_addr()?;
-        let endpoint = routes(&settings, pool);
+        let endpoint = routes(&settings, reader);
         Ok(Self {
             acceptor: TcpAcceptor::from_tokio(listener)?,
             addr,
@@ -165,10 +169,11 @@ impl Application {
 
 fn routes(
     settings: &Settings,
-    pool: etl_shared::Pool,
+    reader: reader::Reader,
 ) -> poem::endpoint::BoxEndpoint<'static, Response> {
+    let pool = reader.pool().clone();
     let service = openapi(Api {
-        reader: reader::Reader::new(pool.clone(), settings.statement_timeout),
+        reader,
         stats: StatsCache::new(settings.stats_max_age),
     });
     let metrics = HttpMetrics::new();

@@ -34,7 +34,7 @@ pub fn settings(db: &TestDb, sources_toml: &str) -> Settings {
 
 pub fn ingester(db: &TestDb, sources_toml: &str) -> Ingester {
     let settings = settings(db, sources_toml);
-    let pool = etl_shared::db::pool(&settings.database).unwrap();
+    let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session).unwrap();
     Ingester::new(&settings, pool, CancellationToken::new())
 }
 

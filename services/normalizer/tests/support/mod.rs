@@ -41,7 +41,7 @@ pub fn settings(db: &TestDb, toml: &str) -> Settings {
 }
 
 pub fn normalizer(settings: &Settings, hook: Option<Hook>) -> Normalizer {
-    let pool = etl_shared::db::pool(&settings.database).unwrap();
+    let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session).unwrap();
     Normalizer::with_hook(settings, pool, CancellationToken::new(), hook)
 }
 
