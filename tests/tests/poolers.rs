@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use etl_query::reader::{pool, Reader, Sessions, Snapshot, Statement};
+use etl_shared::db::{check_at_start, Found, Needs};
 use etl_shared::DatabaseSettings;
 use etl_tests::{free_local_addr, wait_for, PgBouncer, ServiceProcess, SourcesFile, TestDb};
 
@@ -54,6 +55,72 @@ async fn wait_until_healthy(api: &str) {
     .await;
 }
 
+/// A page blocked behind a lock is cut at the service's 300 ms statement timeout and answered
+/// as a timeout, and the next request is served normally.
+async fn assert_statement_timeout_applies(db: &TestDb, api: &str) {
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE normalized_data IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (status, body) = get_json(&format!("{api}/data")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("timeout")),
+        "{body}"
+    );
+    lock.rollback().await.unwrap();
+    let (status, body) = get_json(&format!("{api}/data")).await;
+    assert_eq!(
+        (status, &body["total"]),
+        (200, &serde_json::json!(100)),
+        "{body}"
+    );
+}
+
+/// A reader for `url` as the query service makes one: a write is refused, the statement
+/// timeout is the configured one.
+async fn assert_reads_are_read_only_with_the_timeout(url: &str, expected: Found) {
+    let settings = DatabaseSettings::from_url(url).unwrap();
+    let found = check_at_start(&settings, Needs::Transactions)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::mem::discriminant(&found),
+        std::mem::discriminant(&expected),
+        "{found:?}"
+    );
+    let sessions = Sessions::from_found(&found);
+    let timeout = Duration::from_secs(5);
+    let reader = Reader::new(
+        pool(&settings, sessions, timeout).unwrap(),
+        timeout,
+        sessions,
+    );
+
+    let write = reader
+        .read(
+            Snapshot::PerStatement,
+            &[Statement::new(
+                "INSERT INTO etl_checkpoint (source) VALUES ('x')",
+                vec![],
+            )],
+        )
+        .await
+        .expect_err("a write inside a read");
+    let error = etl_shared::error_chain(&write);
+    assert!(error.contains("read-only transaction"), "{error}");
+    let timeout: String = reader
+        .read(
+            Snapshot::PerStatement,
+            &[Statement::new("SHOW statement_timeout", vec![])],
+        )
+        .await
+        .unwrap()[0][0]
+        .get(0);
+    assert_eq!(timeout, "5s");
+}
+
 #[tokio::test]
 async fn the_query_api_answers_through_pgbouncer_in_transaction_mode() {
     let db = TestDb::new().await;
@@ -91,71 +158,34 @@ async fn the_query_api_answers_through_pgbouncer_in_transaction_mode() {
         }
     }
 
-    // The statement timeout applies through the pooler: a page blocked behind a lock is cut
-    // at 300 ms and answered as a timeout, and the next request is served normally.
-    let mut locker = db.client().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE normalized_data IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let (status, body) = get_json(&format!("{api}/data")).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (503, Some("timeout")),
-        "{body}"
-    );
-    lock.rollback().await.unwrap();
-    let (status, body) = get_json(&format!("{api}/data")).await;
-    assert_eq!(
-        (status, &body["total"]),
-        (200, &serde_json::json!(100)),
-        "{body}"
-    );
+    // The statement timeout applies through the pooler.
+    assert_statement_timeout_applies(&db, &api).await;
 
     assert_eq!(query.stop().await, Some(0), "{}", query.log_tail());
 }
 
 #[tokio::test]
-async fn reads_are_read_only_through_pgbouncer_in_transaction_mode() {
+async fn reads_are_read_only_with_the_timeout_through_pgbouncer_and_on_own_sessions() {
     let db = TestDb::new().await;
     let bouncer = PgBouncer::start(&db.url, "transaction").await;
-    let settings = DatabaseSettings::from_url(&bouncer.url_for(&db.url)).unwrap();
-    let found = etl_shared::db::check_at_start(&settings, etl_shared::db::Needs::Transactions)
-        .await
-        .unwrap();
-    assert!(
-        matches!(found, etl_shared::db::Found::TransactionPooler(_)),
-        "{found:?}"
-    );
-    let sessions = Sessions::from_found(&found);
-    let timeout = Duration::from_secs(5);
-    let reader = Reader::new(
-        pool(&settings, sessions, timeout).unwrap(),
-        timeout,
-        sessions,
-    );
+    assert_reads_are_read_only_with_the_timeout(
+        &bouncer.url_for(&db.url),
+        Found::TransactionPooler(String::new()),
+    )
+    .await;
+    assert_reads_are_read_only_with_the_timeout(&db.url, Found::OwnSessions).await;
+}
 
-    let write = reader
-        .read(
-            Snapshot::PerStatement,
-            &[Statement::new(
-                "INSERT INTO etl_checkpoint (source) VALUES ('x')",
-                vec![],
-            )],
-        )
-        .await
-        .expect_err("a write inside a read");
-    let error = etl_shared::error_chain(&write);
-    assert!(error.contains("read-only transaction"), "{error}");
-    let timeout: String = reader
-        .read(
-            Snapshot::PerStatement,
-            &[Statement::new("SHOW statement_timeout", vec![])],
-        )
-        .await
-        .unwrap()[0][0]
-        .get(0);
-    assert_eq!(timeout, "5s");
+#[tokio::test]
+async fn the_statement_timeout_applies_on_a_direct_connection_too() {
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let (mut query, api) = start_query(db.url.clone());
+    wait_until_healthy(&api).await;
+
+    assert_statement_timeout_applies(&db, &api).await;
+
+    assert_eq!(query.stop().await, Some(0), "{}", query.log_tail());
 }
 
 #[tokio::test]
