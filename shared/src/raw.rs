@@ -36,9 +36,13 @@ pub struct RawStatements {
     /// Upserts the session's staging table into the raw table: `$1` source, `$2` trace context.
     /// Returns one row: (inserted, updated).
     upsert_staged: &'static str,
-    /// The normalizer's batch: rows of `$1` after change id `$2`, at most `$3`, with the text and
-    /// JSON type at paths `$4`, `$5`, `$6` (a NULL path reads as missing). Columns: id,
-    /// source_id, change_id, then (type, text) for each path, then trace_context.
+    /// The normalizer's batch: rows of `$1` after change id `$2`, at most `$3` rows and, past
+    /// the first row, at most `$10` bytes of field text, with the JSON type, the text cut to
+    /// `$7`, `$8`, `$9` characters, and the full text's length in characters and in bytes at
+    /// paths `$4`, `$5`, `$6` (a NULL path reads as missing). Fields are cut and measured here
+    /// so no record, however large, enters the normalizer's memory whole. Columns: id,
+    /// source_id, change_id, then (type, cut text, characters, bytes) for each path, then
+    /// trace_context.
     pub read_after: &'static str,
     /// Records normalize-stage rejects (`$1` run, `$2` source, then arrays of source ids, raw
     /// ids and reasons) with the raw row's data as their bytes; one current reject per record.
@@ -74,15 +78,32 @@ macro_rules! raw_statements {
                 FROM upserted"
             ),
             read_after: concat!(
-                "SELECT id, source_id, change_id,
-                        jsonb_typeof(data #> $4), data #>> $4,
-                        jsonb_typeof(data #> $5), data #>> $5,
-                        jsonb_typeof(data #> $6), data #>> $6,
+                "SELECT id, source_id, change_id, nk, nt, nc, nb, vk, vt, vc, vb, dk, dt, dc, db,
                         trace_context
-                 FROM ", $table, "
-                 WHERE source = $1 AND change_id > $2
-                 ORDER BY change_id
-                 LIMIT $3"
+                 FROM (
+                     SELECT c.*, row_number() OVER w AS n, sum(
+                                octet_length(source_id) + coalesce(octet_length(nt), 0)
+                                + coalesce(octet_length(vt), 0) + coalesce(octet_length(dt), 0)
+                            ) OVER w AS running
+                     FROM (
+                         SELECT id, source_id, change_id, trace_context,
+                                jsonb_typeof(data #> $4) AS nk, left(f.n, $7) AS nt,
+                                char_length(f.n) AS nc, octet_length(f.n) AS nb,
+                                jsonb_typeof(data #> $5) AS vk, left(f.v, $8) AS vt,
+                                char_length(f.v) AS vc, octet_length(f.v) AS vb,
+                                jsonb_typeof(data #> $6) AS dk, left(f.d, $9) AS dt,
+                                char_length(f.d) AS dc, octet_length(f.d) AS db
+                         FROM ", $table, "
+                         CROSS JOIN LATERAL (SELECT data #>> $4 AS n, data #>> $5 AS v,
+                                                    data #>> $6 AS d) f
+                         WHERE source = $1 AND change_id > $2
+                         ORDER BY change_id
+                         LIMIT $3
+                     ) c
+                     WINDOW w AS (ORDER BY change_id)
+                 ) b
+                 WHERE n = 1 OR running <= $10
+                 ORDER BY change_id"
             ),
             reject_normalize: concat!(
                 "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)

@@ -13,11 +13,17 @@ use etl_shared::runs::RunCounts;
 use etl_shared::sources::{Source, SourceKind};
 use tokio_postgres::{Client, Row, Transaction};
 
-use crate::mapping::{normalize, Field, FieldPaths};
+use crate::mapping::{
+    normalize, Field, FieldPaths, MAX_DESCRIPTION_BYTES, MAX_NAME_CHARS, MAX_VALUE_CHARS,
+};
 
 /// Links per batch span: enough for every ingest batch a normalizer batch spans in practice
 /// (a batch of 1,000 rows reads from one or two 5,000-row ingest batches).
 const MAX_LINKS: usize = 32;
+
+/// A batch stops at this many bytes of field text (and at `NORMALIZER_BATCH_SIZE` rows), so
+/// large records make smaller batches instead of a large process.
+pub const BATCH_BYTES: i64 = 8 * 1024 * 1024;
 
 /// Points inside a batch where a test can pause or crash the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,15 +142,18 @@ pub struct RawRow {
 impl RawRow {
     /// In the column order of [`RawStatements::read_after`](etl_shared::raw::RawStatements).
     fn from_row(row: &Row) -> Self {
-        let field = |i: usize| Field::new(row.get(i), row.get(i + 1));
+        let field = |i: usize| {
+            let length = |i: usize| row.get::<_, Option<i32>>(i).unwrap_or(0).max(0) as usize;
+            Field::measured(row.get(i), row.get(i + 1), length(i + 2), length(i + 3))
+        };
         Self {
             raw_id: row.get(0),
             source_id: row.get(1),
             change_id: row.get(2),
             name: field(3),
-            value: field(5),
-            description: field(7),
-            trace_context: row.get(9),
+            value: field(7),
+            description: field(11),
+            trace_context: row.get(15),
         }
     }
 }
@@ -158,6 +167,8 @@ async fn read(
     checkpoint: i64,
     batch_size: i64,
 ) -> Result<Vec<RawRow>, tokio_postgres::Error> {
+    // Each field cut just past its limit: enough to tell it is too long, and no more.
+    let cut = |limit: usize| (limit + 1) as i32;
     let rows = tx
         .query(
             table.sql().read_after,
@@ -168,6 +179,10 @@ async fn read(
                 &paths.name,
                 &paths.value,
                 &paths.description,
+                &cut(MAX_NAME_CHARS),
+                &cut(MAX_VALUE_CHARS),
+                &cut(MAX_DESCRIPTION_BYTES),
+                &BATCH_BYTES,
             ],
         )
         .await?;

@@ -7,6 +7,8 @@ use etl_shared::sources::{Source, SourceKind};
 pub const MAX_NAME_CHARS: usize = 1_000;
 /// Longest accepted `description`, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
+/// Longest `value` text read as a number, in characters (longer ones are refused unread).
+pub const MAX_VALUE_CHARS: usize = 1_000;
 
 /// Paths (for Postgres's `#>` operator) of the mapped fields of one source.
 #[derive(Debug, Clone)]
@@ -48,16 +50,44 @@ pub fn pointer_to_path(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// One mapped field as Postgres read it: `jsonb_typeof` (`None`: nothing there) and `#>>` text.
+/// One mapped field as Postgres read it: `jsonb_typeof` (`None`: nothing there), the `#>>`
+/// text (cut by Postgres just past the field's limit, so a huge one never arrives whole), and
+/// the whole text's length in characters and bytes.
 #[derive(Debug, Clone, Default)]
 pub struct Field {
     pub kind: Option<String>,
     pub text: Option<String>,
+    pub chars: usize,
+    pub bytes: usize,
 }
 
 impl Field {
+    /// A field whose text arrived whole.
     pub fn new(kind: Option<String>, text: Option<String>) -> Self {
-        Self { kind, text }
+        let (chars, bytes) = text
+            .as_deref()
+            .map_or((0, 0), |t| (t.chars().count(), t.len()));
+        Self {
+            kind,
+            text,
+            chars,
+            bytes,
+        }
+    }
+
+    /// A field as the batch reads it: `text` possibly cut, `chars` and `bytes` of the whole.
+    pub fn measured(
+        kind: Option<String>,
+        text: Option<String>,
+        chars: usize,
+        bytes: usize,
+    ) -> Self {
+        Self {
+            kind,
+            text,
+            chars,
+            bytes,
+        }
     }
 }
 
@@ -76,29 +106,26 @@ pub fn normalize(
     description: Field,
 ) -> Result<Normalized, String> {
     let [name_at, value_at, description_at] = &paths.labels;
+    let (name_chars, description_bytes) = (name.chars, description.bytes);
+    if name_chars > MAX_NAME_CHARS && matches!(name.kind.as_deref(), Some("string" | "number")) {
+        return Err(format!(
+            "name: {name_chars} characters long; at most {MAX_NAME_CHARS} are accepted"
+        ));
+    }
     let name =
         text_of("name", name_at, name)?.ok_or_else(|| format!("name: nothing at {name_at}"))?;
     if name.trim().is_empty() {
         return Err(format!("name: empty at {name_at}"));
-    }
-    let chars = name.chars().count();
-    if chars > MAX_NAME_CHARS {
-        return Err(format!(
-            "name: {chars} characters long; at most {MAX_NAME_CHARS} are accepted"
-        ));
     }
     let value = number_of(value_at, value)?;
     let description = match paths.description {
         None => None,
         Some(_) => text_of("description", description_at, description)?.filter(|d| !d.is_empty()),
     };
-    if let Some(d) = &description {
-        if d.len() > MAX_DESCRIPTION_BYTES {
-            return Err(format!(
-                "description: {} bytes long; at most {MAX_DESCRIPTION_BYTES} are accepted",
-                d.len()
-            ));
-        }
+    if description.is_some() && description_bytes > MAX_DESCRIPTION_BYTES {
+        return Err(format!(
+            "description: {description_bytes} bytes long; at most {MAX_DESCRIPTION_BYTES} are accepted"
+        ));
     }
     Ok(Normalized {
         name,
@@ -122,6 +149,12 @@ fn text_of(field: &str, at: &str, f: Field) -> Result<Option<String>, String> {
 /// A finite double, from a JSON number or a numeric string. Thousands separators are refused
 /// (`1,234` means different things in different locales), as are NaN and infinities.
 fn number_of(at: &str, f: Field) -> Result<f64, String> {
+    if f.chars > MAX_VALUE_CHARS && matches!(f.kind.as_deref(), Some("number" | "string")) {
+        return Err(format!(
+            "value: a {}-character text at {at} is not a number",
+            f.chars
+        ));
+    }
     let text = match f.kind.as_deref() {
         None | Some("null") => return Err(format!("value: nothing at {at}")),
         Some("number" | "string") => f.text.unwrap_or_default(),
@@ -188,6 +221,31 @@ mod tests {
 
     fn value(kind: &str, text: &str) -> Result<f64, String> {
         normalize(&paths(), f("string", "x"), f(kind, text), Field::default()).map(|n| n.value)
+    }
+
+    /// A field as Postgres sends it to the batch: cut past `cut` characters, with the length
+    /// of the whole.
+    fn huge(kind: &str, cut: usize, whole: usize) -> Field {
+        Field::measured(Some(kind.into()), Some("x".repeat(cut)), whole, whole)
+    }
+
+    #[test]
+    fn lengths_are_those_of_the_whole_field_not_of_the_cut_text_that_arrives() {
+        let name = huge("string", MAX_NAME_CHARS + 1, 10_000_000);
+        assert_eq!(
+            normalize(&paths(), name, f("number", "1"), Field::default()),
+            Err("name: 10000000 characters long; at most 1000 are accepted".into())
+        );
+        let description = huge("string", MAX_DESCRIPTION_BYTES + 1, 70_000);
+        assert_eq!(
+            normalize(&paths(), f("string", "n"), f("number", "1"), description),
+            Err("description: 70000 bytes long; at most 65536 are accepted".into())
+        );
+        let value = huge("number", MAX_VALUE_CHARS + 1, 5_000);
+        assert_eq!(
+            normalize(&paths(), f("string", "n"), value, Field::default()),
+            Err("value: a 5000-character text at /v is not a number".into())
+        );
     }
 
     #[test]
