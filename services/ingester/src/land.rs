@@ -20,7 +20,7 @@ use tracing::Instrument;
 /// lock time.
 pub const BATCH_ROWS: usize = 5_000;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
-pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// One record ready to land.
 #[derive(Debug, Clone)]

@@ -21,9 +21,9 @@ use crate::mapping::{
 /// (a batch of 1,000 rows reads from one or two 5,000-row ingest batches).
 const MAX_LINKS: usize = 32;
 
-/// A batch stops at this many bytes of field text (and at `NORMALIZER_BATCH_SIZE` rows), so
+/// A batch stops at this many bytes of field text (4 MiB) (and at `NORMALIZER_BATCH_SIZE` rows), so
 /// large records make smaller batches instead of a large process.
-pub const BATCH_BYTES: i64 = 8 * 1024 * 1024;
+pub const BATCH_BYTES: i64 = 4 * 1024 * 1024;
 
 /// Points inside a batch where a test can pause or crash the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +43,8 @@ pub enum BatchOutcome {
     Busy,
     /// Nothing after the checkpoint.
     CaughtUp,
-    /// Rows were processed; `full` means there may be more.
-    Processed { counts: RunCounts, full: bool },
+    /// Rows were processed, with this many bytes of field text (see [`next_row_limit`]).
+    Processed { counts: RunCounts, text_bytes: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,18 @@ pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
+/// How many rows to ask for next: as many as fit in [`BATCH_BYTES`] at the last batch's bytes
+/// per row, within 1 and `batch_size`. Postgres measures every row it considers, so asking for
+/// far more rows than the byte bound lets through would make it read (and detoast) them all
+/// for nothing, batch after batch.
+pub fn next_row_limit(batch_size: i64, rows: i64, text_bytes: i64) -> i64 {
+    if rows <= 0 || text_bytes <= 0 {
+        return batch_size;
+    }
+    let per_row = (text_bytes / rows).max(1);
+    (BATCH_BYTES / per_row).clamp(1, batch_size)
+}
+
 /// One batch, as the module header says: claim, read, classify, apply, advance, commit.
 pub async fn process_batch(
     client: &mut Client,
@@ -88,6 +100,7 @@ pub async fn process_batch(
     if rows.is_empty() {
         return Ok(BatchOutcome::CaughtUp);
     }
+    let text_bytes = rows.iter().map(RawRow::text_bytes).sum::<usize>() as i64;
     link_to_ingest_batches(&rows);
     let batch = classify(source.kind, paths, checkpoint, rows)?;
     let applied = apply(&tx, table, &source.name, run_id, &batch).await?;
@@ -99,7 +112,7 @@ pub async fn process_batch(
     tx.commit().await?;
     Ok(BatchOutcome::Processed {
         counts: batch.counts(&applied),
-        full: batch.processed >= batch_size,
+        text_bytes,
     })
 }
 
@@ -140,6 +153,12 @@ pub struct RawRow {
 }
 
 impl RawRow {
+    /// Bytes of text this row brought into the process (what [`BATCH_BYTES`] bounds).
+    fn text_bytes(&self) -> usize {
+        let text = |f: &Field| f.text.as_ref().map_or(0, String::len);
+        self.source_id.len() + text(&self.name) + text(&self.value) + text(&self.description)
+    }
+
     /// In the column order of [`RawStatements::read_after`](etl_shared::raw::RawStatements).
     fn from_row(row: &Row) -> Self {
         let field = |i: usize| {
@@ -436,6 +455,18 @@ mod tests {
             description: field("string", ""),
             trace_context: None,
         }
+    }
+
+    #[test]
+    fn the_next_batch_asks_for_as_many_rows_as_fit_in_the_byte_bound() {
+        assert_eq!(
+            next_row_limit(5_000, 5_000, 500_000),
+            5_000,
+            "small rows: the row limit"
+        );
+        assert_eq!(next_row_limit(5_000, 60, 60 * 61_440), BATCH_BYTES / 61_440);
+        assert_eq!(next_row_limit(5_000, 1, 50_000_000), 1, "at least one row");
+        assert_eq!(next_row_limit(5_000, 0, 0), 5_000);
     }
 
     #[test]

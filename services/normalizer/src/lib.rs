@@ -233,6 +233,7 @@ impl Normalizer {
         let mut total = RunCounts::default();
         let mut error = None;
         let mut busy = false;
+        let mut row_limit = inner.batch_size;
         while !inner.shutdown.is_cancelled() {
             let batch_started = Instant::now();
             let batch = batch::process_batch(
@@ -240,7 +241,7 @@ impl Normalizer {
                 source,
                 paths,
                 run_id,
-                inner.batch_size,
+                row_limit,
                 inner.hook.as_ref(),
             )
             .instrument(tracing::info_span!(
@@ -250,7 +251,9 @@ impl Normalizer {
             ))
             .await;
             match batch {
-                Ok(BatchOutcome::Processed { counts, .. }) => {
+                Ok(BatchOutcome::Processed { counts, text_bytes }) => {
+                    row_limit =
+                        batch::next_row_limit(inner.batch_size, counts.processed, text_bytes);
                     total.add(counts);
                     inner.metrics.record_batch(
                         name,

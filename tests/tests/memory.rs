@@ -1,0 +1,148 @@
+//! Memory that no single record can blow: the services, as processes with a pod's worth of
+//! memory in mind, stay under 64 MiB of peak resident memory (VmHWM) whatever the records
+//! look like. The sources are generated as they are served, so the test process stays small.
+
+use std::time::Duration;
+
+use etl_tests::{wait_for, Pipeline, SourceToml, SourcesFile, TestDb, TestServer};
+use poem::{endpoint::make_sync, Response, Route};
+
+const LIMIT_KIB: u64 = 64 * 1024;
+const DEADLINE: Duration = Duration::from_secs(110);
+
+/// A CSV (`id,name,value,description`) of `rows` rows made by `row`, produced as it is sent.
+fn generated_csv(rows: u64, row: fn(u64) -> String) -> poem::Body {
+    let chunks = futures_util::stream::unfold(0u64, move |i| async move {
+        if i > rows {
+            return None;
+        }
+        let chunk = if i == 0 {
+            String::from("id,name,value,description\n")
+        } else {
+            row(i)
+        };
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), i + 1))
+    });
+    poem::Body::from_bytes_stream(chunks)
+}
+
+async fn serve(rows: u64, row: fn(u64) -> String) -> TestServer {
+    TestServer::start(Route::new().at(
+        "/big.csv",
+        make_sync(move |_| Response::builder().body(generated_csv(rows, row))),
+    ))
+    .await
+}
+
+fn start(db: &TestDb, sources: &SourcesFile) -> Pipeline {
+    Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+    ])
+}
+
+fn source(server: &TestServer) -> SourceToml {
+    SourceToml::csv("big", &server.url("/big.csv"))
+        .mapping(
+            r#"{ source_id = "id", name = "name", value = "value", description = "description" }"#,
+        )
+        .with(r#"schedule = "1h""#)
+}
+
+/// (normalized, rejected at normalize) once the normalizer has been through every raw row.
+async fn wait_until_normalized(db: &TestDb, rows: i64) -> (i64, i64) {
+    let client = db.client().await;
+    wait_for(
+        "every row to be normalized or rejected",
+        DEADLINE,
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM normalized_data),
+                        (SELECT count(*) FROM etl_rejects WHERE stage = 'normalize'),
+                        (SELECT coalesce(sum(pending_changes), 0)::bigint FROM etl_pending),
+                        (SELECT count(*) FROM raw_csv_data)",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let (normalized, rejected, pending, raw): (i64, i64, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            (raw == rows && pending == 0 && normalized + rejected == rows)
+                .then_some((normalized, rejected))
+        },
+    )
+    .await
+}
+
+fn peaks(pipeline: &Pipeline) -> Vec<(&'static str, u64)> {
+    pipeline
+        .services
+        .iter()
+        .filter(|s| s.name != "etl-query")
+        .map(|s| (s.name, s.peak_rss_kib()))
+        .collect()
+}
+
+#[tokio::test]
+async fn five_thousand_rows_with_60_kib_descriptions_pass_through_in_under_64_mib() {
+    let db = TestDb::new().await;
+    let server = serve(5_000, |i| {
+        format!("{i},row {i},{i},{}\n", "d".repeat(60 * 1024))
+    })
+    .await;
+    let sources = SourcesFile::of(&[source(&server)]);
+    let mut pipeline = start(&db, &sources);
+
+    let (normalized, rejected) = wait_until_normalized(&db, 5_000).await;
+
+    assert_eq!((normalized, rejected), (5_000, 0), "every row is valid");
+    let peaks = peaks(&pipeline);
+    pipeline.stop().await;
+    eprintln!("peak memory: {peaks:?}");
+    for (service, kib) in peaks {
+        assert!(
+            kib < LIMIT_KIB,
+            "{service} peaked at {kib} KiB for 300 MB of rows"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forty_rows_with_a_10_mb_name_are_rejected_for_their_length_by_a_normalizer_under_64_mib() {
+    let db = TestDb::new().await;
+    let server = serve(40, |i| format!("{i},{},{i},\n", "n".repeat(10_000_000))).await;
+    let sources = SourcesFile::of(&[source(&server)]);
+    let mut pipeline = start(&db, &sources);
+
+    let (normalized, rejected) = wait_until_normalized(&db, 40).await;
+
+    assert_eq!((normalized, rejected), (0, 40));
+    let reasons: Vec<String> = db
+        .client()
+        .await
+        .query(
+            "SELECT DISTINCT reason FROM etl_rejects WHERE stage = 'normalize'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        reasons,
+        ["name: 10000000 characters long; at most 1000 are accepted"]
+    );
+    let peaks = peaks(&pipeline);
+    pipeline.stop().await;
+    eprintln!("peak memory: {peaks:?}");
+    // The normalizer's bound. (The ingester holds a 10 MB record several times over while it
+    // parses, queues and writes it: not yet bounded to 64 MiB, see issue 15.)
+    let (service, kib) = peaks[1];
+    assert_eq!(service, "etl-normalizer");
+    assert!(
+        kib < LIMIT_KIB,
+        "{service} peaked at {kib} KiB for 10 MB names"
+    );
+}
