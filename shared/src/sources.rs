@@ -150,6 +150,10 @@ pub struct HttpOptions {
     /// fails, so a runaway or hostile source cannot fill the database.
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
+    /// Largest single record (a CSV row, a REST item), in bytes: a larger one is rejected with
+    /// its position and the first bytes it had, so no record can take the process's memory.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: u64,
     /// Longest one response may take, body included (for a CSV, the whole file): a source that
     /// trickles bytes, never silent long enough for `read_timeout`, still ends.
     #[serde(
@@ -169,6 +173,7 @@ impl Default for HttpOptions {
             max_backoff: default_max_backoff(),
             max_page_bytes: default_max_page_bytes(),
             max_file_bytes: default_max_file_bytes(),
+            max_record_bytes: default_max_record_bytes(),
             max_response_time: default_max_response_time(),
         }
     }
@@ -493,6 +498,9 @@ fn default_max_page_bytes() -> u64 {
 }
 fn default_max_file_bytes() -> u64 {
     16 * 1024 * 1024 * 1024
+}
+fn default_max_record_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 fn default_max_response_time() -> Duration {
     Duration::from_secs(3600)

@@ -146,3 +146,57 @@ async fn forty_rows_with_a_10_mb_name_are_rejected_for_their_length_by_a_normali
         "{service} peaked at {kib} KiB for 10 MB names"
     );
 }
+
+#[tokio::test]
+async fn an_unterminated_quote_before_300_mb_fails_the_run_in_under_64_mib() {
+    const FILLER_CHUNKS: u64 = 4_800; // of 64 KiB: 300 MiB after the open quote
+    let db = TestDb::new().await;
+    let server = TestServer::start(Route::new().at(
+        "/big.csv",
+        make_sync(|_| {
+            let chunks = futures_util::stream::unfold(0u64, |i| async move {
+                let chunk = match i {
+                    0 => "id,name,value,description\n1,a,1,x\n2,b,2,y\n3,\"never closed,3,z\n"
+                        .to_owned(),
+                    i if i <= FILLER_CHUNKS => "9,i,9,z\n".repeat(8 * 1024),
+                    _ => return None,
+                };
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), i + 1))
+            });
+            Response::builder().body(poem::Body::from_bytes_stream(chunks))
+        }),
+    ))
+    .await;
+    let sources = SourcesFile::of(&[source(&server)]);
+    let mut pipeline = start(&db, &sources);
+    let client = db.client().await;
+
+    let error: String = wait_for("the ingest run to fail", DEADLINE, || async {
+        client
+            .query_opt(
+                "SELECT error_message FROM etl_runs WHERE service = 'ingester' AND status = 'failed'",
+                &[],
+            )
+            .await
+            .ok()?
+            .map(|r| r.get(0))
+    })
+    .await;
+
+    assert!(
+        error.contains("the quoted field opened on line 4 is never closed"),
+        "{error}"
+    );
+    let landed: i64 = client
+        .query_one("SELECT count(*) FROM raw_csv_data", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(landed, 2, "the rows before the open quote landed");
+    let ingester = &pipeline.services[0];
+    assert_eq!(ingester.name, "etl-ingester");
+    let kib = ingester.peak_rss_kib();
+    pipeline.stop().await;
+    eprintln!("peak memory: ingester {kib} KiB");
+    assert!(kib < LIMIT_KIB, "the ingester peaked at {kib} KiB");
+}

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
 use tokio_util::io::StreamReader;
 use url::Url;
 
+use crate::csv_records::{Dialect, RecordGuard, UnterminatedQuote};
 use crate::http::{FetchError, Fetcher};
 use crate::land::{Lander, Position};
 use crate::{IngestError, SafeUrl, SourceError};
@@ -23,15 +24,9 @@ use crate::{IngestError, SafeUrl, SourceError};
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// A decompressed, size- and time-capped body whose quoting is followed, parsed as CSV.
-type CsvReader = AsyncReader<QuoteFollower<Capped<Box<dyn AsyncRead + Unpin + Send>>>>;
-
-/// The source's CSV dialect, as bytes.
-#[derive(Clone, Copy)]
-struct Dialect {
-    delimiter: u8,
-    quote: u8,
-}
+/// A decompressed, size- and time-capped body, passed on record by record (none larger than
+/// `http.max_record_bytes`), parsed as CSV.
+type CsvReader = AsyncReader<RecordGuard<Capped<Box<dyn AsyncRead + Unpin + Send>>>>;
 
 pub async fn ingest(
     source: &Source,
@@ -46,7 +41,11 @@ pub async fn ingest(
     let url = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
     let body = open(fetcher, &url, options.gzip).await?;
     // Counted after decompression, so a small gzip bomb is caught as well as a huge file.
-    let body = QuoteFollower::new(Capped::new(body, fetcher), dialect);
+    let body = RecordGuard::new(
+        Capped::new(body, fetcher),
+        dialect,
+        fetcher.max_record_bytes(),
+    );
     let mut csv = AsyncReaderBuilder::new()
         .delimiter(dialect.delimiter)
         .quote(dialect.quote)
@@ -57,6 +56,13 @@ pub async fn ingest(
     let mut record = ByteRecord::new();
     if !next_record(&mut csv, &mut record, &url).await? {
         return Ok(()); // an empty file: nothing to land
+    }
+    if let Some(header) = csv.get_ref().dropped_header() {
+        return Err(SourceError::HeaderTooLarge {
+            bytes: header.bytes,
+            limit: fetcher.max_record_bytes(),
+        }
+        .into());
     }
     let header = Header::parse(&record, source)?;
     land_rows(&mut csv, &header, dialect, &url, fetcher, lander).await
@@ -123,11 +129,26 @@ async fn land_rows(
             }
             .into());
         }
-        more = next_record(csv, &mut next, url).await?;
         let position = Position {
             line: record.position().map(|p| p.line() as i64),
             ..Position::default()
         };
+        more = match next_record(csv, &mut next, url).await {
+            Ok(more) => more,
+            Err(e) if is_unterminated_quote(&e) => {
+                // Everything before the open quote lands; then the run fails, saying where.
+                lander
+                    .land(position, header.to_json(&record), || {
+                        reassemble(&record, dialect)
+                    })
+                    .await?;
+                reject_oversized(csv, fetcher, lander).await?;
+                lander.flush().await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        reject_oversized(csv, fetcher, lander).await?;
         let parsed = if !more && csv.get_ref().ends_inside_quotes() {
             Err(
                 "the file ends inside a quoted field, so this last record is cut short \
@@ -142,7 +163,44 @@ async fn land_rows(
             .await?;
         std::mem::swap(&mut record, &mut next);
     }
+    reject_oversized(csv, fetcher, lander).await
+}
+
+/// Rejects the records the guard dropped for their size, with their first bytes.
+async fn reject_oversized(
+    csv: &mut CsvReader,
+    fetcher: &Fetcher,
+    lander: &mut Lander,
+) -> Result<(), IngestError> {
+    for dropped in csv.get_mut().take_dropped() {
+        let position = Position {
+            line: Some(dropped.line as i64),
+            ..Position::default()
+        };
+        let reason = format!(
+            "the record is {} bytes, over the limit of {} bytes (http.max_record_bytes); its \
+             first {} bytes are kept",
+            dropped.bytes,
+            fetcher.max_record_bytes(),
+            dropped.prefix.len()
+        );
+        lander
+            .land(position, Err(reason), || dropped.prefix)
+            .await?;
+    }
     Ok(())
+}
+
+fn is_unterminated_quote(error: &SourceError) -> bool {
+    let SourceError::Csv { error, .. } = error else {
+        return false;
+    };
+    match error.kind() {
+        csv_async::ErrorKind::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<UnterminatedQuote>()),
+        _ => false,
+    }
 }
 
 /// Column names, and where the id is.
@@ -260,86 +318,6 @@ fn reassemble(record: &ByteRecord, dialect: Dialect) -> Vec<u8> {
     out
 }
 
-/// Where the CSV parser is with respect to quotes, followed byte by byte the way csv-core
-/// does, so the end of the file can tell whether it cut a quoted field short.
-#[derive(Clone, Copy, PartialEq)]
-enum Quoting {
-    FieldStart,
-    Unquoted,
-    Quoted,
-    /// A quote inside a quoted field: it closes the field, or escapes a second quote.
-    QuoteInQuoted,
-}
-
-struct QuoteTracker {
-    state: Quoting,
-    delimiter: u8,
-    quote: u8,
-}
-
-impl QuoteTracker {
-    fn new(dialect: Dialect) -> Self {
-        Self {
-            state: Quoting::FieldStart,
-            delimiter: dialect.delimiter,
-            quote: dialect.quote,
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        let (d, q) = (self.delimiter, self.quote);
-        let ends_field = |b: u8| b == d || b == b'\n' || b == b'\r';
-        for &b in bytes {
-            self.state = match self.state {
-                Quoting::Quoted if b == q => Quoting::QuoteInQuoted,
-                Quoting::Quoted => Quoting::Quoted,
-                Quoting::QuoteInQuoted if b == q => Quoting::Quoted,
-                Quoting::FieldStart if b == q => Quoting::Quoted,
-                _ if ends_field(b) => Quoting::FieldStart,
-                _ => Quoting::Unquoted,
-            };
-        }
-    }
-
-    fn inside_quotes(&self) -> bool {
-        self.state == Quoting::Quoted
-    }
-}
-
-/// A reader that follows the quoting of every byte it passes on, so the CSV reader's owner can
-/// ask (through `get_ref`) whether the bytes so far end inside a quoted field.
-struct QuoteFollower<R> {
-    inner: R,
-    quotes: QuoteTracker,
-}
-
-impl<R> QuoteFollower<R> {
-    fn new(inner: R, dialect: Dialect) -> Self {
-        Self {
-            inner,
-            quotes: QuoteTracker::new(dialect),
-        }
-    }
-
-    fn ends_inside_quotes(&self) -> bool {
-        self.quotes.inside_quotes()
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for QuoteFollower<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.quotes.feed(&buf.filled()[before..]);
-        polled
-    }
-}
-
 /// The body, cut off past `http.max_file_bytes` or `http.max_response_time`.
 struct Capped<R> {
     inner: R,
@@ -404,7 +382,8 @@ fn csv_error(url: &Url, error: csv_async::Error) -> SourceError {
 
 #[cfg(test)]
 mod tests {
-    use super::{reassemble, Dialect, QuoteTracker};
+    use super::reassemble;
+    use crate::csv_records::{Dialect, QuoteTracker};
 
     const STANDARD: Dialect = Dialect {
         delimiter: b',',

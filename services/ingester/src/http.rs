@@ -215,6 +215,10 @@ impl Fetcher {
         self.options.max_page_bytes
     }
 
+    pub fn max_record_bytes(&self) -> u64 {
+        self.options.max_record_bytes
+    }
+
     pub fn max_file_bytes(&self) -> u64 {
         self.options.max_file_bytes
     }

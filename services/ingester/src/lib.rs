@@ -6,6 +6,7 @@
 
 pub mod admin;
 mod csv;
+mod csv_records;
 pub mod daemon;
 mod error;
 pub mod http;

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::http::{read_body_limited, FetchError, Fetcher};
-use crate::land::{Lander, Position};
+use crate::land::{Lander, Position, KEPT_PREFIX_BYTES};
 use crate::{IngestError, SafeUrl, SourceError};
 
 /// One fetched page: the JSON body (validated) and the `Link: rel="next"` target, if any.
@@ -27,6 +27,7 @@ pub async fn ingest(
     let rest = source.rest_options();
     let base = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
     let limit = fetcher.max_page_bytes();
+    let max_record = fetcher.max_record_bytes();
     let mut next = first_url(&base, &rest.pagination);
     let mut requested = HashSet::new();
     let mut page_no: u32 = 0;
@@ -58,11 +59,21 @@ pub async fn ingest(
                 item: Some(index as i64),
                 ..Position::default()
             };
+            let bytes = item.get().as_bytes();
+            if bytes.len() as u64 > max_record {
+                let kept = &bytes[..KEPT_PREFIX_BYTES.min(max_record as usize)];
+                let reason = format!(
+                    "the item is {} bytes, over the limit of {max_record} bytes \
+                     (http.max_record_bytes); its first {} bytes are kept",
+                    bytes.len(),
+                    kept.len()
+                );
+                lander.land(position, Err(reason), || kept.to_vec()).await?;
+                continue;
+            }
             let parsed =
                 source_id_of(item, &source.mapping.source_id).map(|id| (id, item.get().to_owned()));
-            lander
-                .land(position, parsed, || item.get().as_bytes().to_vec())
-                .await?;
+            lander.land(position, parsed, || bytes.to_vec()).await?;
         }
         next = next_url(&base, &url, &rest.pagination, &page, page_no, count)
             .map_err(|why| page_error(page_no, &url, why))?;

@@ -280,3 +280,69 @@ async fn the_last_copy_of_a_duplicated_id_wins() {
     let run = run_row(&db, summary.run_id).await;
     assert_eq!((run.processed, run.inserted, run.updated), (3, 2, 1));
 }
+
+/// A CSV source (`id, name, value, note`) whose records may be at most `limit` bytes.
+fn limited(name: &str, url: &str, limit: u64) -> String {
+    SourceToml::csv(name, url)
+        .mapping(r#"{ source_id = "id", name = "name", value = "value", description = "note" }"#)
+        .with(&format!(
+            "http = {{ attempts = 1, max_record_bytes = {limit} }}"
+        ))
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_record_over_max_record_bytes_is_rejected_with_its_line_and_first_bytes() {
+    let db = TestDb::new().await;
+    // Line 3 starts a record of two lines and 5,000-odd bytes; line 6 has a field too many.
+    let long = format!("2,\"long\n{}\",2,x", "y".repeat(5_000));
+    let body = format!("id,name,value,note\n1,a,1,x\n{long}\n3,c,3,z\n4,d,4,z,extra\n5,e,5,z\n");
+    let server = serve_csv(body.into_bytes(), None).await;
+    let toml = limited("wide", &server.url("/data.csv"), 1_024);
+
+    let summary = ingester(&db, &toml).run_source("wide").await.unwrap();
+
+    assert_eq!(
+        summary.error, None,
+        "an oversized record does not fail the run"
+    );
+    assert_eq!(raw_ids(&db, "raw_csv_data", "wide").await, ["1", "3", "5"]);
+    let rejects = rejects(&db, "wide").await;
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    let (line, _, _, reason, raw) = &rejects[0];
+    assert_eq!(*line, Some(3));
+    assert_eq!(
+        reason,
+        &format!(
+            "the record is {} bytes, over the limit of 1024 bytes (http.max_record_bytes); \
+             its first 1024 bytes are kept",
+            long.len() + 1
+        )
+    );
+    assert_eq!(raw.as_slice(), &long.as_bytes()[..1_024]);
+    assert_eq!(
+        rejects[1].0,
+        Some(6),
+        "lines after the dropped record keep their numbers"
+    );
+}
+
+#[tokio::test]
+async fn an_unterminated_quote_fails_the_run_after_landing_the_rows_before_it() {
+    let db = TestDb::new().await;
+    let rest = "9,i,9,z\n".repeat(20_000);
+    let body = format!("id,name,value,note\n1,a,1,x\n2,b,2,y\n3,\"never closed,3,z\n{rest}");
+    let server = serve_csv(body.into_bytes(), None).await;
+    let toml = limited("open", &server.url("/data.csv"), 4_096);
+
+    let summary = ingester(&db, &toml).run_source("open").await.unwrap();
+
+    let error = summary.error.expect("the run fails");
+    assert!(
+        error.contains("the quoted field opened on line 4 is never closed")
+            && error.contains("the rows before it landed"),
+        "{error}"
+    );
+    assert_eq!(raw_ids(&db, "raw_csv_data", "open").await, ["1", "2"]);
+    assert!(rejects(&db, "open").await.is_empty());
+}

@@ -407,3 +407,33 @@ async fn items_without_a_usable_id_are_rejected_with_a_reason_and_the_rest_land(
     let run = run_row(&db, summary.run_id).await;
     assert_eq!((run.processed, run.inserted, run.rejected), (7, 2, 5));
 }
+
+#[tokio::test]
+async fn an_item_over_max_record_bytes_is_rejected_with_its_position_and_first_bytes() {
+    let db = TestDb::new().await;
+    let huge = json!({ "id": 2, "title": "x".repeat(5_000), "price": 2 });
+    let page = json!([
+        { "id": 1, "title": "a", "price": 1 },
+        huge,
+        { "id": 3, "title": "c", "price": 3 }
+    ]);
+    let server = TestServer::serving("/items", page.to_string()).await;
+    let toml = SourceToml::rest("big", &server.url("/items"))
+        .with("http = { attempts = 1, max_record_bytes = 1000 }")
+        .to_string();
+
+    let summary = ingester(&db, &toml).run_source("big").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(raw_ids(&db, "raw_api_data", "big").await, ["1", "3"]);
+    let rejects = rejects(&db, "big").await;
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    let (_, page_no, item, reason, raw) = &rejects[0];
+    assert_eq!((*page_no, *item), (Some(1), Some(1)));
+    assert!(
+        reason.starts_with("the item is ")
+            && reason.contains("over the limit of 1000 bytes (http.max_record_bytes)"),
+        "{reason}"
+    );
+    assert_eq!(raw.len(), 1000, "at most the limit is kept");
+}
