@@ -200,3 +200,55 @@ async fn an_unterminated_quote_before_300_mb_fails_the_run_in_under_64_mib() {
     eprintln!("peak memory: ingester {kib} KiB");
     assert!(kib < LIMIT_KIB, "the ingester peaked at {kib} KiB");
 }
+
+#[tokio::test]
+async fn four_rest_sources_with_30_mb_pages_at_once_hold_one_page_at_a_time() {
+    const ITEMS: usize = 30_000; // of about 1 KB: a 30 MB page per source
+    let db = TestDb::new().await;
+    let items: Vec<serde_json::Value> = (0..ITEMS)
+        .map(|i| serde_json::json!({ "id": i, "title": format!("item {i}"), "price": i, "pad": "p".repeat(1_000) }))
+        .collect();
+    let page = bytes::Bytes::from(serde_json::to_vec(&items).unwrap());
+    assert!(page.len() > 30_000_000);
+    let server = TestServer::serving("/*page", page).await;
+    let sources = SourcesFile::of(
+        &(0..4)
+            .map(|i| {
+                SourceToml::rest(&format!("api{i}"), &server.url(&format!("/p{i}.json")))
+                    .with(r#"schedule = "1h""#)
+            })
+            .collect::<Vec<_>>(),
+    );
+    let mut pipeline = start(&db, &sources);
+    let client = db.client().await;
+
+    wait_for("the four runs to succeed", DEADLINE, || async {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM etl_runs WHERE service = 'ingester' AND status = 'success'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (done == 4).then_some(())
+    })
+    .await;
+
+    let landed: i64 = client
+        .query_one("SELECT count(*) FROM raw_api_data", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(landed, 4 * ITEMS as i64);
+    let ingester = &pipeline.services[0];
+    let kib = ingester.peak_rss_kib();
+    pipeline.stop().await;
+    eprintln!("peak memory: ingester {kib} KiB");
+    // One 30 MB page at a time plus each source's batches: about 70 MiB measured (four pages
+    // at once: 185 MiB). The 64 MiB goal for this case is still open (issue 15).
+    assert!(
+        kib < 96 * 1024,
+        "the ingester peaked at {kib} KiB: more than one page in memory?"
+    );
+}

@@ -242,22 +242,67 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// Reads a whole body, refusing more than `limit` bytes (a page is parsed in memory).
-pub async fn read_body_limited(mut response: Response, limit: u64) -> Result<Vec<u8>, FetchError> {
-    if response.content_length().is_some_and(|n| n > limit) {
+/// A response body in memory. Large bodies of known length get an anonymous memory map of their
+/// own, which goes back to the system the moment the body is dropped: the allocator would keep
+/// a freed 30 MB buffer in its heap (one per thread that ever held one), so RSS would grow with
+/// the number of threads instead of the bytes in use.
+pub enum Body {
+    Heap(Vec<u8>),
+    Mapped { map: memmap2::MmapMut, len: usize },
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Body::Heap(bytes) => bytes,
+            Body::Mapped { map, len } => &map[..*len],
+        }
+    }
+}
+
+/// Bodies at least this large (by `Content-Length`) are read into a memory map.
+const MAPPED_BODY_BYTES: u64 = 1024 * 1024;
+
+/// Reads the whole body, failing once it passes `limit` bytes.
+pub async fn read_body_limited(mut response: Response, limit: u64) -> Result<Body, FetchError> {
+    let declared = response.content_length();
+    if declared.is_some_and(|n| n > limit) {
         return Err(FetchError::TooLarge { limit });
     }
-    let mut body = Vec::new();
+    let mut body = match declared {
+        Some(n) if n >= MAPPED_BODY_BYTES => Body::Mapped {
+            map: memmap2::MmapMut::map_anon(n as usize)
+                .map_err(|e| FetchError::Body(format!("no memory for the body: {e}")))?,
+            len: 0,
+        },
+        // Sized up front when the length is known: no doubling (and copying) as it grows.
+        n => Body::Heap(Vec::with_capacity(n.unwrap_or(0) as usize)),
+    };
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         FetchError::Body(format!(
             "reading the body failed: {}",
             FetchError::from_reqwest(e)
         ))
     })? {
-        if body.len() as u64 + chunk.len() as u64 > limit {
+        let read = body.len() as u64 + chunk.len() as u64;
+        if read > limit {
             return Err(FetchError::TooLarge { limit });
         }
-        body.extend_from_slice(&chunk);
+        match &mut body {
+            Body::Heap(bytes) => bytes.extend_from_slice(&chunk),
+            Body::Mapped { map, len } => {
+                let end = *len + chunk.len();
+                if end > map.len() {
+                    return Err(FetchError::Body(
+                        "the body is longer than its Content-Length".into(),
+                    ));
+                }
+                map[*len..end].copy_from_slice(&chunk);
+                *len = end;
+            }
+        }
     }
     Ok(body)
 }

@@ -22,7 +22,7 @@ pub const BATCH_ROWS: usize = 5_000;
 /// How much of a record over `http.max_record_bytes` is kept with its reject.
 pub const KEPT_PREFIX_BYTES: usize = 4 * 1024;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
-pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// One record ready to land.
 #[derive(Debug, Clone)]

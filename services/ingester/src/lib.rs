@@ -89,6 +89,8 @@ pub struct Ingester {
 struct Inner {
     pool: Pool,
     runs: Runs,
+    /// REST page bytes held at once, across all sources.
+    page_budget: Arc<tokio::sync::Semaphore>,
     sources: Sources,
     headers: HashMap<String, HeaderMap>,
     metrics: PipelineMetrics,
@@ -100,6 +102,7 @@ impl Ingester {
         Self {
             inner: Arc::new(Inner {
                 runs: Runs::new(pool.clone(), &settings.database, Service::Ingester),
+                page_budget: rest::page_budget(),
                 pool,
                 sources: settings.sources.clone(),
                 headers: settings.headers.clone(),
@@ -153,7 +156,9 @@ impl Ingester {
             let read = async move {
                 let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
                     Ok(fetcher) => match source.kind {
-                        SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
+                        SourceKind::Rest => {
+                            rest::ingest(source, &fetcher, &inner.page_budget, &mut lander).await
+                        }
                         SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
                     },
                     Err(e) => Err(e.into()),

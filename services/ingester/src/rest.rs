@@ -3,25 +3,47 @@
 //! no reordered keys): only the path to the items and to each `source_id` is parsed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use etl_shared::sources::{Pagination, Source};
 use reqwest::header::LINK;
 use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use crate::http::{read_body_limited, FetchError, Fetcher};
+use crate::http::{read_body_limited, Body, FetchError, Fetcher};
 use crate::land::{Lander, Position, KEPT_PREFIX_BYTES};
 use crate::{IngestError, SafeUrl, SourceError};
 
-/// One fetched page: the JSON body (validated) and the `Link: rel="next"` target, if any.
+/// One fetched page: its body (valid JSON, held once: items are read from it in place), the
+/// `Link: rel="next"` target, if any, and its share of the process's page budget.
 struct Page {
-    body: Box<RawValue>,
+    body: Body,
     link_next: Option<String>,
+    _reserved: OwnedSemaphorePermit,
+}
+
+impl Page {
+    fn json(&self) -> &RawValue {
+        let text = std::str::from_utf8(&self.body).expect("validated when read");
+        serde_json::from_str(text).expect("validated when read")
+    }
+}
+
+/// How many bytes of REST pages the whole process holds at once, across all its sources: a
+/// page reserves its size (from `Content-Length`, else `http.max_page_bytes`, at most all of
+/// it) before its body is read, and gives it back once its items are landed.
+pub const PAGE_BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
+
+/// The process-wide page budget (see [`PAGE_BYTES_IN_FLIGHT`]).
+pub fn page_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(PAGE_BYTES_IN_FLIGHT as usize))
 }
 
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
+    budget: &Arc<Semaphore>,
     lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let rest = source.rest_options();
@@ -48,10 +70,10 @@ pub async fn ingest(
             .into());
         }
         let page = fetcher
-            .get(&url, |response| read_page(response, limit))
+            .get(&url, |response| read_page(response, limit, budget.clone()))
             .await?;
         let items =
-            locate_items(&page.body, &rest.items).map_err(|why| page_error(page_no, &url, why))?;
+            locate_items(page.json(), &rest.items).map_err(|why| page_error(page_no, &url, why))?;
         let count = items.len() as u64;
         for (index, item) in items.into_iter().enumerate() {
             let position = Position {
@@ -89,7 +111,16 @@ fn page_error(page: u32, url: &Url, why: String) -> SourceError {
     }
 }
 
-async fn read_page(response: reqwest::Response, limit: u64) -> Result<Page, FetchError> {
+async fn read_page(
+    response: reqwest::Response,
+    limit: u64,
+    budget: Arc<Semaphore>,
+) -> Result<Page, FetchError> {
+    let size = response.content_length().unwrap_or(limit).min(limit);
+    let reserved = budget
+        .acquire_many_owned(size.min(u64::from(PAGE_BYTES_IN_FLIGHT)).max(1) as u32)
+        .await
+        .expect("the page budget is never closed");
     let link_next = response
         .headers()
         .get_all(LINK)
@@ -103,13 +134,19 @@ async fn read_page(response: reqwest::Response, limit: u64) -> Result<Page, Fetc
         .unwrap_or("none")
         .to_owned();
     let bytes = read_body_limited(response, limit).await?;
-    let body: Box<RawValue> = serde_json::from_slice(&bytes).map_err(|e| {
+    let invalid = |e: &dyn std::fmt::Display, len: usize| {
         FetchError::Body(format!(
-            "the body is not valid JSON ({e}; content-type {content_type}, {} bytes)",
-            bytes.len()
+            "the body is not valid JSON ({e}; content-type {content_type}, {len} bytes)"
         ))
-    })?;
-    Ok(Page { body, link_next })
+    };
+    let len = bytes.len();
+    let text = std::str::from_utf8(&bytes).map_err(|e| invalid(&e, len))?;
+    serde_json::from_str::<&RawValue>(text).map_err(|e| invalid(&e, len))?;
+    Ok(Page {
+        body: bytes,
+        link_next,
+        _reserved: reserved,
+    })
 }
 
 fn first_url(base: &Url, pagination: &Pagination) -> Option<Url> {
@@ -171,7 +208,7 @@ fn next_url(
             Ok((count >= *limit)
                 .then(|| with_query(current, offset_param, &(offset + count).to_string())))
         }
-        Pagination::NextUrl { pointer } => match scalar_at(&page.body, pointer)? {
+        Pagination::NextUrl { pointer } => match scalar_at(page.json(), pointer)? {
             Some(link) => join(&link),
             None => Ok(None),
         },
@@ -180,7 +217,7 @@ fn next_url(
             None => Ok(None),
         },
         Pagination::Cursor { param, pointer } => {
-            Ok(scalar_at(&page.body, pointer)?.map(|token| with_query(base, param, &token)))
+            Ok(scalar_at(page.json(), pointer)?.map(|token| with_query(base, param, &token)))
         }
     }
 }
