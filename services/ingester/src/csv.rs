@@ -260,19 +260,20 @@ impl Header {
                 record.len()
             ));
         }
-        let mut json = String::with_capacity(record.as_slice().len() + self.columns.len() * 16);
-        json.push('{');
+        let mut json = Vec::with_capacity(record.as_slice().len() + self.columns.len() * 16);
+        json.push(b'{');
         for (i, (column, field)) in self.columns.iter().zip(record.iter()).enumerate() {
             let value = std::str::from_utf8(field)
                 .map_err(|_| format!("field {column:?} is not valid UTF-8"))?;
             if i > 0 {
-                json.push(',');
+                json.push(b',');
             }
             push_json_string(&mut json, column);
-            json.push(':');
+            json.push(b':');
             push_json_string(&mut json, value);
         }
-        json.push('}');
+        json.push(b'}');
+        let json = String::from_utf8(json).expect("serde_json writes UTF-8");
         let id = std::str::from_utf8(&record[self.source_id]).expect("checked in the loop");
         let id = id.trim();
         if id.is_empty() {
@@ -285,9 +286,9 @@ impl Header {
     }
 }
 
-fn push_json_string(out: &mut String, value: &str) {
-    // serde_json's escaping, written straight into our buffer.
-    out.push_str(&serde_json::to_string(value).expect("a str always serializes"));
+fn push_json_string(out: &mut Vec<u8>, value: &str) {
+    // serde_json's escaping, written straight into our buffer (no string per field).
+    serde_json::to_writer(out, value).expect("a str always serializes");
 }
 
 /// The row's fields joined back into CSV in the source's own dialect (quoted where needed, with
