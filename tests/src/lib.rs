@@ -293,13 +293,7 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Proxies 127.0.0.1:<free port> to the Postgres server behind `database_url`.
     pub async fn to_database(database_url: &str) -> Self {
-        let config: tokio_postgres::Config = database_url.parse().expect("database URL");
-        let host = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            #[allow(unreachable_patterns)]
-            _ => panic!("the proxy needs a TCP database URL"),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let (host, port, _) = server_of(database_url);
         let target = tokio::net::lookup_host((host.as_str(), port))
             .await
             .expect("resolve the database host")
@@ -487,6 +481,19 @@ async fn pump(
     let _ = to.shutdown().await;
 }
 
+/// The TCP host, port and user a database URL names (tests put things in front of them).
+fn server_of(database_url: &str) -> (String, u16, String) {
+    let config: tokio_postgres::Config = database_url.parse().expect("database URL");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => panic!("a TCP database URL is needed here"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    (host, port, user)
+}
+
 /// `url` (a postgres:// URL) with its host and port replaced by `addr`, user and path kept.
 pub fn url_at(url: &str, addr: std::net::SocketAddr) -> String {
     let scheme_end = url.find("://").unwrap() + 3;
@@ -579,14 +586,7 @@ pub struct PgBouncer {
 impl PgBouncer {
     pub async fn start(database_url: &str, pool_mode: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        let config: tokio_postgres::Config = database_url.parse().expect("database URL");
-        let host = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            #[allow(unreachable_patterns)]
-            _ => panic!("PgBouncer needs a TCP database URL"),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let (host, port, user) = server_of(database_url);
         let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .map(std::path::PathBuf::from)

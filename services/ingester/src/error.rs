@@ -25,6 +25,11 @@ pub enum IngestError {
     Run(#[from] RunError),
     #[error("could not build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(
+        "the database restarted during the run and may have lost rows it had acknowledged; \
+         the run is repeated to land them again"
+    )]
+    DatabaseRestarted,
 }
 
 impl From<GaveUp> for IngestError {

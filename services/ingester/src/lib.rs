@@ -144,6 +144,7 @@ impl Ingester {
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
         let run = inner.runs.begin(name).await?;
         let run_id = run.id;
+        let server_started = server_start_time(&inner.pool).await;
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let (mut lander, writer) = land::pipeline(
@@ -179,7 +180,28 @@ impl Ingester {
             };
             (counts, outcome)
         };
+        // A run holds a connection only while it writes, so it can ride out a database restart
+        // between two batches. But a server that crashed may have lost commits it had already
+        // acknowledged (with synchronous_commit off, say): such a run fails, so that its retry
+        // lands everything again.
+        let outcome = match outcome {
+            Ok(()) if server_start_time(&inner.pool).await != server_started => {
+                Err(IngestError::DatabaseRestarted)
+            }
+            outcome => outcome,
+        };
         let error = outcome.err().map(|e| etl_shared::error_chain(&e));
         Ok(run.end(&inner.metrics, counts, error).await?)
     }
+}
+
+/// When the database server last started (a change within a run means it restarted); `None`
+/// when it does not answer.
+async fn server_start_time(pool: &Pool) -> Option<String> {
+    let client = pool.get().await.ok()?;
+    let row = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .ok()?;
+    Some(row.get(0))
 }

@@ -29,10 +29,9 @@ fn stall_after_first_upsert() -> (Hook, mpsc::UnboundedReceiver<i32>) {
     (hook, rx)
 }
 
-async fn crash_between_upsert_and_checkpoint(
-    kill: impl AsyncFnOnce(&TestDb, i32, tokio::task::JoinHandle<()>),
-) {
-    let db = TestDb::new().await;
+/// 2,500 raw rows of source `api` with an apply log installed, and settings for normalizers
+/// of them.
+async fn api_backlog_of_2500(db: &TestDb) -> (tokio_postgres::Client, etl_normalizer::Settings) {
     let mut client = db.client().await;
     install_apply_log(&client).await;
     write_raw(
@@ -43,7 +42,14 @@ async fn crash_between_upsert_and_checkpoint(
         false,
     )
     .await;
-    let settings = settings(&db, &sources_toml(&[]));
+    (client, settings(db, &sources_toml(&[])))
+}
+
+async fn crash_between_upsert_and_checkpoint(
+    kill: impl AsyncFnOnce(&TestDb, i32, tokio::task::JoinHandle<()>),
+) {
+    let db = TestDb::new().await;
+    let (client, settings) = api_backlog_of_2500(&db).await;
     let (hook, mut stalled) = stall_after_first_upsert();
     let doomed = normalizer(&settings, Some(hook));
     let task = tokio::spawn(async move {
@@ -329,17 +335,7 @@ async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
 #[tokio::test]
 async fn a_normalizer_frozen_mid_batch_loses_its_claim_to_another_replica_and_its_run_fails() {
     let db = TestDb::new().await;
-    let mut client = db.client().await;
-    install_apply_log(&client).await;
-    write_raw(
-        &mut client,
-        RawTable::Api,
-        "api",
-        &api_items(1..=2500),
-        false,
-    )
-    .await;
-    let settings = settings(&db, &sources_toml(&[]));
+    let (client, settings) = api_backlog_of_2500(&db).await;
     // One replica reaches the database through a proxy that freezes (no reset, no close) right
     // after its first upsert, with its batch transaction and its claim on the source open.
     let proxy = Arc::new(TcpProxy::to_database(&db.url).await);
