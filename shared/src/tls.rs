@@ -117,25 +117,22 @@ impl Tls {
             (SslMode::VerifyFull, _) => Checks::Full,
         };
         let config = match checks {
-            Checks::None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoChecks(
-                    provider.signature_verification_algorithms,
-                ))),
-            Checks::Chain | Checks::Full => {
-                let roots = Arc::new(match &root_cert {
-                    Some(path) => roots_from_file(path)?,
-                    None => system_roots(mode)?,
-                });
-                let webpki =
-                    WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
-                if checks == Checks::Full {
-                    builder.with_webpki_verifier(webpki)
-                } else {
-                    builder
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
-                }
+            Checks::Full => builder.with_webpki_verifier(webpki_verifier(
+                mode,
+                root_cert.as_deref(),
+                &provider,
+            )?),
+            Checks::None | Checks::Chain => {
+                let chain = match checks {
+                    Checks::Chain => Some(webpki_verifier(mode, root_cert.as_deref(), &provider)?),
+                    _ => None,
+                };
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NameNotChecked {
+                        chain,
+                        algorithms: provider.signature_verification_algorithms,
+                    }))
             }
         }
         .with_no_client_auth();
@@ -189,53 +186,32 @@ fn system_roots(mode: SslMode) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// `prefer` and `require` without a CA: encrypted, but any certificate is taken (libpq's
-/// behaviour; it protects against passive listeners only). The handshake's signatures are still
-/// checked, so the server must hold the key of the certificate it shows.
-#[derive(Debug)]
-struct NoChecks(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for NoChecks {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
+/// The standard check (chain to a trusted CA, then the host name), against `sslrootcert` or
+/// the system's roots.
+fn webpki_verifier(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let roots = Arc::new(match root_cert {
+        Some(path) => roots_from_file(path)?,
+        None => system_roots(mode)?,
+    });
+    Ok(WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?)
 }
 
-/// `verify-ca`: the chain must lead to a trusted CA; the host name is not compared. webpki
-/// checks the chain before the name, so a name mismatch means the chain was good.
+/// The modes that do not compare the host name. `verify-ca` (`chain` set): the chain must lead
+/// to a trusted CA; webpki checks the chain before the name, so a name mismatch means the chain
+/// was good. `prefer` and `require` without a CA (`chain` unset): any certificate is taken
+/// (libpq's behaviour; it protects against passive listeners only). Either way the handshake's
+/// signatures are checked, so the server must hold the key of the certificate it shows.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct NameNotChecked {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameNotChecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -244,10 +220,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -261,7 +237,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -270,11 +246,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 

@@ -624,7 +624,8 @@ impl PgBouncer {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        if let Some((uid, gid)) = postgres_user_if_root() {
+        let run_as = xtask::pg::unprivileged_user().expect("a `postgres` user to run PgBouncer as");
+        if let Some((uid, gid)) = run_as {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(gid);
         }
@@ -653,19 +654,4 @@ impl Drop for PgBouncer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The `postgres` user's ids when this process runs as root, for servers that refuse root.
-fn postgres_user_if_root() -> Option<(u32, u32)> {
-    let id = |args: &[&str]| {
-        let out = std::process::Command::new("id").args(args).output().ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u32>()
-            .ok()
-    };
-    if id(&["-u"])? != 0 {
-        return None;
-    }
-    Some((id(&["-u", "postgres"])?, id(&["-g", "postgres"])?))
 }

@@ -509,8 +509,9 @@ fn pg_ctl_stop(
     checked("pg_ctl stop", &mut command).map(|_| ())
 }
 
-/// `None` when already unprivileged; the `postgres` user's (uid, gid) when running as root.
-fn unprivileged_user() -> Result<Option<(u32, u32)>, BootstrapError> {
+/// `None` when already unprivileged; the `postgres` user's (uid, gid) when running as root
+/// (Postgres, and PgBouncer in the tests, refuse to run as root).
+pub fn unprivileged_user() -> Result<Option<(u32, u32)>, BootstrapError> {
     if id(&["-u"]).as_deref() != Some("0") {
         return Ok(None);
     }

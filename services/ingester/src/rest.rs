@@ -72,8 +72,10 @@ pub async fn ingest(
         let page = fetcher
             .get(&url, |response| read_page(response, limit, budget.clone()))
             .await?;
+        // Parsed (in place) once here, for the items and for the next page's pointer.
+        let json = page.json();
         let items =
-            locate_items(page.json(), &rest.items).map_err(|why| page_error(page_no, &url, why))?;
+            locate_items(json, &rest.items).map_err(|why| page_error(page_no, &url, why))?;
         let count = items.len() as u64;
         for (index, item) in items.into_iter().enumerate() {
             let position = Position {
@@ -97,8 +99,17 @@ pub async fn ingest(
                 source_id_of(item, &source.mapping.source_id).map(|id| (id, item.get().to_owned()));
             lander.land(position, parsed, || bytes.to_vec()).await?;
         }
-        next = next_url(&base, &url, &rest.pagination, &page, page_no, count)
-            .map_err(|why| page_error(page_no, &url, why))?;
+        let link_next = page.link_next.as_deref();
+        next = next_url(
+            &base,
+            &url,
+            &rest.pagination,
+            json,
+            link_next,
+            page_no,
+            count,
+        )
+        .map_err(|why| page_error(page_no, &url, why))?;
     }
     Ok(())
 }
@@ -181,7 +192,8 @@ fn next_url(
     base: &Url,
     current: &Url,
     pagination: &Pagination,
-    page: &Page,
+    json: &RawValue,
+    link_next: Option<&str>,
     page_no: u32,
     count: u64,
 ) -> Result<Option<Url>, String> {
@@ -208,16 +220,16 @@ fn next_url(
             Ok((count >= *limit)
                 .then(|| with_query(current, offset_param, &(offset + count).to_string())))
         }
-        Pagination::NextUrl { pointer } => match scalar_at(page.json(), pointer)? {
+        Pagination::NextUrl { pointer } => match scalar_at(json, pointer)? {
             Some(link) => join(&link),
             None => Ok(None),
         },
-        Pagination::LinkHeader => match &page.link_next {
+        Pagination::LinkHeader => match link_next {
             Some(link) => join(link),
             None => Ok(None),
         },
         Pagination::Cursor { param, pointer } => {
-            Ok(scalar_at(page.json(), pointer)?.map(|token| with_query(base, param, &token)))
+            Ok(scalar_at(json, pointer)?.map(|token| with_query(base, param, &token)))
         }
     }
 }

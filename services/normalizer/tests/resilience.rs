@@ -45,6 +45,27 @@ async fn api_backlog_of_2500(db: &TestDb) -> (tokio_postgres::Client, etl_normal
     (client, settings(db, &sources_toml(&[])))
 }
 
+/// Another normalizer of `settings` takes source `api` over within `deadline` and normalizes
+/// its 2,500 rows, each applied exactly once.
+async fn survivor_finishes_the_backlog(
+    client: &tokio_postgres::Client,
+    settings: &etl_normalizer::Settings,
+    deadline: Duration,
+) {
+    let survivor = normalizer(settings, None);
+    wait_for("the survivor to take the source over", deadline, || async {
+        survivor.run_source("api").await.ok()?;
+        caught_up(client, "api").await.then_some(())
+    })
+    .await;
+    assert_eq!(tallies(client, "api").await, (2500, 0, 2500));
+    assert_eq!(
+        apply_counts(client).await,
+        (2500, 0),
+        "every row applied exactly once"
+    );
+}
+
 async fn crash_between_upsert_and_checkpoint(
     kill: impl AsyncFnOnce(&TestDb, i32, tokio::task::JoinHandle<()>),
 ) {
@@ -62,18 +83,7 @@ async fn crash_between_upsert_and_checkpoint(
 
     kill(&db, pid, task).await;
 
-    let survivor = normalizer(&settings, None);
-    wait_for("the survivor to catch up", DEADLINE, || async {
-        survivor.run_source("api").await.ok()?;
-        caught_up(&client, "api").await.then_some(())
-    })
-    .await;
-    assert_eq!(tallies(&client, "api").await, (2500, 0, 2500));
-    assert_eq!(
-        apply_counts(&client).await,
-        (2500, 0),
-        "every row applied exactly once"
-    );
+    survivor_finishes_the_backlog(&client, &settings, DEADLINE).await;
     let bad: i64 = client
         .query_one(
             "SELECT count(*) FROM raw_api_data r JOIN normalized_data n USING (source, source_id)
@@ -361,22 +371,8 @@ async fn a_normalizer_frozen_mid_batch_loses_its_claim_to_another_replica_and_it
 
     // The server ends the stalled transaction (idle_in_transaction_session_timeout), which
     // frees the claim: the other replica normalizes everything, within a minute.
-    let survivor = normalizer(&settings, None);
-    wait_for(
-        "the other replica to take the source over",
-        Duration::from_secs(60),
-        || async {
-            survivor.run_source("api").await.ok()?;
-            caught_up(&client, "api").await.then_some(())
-        },
-    )
-    .await;
-    assert_eq!(tallies(&client, "api").await, (2500, 0, 2500));
-    assert_eq!(
-        apply_counts(&client).await,
-        (2500, 0),
-        "the frozen batch's upsert was rolled back: every row applied exactly once"
-    );
+    // The frozen batch's upsert was rolled back with it: every row is applied exactly once.
+    survivor_finishes_the_backlog(&client, &settings, Duration::from_secs(60)).await;
 
     // Back on the network, the frozen replica finds its session gone and records a failure (as
     // after a real partition, the server's goodbye may be lost to the reset that follows it).
