@@ -6,9 +6,10 @@
 //! service, tools, tests) use the `etl_pending` view (per source: raw rows, and changes after the
 //! checkpoint) instead of repeating the "changed after the checkpoint" predicate.
 
-use bytes::{BufMut, BytesMut};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::SinkExt;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::CopyInSink;
 use tokio_postgres::Transaction;
 
 use crate::sources::SourceKind;
@@ -226,14 +227,20 @@ pub async fn write<R: Landable>(
     let sink = tx
         .copy_in("COPY raw_staging (source_id, data) FROM STDIN BINARY")
         .await?;
-    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB]));
+    let mut copy = CopyStream::new(sink);
+    copy.put(COPY_SIGNATURE).await?;
     for record in records {
-        writer
-            .as_mut()
-            .write(&[&record.source_id(), record.data()])
+        let (id, data) = (record.source_id().as_bytes(), record.data().0.as_bytes());
+        copy.put(&2i16.to_be_bytes()).await?; // fields in the row
+        copy.put(&field_length(id.len()).to_be_bytes()).await?;
+        copy.put(id).await?;
+        copy.put(&field_length(1 + data.len()).to_be_bytes())
             .await?;
+        copy.put(&[1]).await?; // jsonb binary format version
+        copy.put(data).await?;
     }
-    writer.finish().await?;
+    copy.put(&(-1i16).to_be_bytes()).await?; // the trailer
+    copy.finish().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
         &[&RAW_WRITE_LOCK_CLASS, &source],
@@ -246,6 +253,59 @@ pub async fn write<R: Landable>(
         inserted: row.get(0),
         updated: row.get(1),
     })
+}
+
+/// The binary `COPY` header: signature, flags, header extension length.
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Size of each `CopyData` message.
+const COPY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A field's length as the binary `COPY` format writes it. Records reach here bounded by
+/// `http.max_record_bytes`, far below Postgres's 1 GB field limit.
+fn field_length(len: usize) -> i32 {
+    i32::try_from(len).expect("a raw field is under 2 GiB")
+}
+
+/// The binary `COPY` stream, sent in messages of at most [`COPY_CHUNK_BYTES`] whatever the
+/// rows: a 10 MB record goes out slice by slice from the record itself, instead of being
+/// encoded whole into a row buffer and copied whole again into the connection's write buffer
+/// (which keeps that capacity for the life of the pooled connection).
+struct CopyStream {
+    sink: std::pin::Pin<Box<CopyInSink<Bytes>>>,
+    buffer: BytesMut,
+}
+
+impl CopyStream {
+    fn new(sink: CopyInSink<Bytes>) -> Self {
+        Self {
+            sink: Box::pin(sink),
+            buffer: BytesMut::with_capacity(COPY_CHUNK_BYTES),
+        }
+    }
+
+    async fn put(&mut self, mut bytes: &[u8]) -> Result<(), tokio_postgres::Error> {
+        while !bytes.is_empty() {
+            let room = COPY_CHUNK_BYTES - self.buffer.len();
+            let (now, later) = bytes.split_at(room.min(bytes.len()));
+            self.buffer.put_slice(now);
+            bytes = later;
+            if self.buffer.len() == COPY_CHUNK_BYTES {
+                let chunk = self.buffer.split().freeze();
+                self.sink.feed(chunk).await?;
+                self.buffer.reserve(COPY_CHUNK_BYTES);
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<u64, tokio_postgres::Error> {
+        if !self.buffer.is_empty() {
+            let chunk = self.buffer.split().freeze();
+            self.sink.feed(chunk).await?;
+        }
+        self.sink.as_mut().finish().await
+    }
 }
 
 /// Tells listeners that `source` has new raw changes (delivered when `tx` commits).

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use etl_shared::sources::{HttpOptions, Source};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Response, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -32,6 +33,9 @@ pub enum FetchError {
     TooSlow { limit: Duration },
     #[error("interrupted by shutdown")]
     Shutdown,
+    /// The temporary file for a large body could not be written (a full or read-only `TMPDIR`).
+    #[error("could not spool the body to a temporary file (TMPDIR): {0}")]
+    Spool(String),
 }
 
 fn snippet(body: &str) -> String {
@@ -51,9 +55,10 @@ impl FetchError {
             }
             FetchError::Transport(_) | FetchError::Body(_) => true,
             // Retrying a source that trickles would multiply the time bound by the attempts.
-            FetchError::TooLarge { .. } | FetchError::TooSlow { .. } | FetchError::Shutdown => {
-                false
-            }
+            FetchError::TooLarge { .. }
+            | FetchError::TooSlow { .. }
+            | FetchError::Shutdown
+            | FetchError::Spool(_) => false,
         }
     }
 
@@ -242,28 +247,25 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// A response body in memory. Large bodies of known length get an anonymous memory map of their
-/// own, which goes back to the system the moment the body is dropped: the allocator would keep
-/// a freed 30 MB buffer in its heap (one per thread that ever held one), so RSS would grow with
-/// the number of threads instead of the bytes in use.
+/// A response body kept for reading again: in memory when small, else spooled to an unnamed
+/// temporary file (in `TMPDIR`, gone when dropped), so that a large page costs disk, not
+/// memory, while it is checked and then read item by item.
 pub enum Body {
-    Heap(Vec<u8>),
-    Mapped { map: memmap2::MmapMut, len: usize },
+    Memory(Vec<u8>),
+    Spooled { file: tokio::fs::File, len: u64 },
 }
 
-impl std::ops::Deref for Body {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
+impl Body {
+    pub fn bytes(&self) -> u64 {
         match self {
-            Body::Heap(bytes) => bytes,
-            Body::Mapped { map, len } => &map[..*len],
+            Body::Memory(bytes) => bytes.len() as u64,
+            Body::Spooled { len, .. } => *len,
         }
     }
 }
 
-/// Bodies at least this large (by `Content-Length`) are read into a memory map.
-const MAPPED_BODY_BYTES: u64 = 1024 * 1024;
+/// Bodies larger than this are spooled to a temporary file.
+pub const SPOOL_BODY_BYTES: u64 = 1024 * 1024;
 
 /// Reads the whole body, failing once it passes `limit` bytes.
 pub async fn read_body_limited(mut response: Response, limit: u64) -> Result<Body, FetchError> {
@@ -271,40 +273,45 @@ pub async fn read_body_limited(mut response: Response, limit: u64) -> Result<Bod
     if declared.is_some_and(|n| n > limit) {
         return Err(FetchError::TooLarge { limit });
     }
-    let mut body = match declared {
-        Some(n) if n >= MAPPED_BODY_BYTES => Body::Mapped {
-            map: memmap2::MmapMut::map_anon(n as usize)
-                .map_err(|e| FetchError::Body(format!("no memory for the body: {e}")))?,
-            len: 0,
-        },
-        // Sized up front when the length is known: no doubling (and copying) as it grows.
-        n => Body::Heap(Vec::with_capacity(n.unwrap_or(0) as usize)),
-    };
+    let mut memory = Vec::with_capacity(declared.unwrap_or(0).min(SPOOL_BODY_BYTES) as usize);
+    let mut spool: Option<(tokio::fs::File, u64)> = None;
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         FetchError::Body(format!(
             "reading the body failed: {}",
             FetchError::from_reqwest(e)
         ))
     })? {
-        let read = body.len() as u64 + chunk.len() as u64;
+        let read = spool.as_ref().map_or(memory.len() as u64, |(_, n)| *n) + chunk.len() as u64;
         if read > limit {
             return Err(FetchError::TooLarge { limit });
         }
-        match &mut body {
-            Body::Heap(bytes) => bytes.extend_from_slice(&chunk),
-            Body::Mapped { map, len } => {
-                let end = *len + chunk.len();
-                if end > map.len() {
-                    return Err(FetchError::Body(
-                        "the body is longer than its Content-Length".into(),
-                    ));
-                }
-                map[*len..end].copy_from_slice(&chunk);
-                *len = end;
+        match &mut spool {
+            Some((file, len)) => {
+                file.write_all(&chunk).await.map_err(spool_error)?;
+                *len = read;
             }
+            None if read > SPOOL_BODY_BYTES => {
+                let mut file =
+                    tokio::fs::File::from_std(tempfile::tempfile().map_err(spool_error)?);
+                file.write_all(&memory).await.map_err(spool_error)?;
+                file.write_all(&chunk).await.map_err(spool_error)?;
+                memory = Vec::new();
+                spool = Some((file, read));
+            }
+            None => memory.extend_from_slice(&chunk),
         }
     }
-    Ok(body)
+    Ok(match spool {
+        Some((mut file, len)) => {
+            file.flush().await.map_err(spool_error)?;
+            Body::Spooled { file, len }
+        }
+        None => Body::Memory(memory),
+    })
+}
+
+fn spool_error(e: std::io::Error) -> FetchError {
+    FetchError::Spool(e.to_string())
 }
 
 /// A header value resolved from the environment, or the variable that is missing.

@@ -7,12 +7,14 @@
 //! so the normalizer's "last change id" checkpoint never skips a slower transaction.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use etl_shared::metrics::PipelineMetrics;
 use etl_shared::raw::{self, RawJson, RawTable, Written, RAW_READY_CHANNEL};
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
 use etl_shared::Pool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, Transaction};
 use tracing::Instrument;
 
@@ -22,7 +24,37 @@ pub const BATCH_ROWS: usize = 5_000;
 /// How much of a record over `http.max_record_bytes` is kept with its reject.
 pub const KEPT_PREFIX_BYTES: usize = 4 * 1024;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
-pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
+pub const BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes of batches handed over and not yet written, across every run of the process: a run
+/// whose batch does not fit waits for others' writes to finish. A batch larger than the whole
+/// budget (one record near `http.max_record_bytes`) takes all of it.
+pub const BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
+
+/// The process-wide budget of batch bytes in flight (see [`BYTES_IN_FLIGHT`]), shared by the
+/// [`Lander`]s of concurrent runs.
+#[derive(Clone)]
+pub struct InFlight(Arc<Semaphore>);
+
+impl InFlight {
+    pub fn new() -> Self {
+        Self(Arc::new(Semaphore::new(BYTES_IN_FLIGHT)))
+    }
+
+    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let share = bytes.clamp(1, BYTES_IN_FLIGHT) as u32;
+        self.0
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .expect("the budget is never closed")
+    }
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// One record ready to land.
 #[derive(Debug, Clone)]
@@ -77,12 +109,15 @@ pub enum LandError {
 struct Batch {
     records: Vec<RawRecord>,
     rejects: Vec<Reject>,
+    /// Its bytes' share of the process's [`InFlight`] budget, given back once written.
+    reserved: OwnedSemaphorePermit,
 }
 
 /// The reading side of a run: accumulates records and rejects, and hands each full batch to the
 /// [`BatchWriter`], so the next batch is fetched and parsed while Postgres writes this one.
 pub struct Lander {
     batches: tokio::sync::mpsc::Sender<Batch>,
+    in_flight: InFlight,
     batch: Vec<RawRecord>,
     batch_ids: HashSet<String>,
     batch_bytes: usize,
@@ -102,19 +137,21 @@ pub struct BatchWriter<'a> {
 }
 
 /// A reader and a writer for one run, joined by a one-batch queue: memory stays bounded (a batch
-/// being filled, one queued, one being written) and a failed write stops the reader at its next
-/// batch.
+/// being filled, and at most one queued and one being written, within the process's
+/// `in_flight` budget) and a failed write stops the reader at its next batch.
 pub fn pipeline<'a>(
     pool: &'a Pool,
     source: &'a str,
     kind: SourceKind,
     run_id: i64,
     metrics: &'a PipelineMetrics,
+    in_flight: &InFlight,
 ) -> (Lander, BatchWriter<'a>) {
     let table = RawTable::of(kind);
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     let lander = Lander {
         batches: sender,
+        in_flight: in_flight.clone(),
         batch: Vec::with_capacity(BATCH_ROWS),
         batch_ids: HashSet::with_capacity(BATCH_ROWS),
         batch_bytes: 0,
@@ -143,25 +180,67 @@ impl Lander {
         parsed: Result<(String, String), String>,
         raw: impl FnOnce() -> Vec<u8>,
     ) -> Result<(), LandError> {
-        let checked = parsed.and_then(|(source_id, json)| {
-            let record = RawRecord {
-                source_id,
-                data: RawJson(json),
-                position,
-            };
-            match unstorable(&record) {
-                Some(reason) => Err(reason),
-                None => Ok(record),
+        match parsed {
+            Ok((source_id, json)) => {
+                // Keep what the source sent, not our JSON rendering of it.
+                self.land_record(position, source_id, json, |_| raw()).await
             }
-        });
-        match checked {
-            Ok(record) => self.queue(record).await,
-            // Keep what the source sent, not our JSON rendering of it.
             Err(reason) => {
                 self.reject(Reject {
                     position,
                     reason,
                     raw: raw(),
+                })
+                .await
+            }
+        }
+    }
+
+    /// Like [`land`](Self::land), for a record whose JSON is exactly what the source sent (a
+    /// REST item): a reject keeps that text, without a second copy of it being made up front.
+    pub async fn land_verbatim(
+        &mut self,
+        position: Position,
+        source_id: Result<String, String>,
+        json: String,
+    ) -> Result<(), LandError> {
+        match source_id {
+            Ok(source_id) => {
+                self.land_record(position, source_id, json, |record| {
+                    record.data.0.into_bytes()
+                })
+                .await
+            }
+            Err(reason) => {
+                self.reject(Reject {
+                    position,
+                    reason,
+                    raw: json.into_bytes(),
+                })
+                .await
+            }
+        }
+    }
+
+    async fn land_record(
+        &mut self,
+        position: Position,
+        source_id: String,
+        json: String,
+        raw: impl FnOnce(RawRecord) -> Vec<u8>,
+    ) -> Result<(), LandError> {
+        let record = RawRecord {
+            source_id,
+            data: RawJson(json),
+            position,
+        };
+        match unstorable(&record) {
+            None => self.queue(record).await,
+            Some(reason) => {
+                self.reject(Reject {
+                    position,
+                    reason,
+                    raw: raw(record),
                 })
                 .await
             }
@@ -192,15 +271,17 @@ impl Lander {
         Ok(())
     }
 
-    /// Hands everything queued so far to the writer (waiting while it is still busy with the
-    /// batch before the previous one).
+    /// Hands everything queued so far to the writer (waiting for room in the process's budget,
+    /// and while the writer is still busy with the batch before the previous one).
     pub async fn flush(&mut self) -> Result<(), LandError> {
         if self.batch.is_empty() && self.rejects.is_empty() {
             return Ok(());
         }
+        let reserved = self.in_flight.reserve(self.batch_bytes).await;
         let batch = Batch {
             records: std::mem::take(&mut self.batch),
             rejects: std::mem::take(&mut self.rejects),
+            reserved,
         };
         self.batch_ids.clear();
         self.batch_bytes = 0;
@@ -247,6 +328,7 @@ impl BatchWriter<'_> {
         let Batch {
             records,
             mut rejects,
+            reserved: _until_written,
         } = batch;
         let table = self.table.name();
         let db = |source| LandError::Db { table, source };

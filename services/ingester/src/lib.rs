@@ -9,8 +9,10 @@ mod csv;
 mod csv_records;
 pub mod daemon;
 mod error;
+mod fetch_page;
 pub mod http;
 pub mod land;
+mod page_scan;
 mod rest;
 
 use std::collections::HashMap;
@@ -89,8 +91,8 @@ pub struct Ingester {
 struct Inner {
     pool: Pool,
     runs: Runs,
-    /// REST page bytes held at once, across all sources.
-    page_budget: Arc<tokio::sync::Semaphore>,
+    /// Batch bytes in flight, across all sources.
+    in_flight: land::InFlight,
     sources: Sources,
     headers: HashMap<String, HeaderMap>,
     metrics: PipelineMetrics,
@@ -102,7 +104,7 @@ impl Ingester {
         Self {
             inner: Arc::new(Inner {
                 runs: Runs::new(pool.clone(), &settings.database, Service::Ingester),
-                page_budget: rest::page_budget(),
+                in_flight: land::InFlight::new(),
                 pool,
                 sources: settings.sources.clone(),
                 headers: settings.headers.clone(),
@@ -153,13 +155,12 @@ impl Ingester {
                 source.kind,
                 run_id,
                 &inner.metrics,
+                &inner.in_flight,
             );
             let read = async move {
                 let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
                     Ok(fetcher) => match source.kind {
-                        SourceKind::Rest => {
-                            rest::ingest(source, &fetcher, &inner.page_budget, &mut lander).await
-                        }
+                        SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
                         SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
                     },
                     Err(e) => Err(e.into()),

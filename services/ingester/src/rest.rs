@@ -3,53 +3,32 @@
 //! no reordered keys): only the path to the items and to each `source_id` is parsed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use etl_shared::sources::{Pagination, Source};
-use reqwest::header::LINK;
 use serde_json::value::RawValue;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use crate::http::{read_body_limited, Body, FetchError, Fetcher};
-use crate::land::{Lander, Position, KEPT_PREFIX_BYTES};
+use crate::fetch_page;
+use crate::http::Fetcher;
+use crate::land::{Lander, Position};
+use crate::page_scan::{PageScanner, Scanned};
 use crate::{IngestError, SafeUrl, SourceError};
-
-/// One fetched page: its body (valid JSON, held once: items are read from it in place), the
-/// `Link: rel="next"` target, if any, and its share of the process's page budget.
-struct Page {
-    body: Body,
-    link_next: Option<String>,
-    _reserved: OwnedSemaphorePermit,
-}
-
-impl Page {
-    fn json(&self) -> &RawValue {
-        let text = std::str::from_utf8(&self.body).expect("validated when read");
-        serde_json::from_str(text).expect("validated when read")
-    }
-}
-
-/// How many bytes of REST pages the whole process holds at once, across all its sources: a
-/// page reserves its size (from `Content-Length`, else `http.max_page_bytes`, at most all of
-/// it) before its body is read, and gives it back once its items are landed.
-pub const PAGE_BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
-
-/// The process-wide page budget (see [`PAGE_BYTES_IN_FLIGHT`]).
-pub fn page_budget() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(PAGE_BYTES_IN_FLIGHT as usize))
-}
 
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
-    budget: &Arc<Semaphore>,
     lander: &mut Lander,
 ) -> Result<(), IngestError> {
     let rest = source.rest_options();
     let base = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
     let limit = fetcher.max_page_bytes();
     let max_record = fetcher.max_record_bytes();
+    let capture = match &rest.pagination {
+        Pagination::NextUrl { pointer } | Pagination::Cursor { pointer, .. } => {
+            Some(pointer.as_str())
+        }
+        _ => None,
+    };
     let mut next = first_url(&base, &rest.pagination);
     let mut requested = HashSet::new();
     let mut page_no: u32 = 0;
@@ -70,46 +49,93 @@ pub async fn ingest(
             .into());
         }
         let page = fetcher
-            .get(&url, |response| read_page(response, limit, budget.clone()))
+            .get(&url, |response| fetch_page::read(response, limit))
             .await?;
-        // Parsed (in place) once here, for the items and for the next page's pointer.
-        let json = page.json();
-        let items =
-            locate_items(json, &rest.items).map_err(|why| page_error(page_no, &url, why))?;
-        let count = items.len() as u64;
-        for (index, item) in items.into_iter().enumerate() {
-            let position = Position {
-                page: Some(page_no.into()),
-                item: Some(index as i64),
-                ..Position::default()
-            };
-            let bytes = item.get().as_bytes();
-            if bytes.len() as u64 > max_record {
-                let kept = &bytes[..KEPT_PREFIX_BYTES.min(max_record as usize)];
-                let reason = format!(
-                    "the item is {} bytes, over the limit of {max_record} bytes \
-                     (http.max_record_bytes); its first {} bytes are kept",
-                    bytes.len(),
-                    kept.len()
-                );
-                lander.land(position, Err(reason), || kept.to_vec()).await?;
-                continue;
+        let link_next = page.link_next.clone();
+        // The page is read once, item by item: its items land as the scanner finds them.
+        let mut scanner = PageScanner::new(&rest.items, capture, max_record);
+        let mut chunks = page.chunks();
+        let mut found = Vec::new();
+        loop {
+            let chunk = chunks.next().await.map_err(|e| {
+                page_error(
+                    page_no,
+                    &url,
+                    format!("reading the spooled page back failed: {e}"),
+                )
+            })?;
+            let Some(chunk) = chunk else { break };
+            scanner.feed(chunk, &mut found);
+            for scanned in found.drain(..) {
+                land_item(
+                    lander,
+                    page_no,
+                    scanned,
+                    &source.mapping.source_id,
+                    max_record,
+                )
+                .await?;
             }
-            let parsed =
-                source_id_of(item, &source.mapping.source_id).map(|id| (id, item.get().to_owned()));
-            lander.land(position, parsed, || bytes.to_vec()).await?;
         }
-        let link_next = page.link_next.as_deref();
+        let end = scanner
+            .finish(&rest.items)
+            .map_err(|why| page_error(page_no, &url, why))?;
+        let captured =
+            match (capture, end.captured) {
+                (Some(pointer), Some(Err(len))) => return Err(page_error(
+                    page_no,
+                    &url,
+                    format!(
+                        "the value at {pointer} is {len} bytes: too long for a link or a cursor"
+                    ),
+                )
+                .into()),
+                (_, Some(Ok(raw))) => Some(raw),
+                _ => None,
+            };
         next = next_url(
             &base,
             &url,
             &rest.pagination,
-            json,
-            link_next,
+            captured.as_deref(),
+            link_next.as_deref(),
             page_no,
-            count,
+            end.items,
         )
         .map_err(|why| page_error(page_no, &url, why))?;
+    }
+    Ok(())
+}
+
+/// Lands one item of page `page_no`: as a record with its id, or as a reject saying why not.
+async fn land_item(
+    lander: &mut Lander,
+    page_no: u32,
+    scanned: Scanned,
+    source_id: &str,
+    max_record: u64,
+) -> Result<(), IngestError> {
+    let position = |index: u64| Position {
+        page: Some(page_no.into()),
+        item: Some(index as i64),
+        ..Position::default()
+    };
+    match scanned {
+        Scanned::Oversized { index, len, prefix } => {
+            let reason = format!(
+                "the item is {len} bytes, over the limit of {max_record} bytes \
+                 (http.max_record_bytes); its first {} bytes are kept",
+                prefix.len()
+            );
+            lander.land(position(index), Err(reason), || prefix).await?;
+        }
+        Scanned::Item { index, bytes } => {
+            // The page was checked to be UTF-8 JSON as a whole, so each item is too.
+            let text = String::from_utf8(bytes).expect("checked with the page");
+            let item: &RawValue = serde_json::from_str(&text).expect("checked with the page");
+            let id = source_id_of(item, source_id);
+            lander.land_verbatim(position(index), id, text).await?;
+        }
     }
     Ok(())
 }
@@ -120,44 +146,6 @@ fn page_error(page: u32, url: &Url, why: String) -> SourceError {
         url: SafeUrl::from(url),
         why,
     }
-}
-
-async fn read_page(
-    response: reqwest::Response,
-    limit: u64,
-    budget: Arc<Semaphore>,
-) -> Result<Page, FetchError> {
-    let size = response.content_length().unwrap_or(limit).min(limit);
-    let reserved = budget
-        .acquire_many_owned(size.min(u64::from(PAGE_BYTES_IN_FLIGHT)).max(1) as u32)
-        .await
-        .expect("the page budget is never closed");
-    let link_next = response
-        .headers()
-        .get_all(LINK)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(link_rel_next);
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_owned();
-    let bytes = read_body_limited(response, limit).await?;
-    let invalid = |e: &dyn std::fmt::Display, len: usize| {
-        FetchError::Body(format!(
-            "the body is not valid JSON ({e}; content-type {content_type}, {len} bytes)"
-        ))
-    };
-    let len = bytes.len();
-    let text = std::str::from_utf8(&bytes).map_err(|e| invalid(&e, len))?;
-    serde_json::from_str::<&RawValue>(text).map_err(|e| invalid(&e, len))?;
-    Ok(Page {
-        body: bytes,
-        link_next,
-        _reserved: reserved,
-    })
 }
 
 fn first_url(base: &Url, pagination: &Pagination) -> Option<Url> {
@@ -192,7 +180,7 @@ fn next_url(
     base: &Url,
     current: &Url,
     pagination: &Pagination,
-    json: &RawValue,
+    captured: Option<&[u8]>,
     link_next: Option<&str>,
     page_no: u32,
     count: u64,
@@ -220,7 +208,7 @@ fn next_url(
             Ok((count >= *limit)
                 .then(|| with_query(current, offset_param, &(offset + count).to_string())))
         }
-        Pagination::NextUrl { pointer } => match scalar_at(json, pointer)? {
+        Pagination::NextUrl { pointer } => match scalar_at(captured, pointer)? {
             Some(link) => join(&link),
             None => Ok(None),
         },
@@ -229,39 +217,25 @@ fn next_url(
             None => Ok(None),
         },
         Pagination::Cursor { param, pointer } => {
-            Ok(scalar_at(json, pointer)?.map(|token| with_query(base, param, &token)))
+            Ok(scalar_at(captured, pointer)?.map(|token| with_query(base, param, &token)))
         }
     }
 }
 
-/// A string or number at `pointer`, as text; `None` when absent, null or empty (the end).
-fn scalar_at(body: &RawValue, pointer: &str) -> Result<Option<String>, String> {
-    match json_pointer(body, pointer).map_err(|e| e.to_string())? {
-        None => Ok(None),
-        Some(raw) => match scalar_text(raw) {
-            Ok(text) if text.is_empty() => Ok(None),
-            Ok(text) => Ok(Some(text)),
-            Err("null") => Ok(None),
-            Err(kind) => Err(format!("expected a string at {pointer}, found {kind}")),
-        },
-    }
-}
-
-fn locate_items<'a>(body: &'a RawValue, pointer: &str) -> Result<Vec<&'a RawValue>, String> {
-    let at = if pointer.is_empty() {
-        "the top level"
-    } else {
-        pointer
+/// The string or number found at `pointer` (`captured`), as text; `None` when absent, null or
+/// empty (the end).
+fn scalar_at(captured: Option<&[u8]>, pointer: &str) -> Result<Option<String>, String> {
+    let Some(raw) = captured else {
+        return Ok(None);
     };
-    let raw = json_pointer(body, pointer)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no item array at {at} (rest.items)"))?;
-    serde_json::from_str::<Vec<&RawValue>>(raw.get()).map_err(|_| {
-        format!(
-            "expected an array of items at {at} (rest.items), found {}",
-            kind_of(raw)
-        )
-    })
+    let text = std::str::from_utf8(raw).expect("checked with the page");
+    let raw: &RawValue = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    match scalar_text(raw) {
+        Ok(text) if text.is_empty() => Ok(None),
+        Ok(text) => Ok(Some(text)),
+        Err("null") => Ok(None),
+        Err(kind) => Err(format!("expected a string at {pointer}, found {kind}")),
+    }
 }
 
 fn source_id_of(item: &RawValue, pointer: &str) -> Result<String, String> {
@@ -352,31 +326,6 @@ fn query_value(url: &Url, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// The target of `rel="next"` in one `Link` header value (RFC 8288), which may hold several
-/// comma-separated links.
-fn link_rel_next(header: &str) -> Option<String> {
-    let mut rest = header;
-    while let Some(open) = rest.find('<') {
-        let close = open + rest[open..].find('>')?;
-        let target = &rest[open + 1..close];
-        let params_end = rest[close..].find('<').map_or(rest.len(), |i| close + i);
-        let params = &rest[close + 1..params_end];
-        let is_next = params.split(';').any(|p| {
-            let p = p.trim().trim_end_matches(',').trim();
-            p.strip_prefix("rel=").is_some_and(|v| {
-                v.trim_matches('"')
-                    .split_ascii_whitespace()
-                    .any(|r| r.eq_ignore_ascii_case("next"))
-            })
-        });
-        if is_next {
-            return Some(target.to_owned());
-        }
-        rest = &rest[params_end..];
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,30 +335,10 @@ mod tests {
     }
 
     #[test]
-    fn link_headers_yield_the_next_target_only() {
-        let header =
-            r#"<https://a.test/x?page=1>; rel="prev", <https://a.test/x?page=3>; rel="next""#;
-        assert_eq!(
-            link_rel_next(header).as_deref(),
-            Some("https://a.test/x?page=3")
-        );
-        assert_eq!(
-            link_rel_next(r#"</p2>; rel="last next""#).as_deref(),
-            Some("/p2")
-        );
-        assert_eq!(link_rel_next(r#"<https://a.test/x>; rel="prev""#), None);
-    }
-
-    #[test]
-    fn pointers_find_nested_items_and_escape_tokens() {
-        let body = raw(r#"{"data":{"a/b":[{"id":7},{"id":"x"}]}}"#);
-        let items = locate_items(&body, "/data/a~1b").unwrap();
-        assert_eq!(items.len(), 2);
-        assert_eq!(source_id_of(items[0], "/id").unwrap(), "7");
-        assert_eq!(source_id_of(items[1], "/id").unwrap(), "x");
-        assert!(locate_items(&body, "/nothing")
-            .unwrap_err()
-            .contains("no item array"));
+    fn ids_are_found_at_nested_pointers_with_escaped_tokens() {
+        let item = raw(r#"{"data":{"a/b":[{"id":7},{"id":"x"}]}}"#);
+        assert_eq!(source_id_of(&item, "/data/a~1b/0/id").unwrap(), "7");
+        assert_eq!(source_id_of(&item, "/data/a~1b/1/id").unwrap(), "x");
     }
 
     #[test]
