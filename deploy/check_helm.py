@@ -71,6 +71,26 @@ def check_database_tls(what, values, objects):
                     problems.append(f"{name}: CA volume {source}")
     return [f"{what}: {p}" for p in problems]
 
+def check_ingester_spool(what, objects):
+    """The ingester spools large REST pages to /tmp: with a read-only root filesystem, /tmp must
+    be a writable emptyDir with a size limit."""
+    problems = []
+    for obj in objects:
+        if not obj["metadata"]["name"].endswith("-ingester"):
+            continue
+        for pod in pod_specs(obj):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+                tmp = mounts.get("/tmp")
+                if not tmp or tmp.get("readOnly"):
+                    problems.append(f"{obj['kind']}: no writable /tmp: {list(mounts)}")
+                    continue
+                if not volumes.get(tmp["name"], {}).get("emptyDir", {}).get("sizeLimit"):
+                    problems.append(f"{obj['kind']}: /tmp is not a size-limited emptyDir")
+    return [f"{what}: {p}" for p in problems]
+
+
 failures = []
 report = helm.lint(str(CHART), {"database": {"url": "postgres://etl:pw@db:5432/etl"}}, strict=True)
 for message in report.get("messages", []):
@@ -99,6 +119,7 @@ for what, values, expected in VARIANTS:
             except kubernetes_validate.ValidationError as e:
                 failures.append(f"{what}: {path}: {obj['kind']} {obj['metadata']['name']}: {e.message}")
     failures += check_database_tls(what, values, objects)
+    failures += check_ingester_spool(what, objects)
     if kinds != expected:
         failures.append(f"{what}: rendered {kinds}, expected {expected}")
     exporting = "OTEL_EXPORTER_OTLP_ENDPOINT" in "".join(rendered.values())

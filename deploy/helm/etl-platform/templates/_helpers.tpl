@@ -110,6 +110,18 @@ volumeMounts:
 {{- include "etl.caMount" . }}
 {{- end -}}
 
+{{/* The ingester's /tmp, where large REST pages are spooled (the root filesystem is read-only). */}}
+{{- define "etl.spoolVolume" -}}
+- name: spool
+  emptyDir:
+    sizeLimit: {{ .Values.ingester.spoolSizeLimit }}
+{{- end -}}
+
+{{- define "etl.spoolMount" -}}
+- name: spool
+  mountPath: /tmp
+{{- end -}}
+
 {{- define "etl.caVolume" -}}
 {{- with .Values.database.caCert }}
 {{- if .secretName }}
