@@ -57,9 +57,9 @@ pub async fn ingest(
     if !next_record(&mut csv, &mut record, &url).await? {
         return Ok(()); // an empty file: nothing to land
     }
-    if let Some(header) = csv.get_ref().dropped_header() {
+    let header_line = record.position().map_or(1, |p| p.line());
+    if csv.get_mut().take_cut(header_line) {
         return Err(SourceError::HeaderTooLarge {
-            bytes: header.bytes,
             limit: fetcher.max_record_bytes(),
         }
         .into());
@@ -116,11 +116,8 @@ async fn land_rows(
     fetcher: &Fetcher,
     lander: &mut Lander,
 ) -> Result<(), IngestError> {
-    // One record of lookahead: only once the next one (or the end) is read do we know whether
-    // this one is the last, and the last is cut short if the file ends inside quotes.
-    let (mut record, mut next) = (ByteRecord::new(), ByteRecord::new());
-    let mut more = next_record(csv, &mut record, url).await?;
-    while more {
+    let mut record = ByteRecord::new();
+    loop {
         if fetcher.stopping() {
             // The rows queued since the last batch are dropped, not half-written; the next
             // run reads the file again.
@@ -129,39 +126,38 @@ async fn land_rows(
             }
             .into());
         }
-        let position = Position {
-            line: record.position().map(|p| p.line() as i64),
-            ..Position::default()
-        };
-        more = match next_record(csv, &mut next, url).await {
-            Ok(more) => more,
+        match next_record(csv, &mut record, url).await {
+            Ok(true) => {}
+            Ok(false) => break,
             Err(e) if is_unterminated_quote(&e) => {
                 // Everything before the open quote lands; then the run fails, saying where.
-                lander
-                    .land(position, header.to_json(&record), || {
-                        reassemble(&record, dialect)
-                    })
-                    .await?;
                 reject_oversized(csv, fetcher, lander).await?;
                 lander.flush().await?;
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
-        };
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        let cut = csv.get_mut().take_cut(line);
         reject_oversized(csv, fetcher, lander).await?;
-        let parsed = if !more && csv.get_ref().ends_inside_quotes() {
-            Err(
-                "the file ends inside a quoted field, so this last record is cut short \
-                 (a truncated file?)"
-                    .to_owned(),
-            )
-        } else {
-            header.to_json(&record)
-        };
-        lander
-            .land(position, parsed, || reassemble(&record, dialect))
-            .await?;
-        std::mem::swap(&mut record, &mut next);
+        if !cut {
+            let parsed = if csv.get_ref().is_cut_short(line) {
+                Err(
+                    "the file ends inside a quoted field, so this last record is cut short \
+                     (a truncated file?)"
+                        .to_owned(),
+                )
+            } else {
+                header.to_json(&record)
+            };
+            let position = Position {
+                line: Some(line as i64),
+                ..Position::default()
+            };
+            lander
+                .land(position, parsed, || reassemble(&record, dialect))
+                .await?;
+        }
     }
     reject_oversized(csv, fetcher, lander).await
 }

@@ -1,13 +1,15 @@
-//! CSV record boundaries, found before the parser sees the bytes, so that no record is ever
+//! CSV record boundaries, followed before the parser sees the bytes, so that no record is ever
 //! held whole beyond `http.max_record_bytes`.
 //!
-//! [`RecordGuard`] sits between the body and the CSV parser. It passes on whole records only,
-//! holding the current one until its end (a newline outside quotes) arrives. A record that
-//! grows past the limit is not passed on: its first bytes are kept for the reject, the rest is
-//! counted and dropped until the record ends, and the parser gets one newline per line dropped
-//! instead (it skips empty lines, and its line numbers stay those of the file). An unterminated
-//! quote swallows everything after it: the guard reaches the end of the file inside that record
-//! and says so, with the line it started on.
+//! [`RecordGuard`] sits between the body and the CSV parser and passes bytes straight on,
+//! holding none back. A record that grows past the limit is cut there: the rest of it is
+//! counted and dropped (its first bytes are kept for the reject), and the parser is given what
+//! ends the record instead (a closing quote if the cut fell inside one, then the record's first
+//! line break), followed by one newline per further line dropped (it skips empty lines, and its
+//! line numbers stay those of the file). The parser still yields the shortened record; its
+//! owner asks [`RecordGuard::take_cut`] and rejects it instead. An unterminated quote swallows
+//! everything after it: the guard reaches the end of the file inside that record and says so,
+//! with the line it started on.
 
 use std::collections::VecDeque;
 use std::io;
@@ -38,7 +40,7 @@ enum Quoting {
 pub struct QuoteTracker {
     state: Quoting,
     delimiter: u8,
-    quote: u8,
+    pub quote: u8,
 }
 
 impl QuoteTracker {
@@ -90,15 +92,23 @@ pub struct Oversized {
 pub struct RecordGuard<R> {
     inner: R,
     quotes: QuoteTracker,
-    limit: usize,
-    /// The current record, until it ends or outgrows the limit.
-    pending: Vec<u8>,
-    /// Whole records (and stand-in newlines), ready for the parser.
-    ready: VecDeque<u8>,
-    /// The record being dropped, if any.
-    dropping: Option<Oversized>,
-    /// Records dropped and finished, for the owner to reject.
+    limit: u64,
+    /// Bytes for the parser, from the last chunk read: what was not cut, and stand-ins.
+    ready: Vec<u8>,
+    /// How much of `ready` the parser has taken.
+    taken: usize,
+    /// The current record's first bytes, kept in case it must be rejected.
+    head: Vec<u8>,
+    /// Bytes of the current record so far.
+    record_bytes: u64,
+    /// The record being cut, if any.
+    cutting: Option<Cutting>,
+    /// Records cut and finished, for the owner to reject.
     dropped: Vec<Oversized>,
+    /// Lines of the records cut, whose shortened start the parser still yields.
+    cut_lines: VecDeque<u64>,
+    /// The line of a last record that the file ends inside quotes of.
+    cut_short: Option<u64>,
     /// Line on which the current record started (1-based, header included).
     record_line: u64,
     /// Newlines seen so far.
@@ -106,30 +116,54 @@ pub struct RecordGuard<R> {
     done: bool,
 }
 
+struct Cutting {
+    dropped: Oversized,
+    /// The cut fell inside a quoted field: the parser needs a closing quote to end the record.
+    close_quote: bool,
+    /// The parser has been given the record's end.
+    ended: bool,
+}
+
 impl<R> RecordGuard<R> {
     pub fn new(inner: R, dialect: Dialect, limit: u64) -> Self {
         Self {
             inner,
             quotes: QuoteTracker::new(dialect),
-            limit: usize::try_from(limit).unwrap_or(usize::MAX).max(1),
-            pending: Vec::new(),
-            ready: VecDeque::new(),
-            dropping: None,
+            limit: limit.max(1),
+            ready: Vec::new(),
+            taken: 0,
+            head: Vec::new(),
+            record_bytes: 0,
+            cutting: None,
             dropped: Vec::new(),
+            cut_lines: VecDeque::new(),
+            cut_short: None,
             record_line: 1,
             newlines: 0,
             done: false,
         }
     }
 
-    /// Whether the bytes so far end inside a quoted field (a file cut short).
-    pub fn ends_inside_quotes(&self) -> bool {
-        self.quotes.inside_quotes()
+    /// Whether the parser's record that started on `line` is the shortened start of a record
+    /// cut for its size (to be skipped: its reject comes from [`take_dropped`](Self::take_dropped)).
+    /// Asked once per record, in order.
+    pub fn take_cut(&mut self, line: u64) -> bool {
+        while let Some(&cut) = self.cut_lines.front() {
+            if cut > line {
+                break;
+            }
+            self.cut_lines.pop_front();
+            if cut == line {
+                return true;
+            }
+        }
+        false
     }
 
-    /// The first line, if it was dropped for its size (a header too large to read).
-    pub fn dropped_header(&self) -> Option<&Oversized> {
-        self.dropped.iter().find(|d| d.line == 1)
+    /// Whether the record that started on `line` is the last one and the file ends inside one
+    /// of its quoted fields (a file cut short).
+    pub fn is_cut_short(&self, line: u64) -> bool {
+        self.cut_short == Some(line)
     }
 
     /// The records dropped for their size since the last call.
@@ -138,63 +172,82 @@ impl<R> RecordGuard<R> {
     }
 
     fn scan(&mut self, bytes: &[u8]) {
+        let keep = KEPT_PREFIX_BYTES.min(usize::try_from(self.limit).unwrap_or(usize::MAX));
         for &b in bytes {
+            let inside_quotes = self.quotes.inside_quotes();
             let ends = self.quotes.feed_byte(b);
+            let line_break = b == b'\n' || b == b'\r';
             if b == b'\n' {
                 self.newlines += 1;
             }
-            match &mut self.dropping {
-                Some(dropping) => {
-                    dropping.bytes += 1;
-                    if b == b'\n' {
-                        self.ready.push_back(b'\n');
+            self.record_bytes += 1;
+            if self.cutting.is_none() && self.record_bytes > self.limit {
+                self.cut_lines.push_back(self.record_line);
+                self.cutting = Some(Cutting {
+                    dropped: Oversized {
+                        line: self.record_line,
+                        bytes: 0,
+                        prefix: std::mem::take(&mut self.head),
+                    },
+                    close_quote: inside_quotes,
+                    ended: false,
+                });
+            }
+            match &mut self.cutting {
+                None => {
+                    self.ready.push(b);
+                    if self.head.len() < keep {
+                        self.head.push(b);
                     }
                 }
-                None => {
-                    self.pending.push(b);
-                    if self.pending.len() > self.limit {
-                        let prefix = self.pending[..KEPT_PREFIX_BYTES.min(self.limit)].to_vec();
-                        // Stand-ins for the lines already taken, so line numbers stay right.
-                        let lines = self.pending.iter().filter(|&&c| c == b'\n').count();
-                        self.ready.extend(std::iter::repeat_n(b'\n', lines));
-                        self.dropping = Some(Oversized {
-                            line: self.record_line,
-                            bytes: self.pending.len() as u64,
-                            prefix,
-                        });
-                        self.pending = Vec::new(); // give the memory back
+                Some(cutting) => {
+                    if line_break && !cutting.ended {
+                        if cutting.close_quote {
+                            self.ready.push(self.quotes.quote);
+                        }
+                        self.ready.push(b);
+                        cutting.ended = true;
+                    } else if b == b'\n' {
+                        self.ready.push(b'\n');
                     }
                 }
             }
             if ends {
-                if let Some(dropped) = self.dropping.take() {
-                    self.dropped.push(dropped);
-                } else {
-                    self.ready.extend(self.pending.drain(..));
+                if let Some(mut cutting) = self.cutting.take() {
+                    cutting.dropped.bytes = self.record_bytes;
+                    self.dropped.push(cutting.dropped);
                 }
+                self.head.clear();
+                self.record_bytes = 0;
                 self.record_line = self.newlines + 1;
             }
         }
     }
 
-    /// At the end of the body: the last record (without a final newline) goes out; a record
-    /// still being dropped is an unterminated quote, or a last record that was too large.
+    /// At the end of the body: a record still being cut is an unterminated quote, or a last
+    /// record that was too large; a last record inside quotes was cut short.
     fn finish(&mut self) -> io::Result<()> {
         self.done = true;
-        match self.dropping.take() {
-            Some(dropped) if self.quotes.inside_quotes() => {
+        match self.cutting.take() {
+            Some(cutting) if self.quotes.inside_quotes() => {
                 Err(io::Error::other(UnterminatedQuote {
-                    line: dropped.line,
-                    bytes: dropped.bytes,
-                    limit: self.limit as u64,
+                    line: cutting.dropped.line,
+                    bytes: self.record_bytes,
+                    limit: self.limit,
                 }))
             }
-            Some(dropped) => {
-                self.dropped.push(dropped);
+            Some(mut cutting) => {
+                if !cutting.ended && cutting.close_quote {
+                    self.ready.push(self.quotes.quote);
+                }
+                cutting.dropped.bytes = self.record_bytes;
+                self.dropped.push(cutting.dropped);
                 Ok(())
             }
             None => {
-                self.ready.extend(self.pending.drain(..));
+                if self.quotes.inside_quotes() {
+                    self.cut_short = Some(self.record_line);
+                }
                 Ok(())
             }
         }
@@ -222,7 +275,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordGuard<R> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let mut chunk = [0u8; 64 * 1024];
-        while this.ready.is_empty() && !this.done {
+        while this.taken == this.ready.len() && !this.done {
+            this.ready.clear();
+            this.taken = 0;
             let mut read = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
@@ -234,12 +289,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordGuard<R> {
                 }
             }
         }
-        let n = buf.remaining().min(this.ready.len());
-        let (front, back) = this.ready.as_slices();
-        let from_front = n.min(front.len());
-        buf.put_slice(&front[..from_front]);
-        buf.put_slice(&back[..n - from_front]);
-        this.ready.drain(..n);
+        let n = buf.remaining().min(this.ready.len() - this.taken);
+        buf.put_slice(&this.ready[this.taken..this.taken + n]);
+        this.taken += n;
         Poll::Ready(Ok(()))
     }
 }
@@ -273,8 +325,8 @@ mod tests {
         let input = "id,name\n1,a\n2,\"long\nlong long\"\n3,c\n";
         let (out, dropped) = guard(input, 12).await.unwrap();
         assert_eq!(
-            out, "id,name\n1,a\n\n\n3,c\n",
-            "two stand-in newlines keep line 5"
+            out, "id,name\n1,a\n2,\"long\nlong\"\n3,c\n",
+            "cut at the limit and closed, on as many lines as the file"
         );
         assert_eq!(
             dropped,
@@ -284,6 +336,35 @@ mod tests {
                 prefix: b"2,\"long\nlong".to_vec()
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn a_record_cut_outside_quotes_ends_at_its_own_line_break_and_is_marked_cut() {
+        let mut guard = RecordGuard::new("id\n123456789\n2\n".as_bytes(), STANDARD, 5);
+        let mut out = String::new();
+        guard.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "id\n12345\n2\n");
+        assert_eq!(
+            guard.take_dropped(),
+            [Oversized {
+                line: 2,
+                bytes: 10,
+                prefix: b"12345".to_vec()
+            }]
+        );
+        assert!(!guard.take_cut(1));
+        assert!(guard.take_cut(2));
+        assert!(!guard.take_cut(3));
+    }
+
+    #[tokio::test]
+    async fn a_file_ending_inside_quotes_marks_its_last_record_cut_short() {
+        let mut guard = RecordGuard::new("id,n\n1,\"abc".as_bytes(), STANDARD, 100);
+        let mut out = String::new();
+        guard.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "id,n\n1,\"abc", "passed on as it is");
+        assert!(guard.is_cut_short(2));
+        assert!(!guard.is_cut_short(1));
     }
 
     #[tokio::test]

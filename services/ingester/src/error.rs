@@ -58,10 +58,8 @@ pub enum SourceError {
         url: SafeUrl,
         why: String,
     },
-    #[error(
-        "the header is {bytes} bytes, over the limit of {limit} bytes (http.max_record_bytes)"
-    )]
-    HeaderTooLarge { bytes: u64, limit: u64 },
+    #[error("the header is over the limit of {limit} bytes (http.max_record_bytes)")]
+    HeaderTooLarge { limit: u64 },
     #[error("the header's column {column} is not valid UTF-8")]
     HeaderNotUtf8 { column: usize },
     #[error("the header names column {name:?} twice; rows could not be mapped unambiguously")]

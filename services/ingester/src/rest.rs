@@ -80,19 +80,20 @@ pub async fn ingest(
         let end = scanner
             .finish(&rest.items)
             .map_err(|why| page_error(page_no, &url, why))?;
-        let captured =
-            match (capture, end.captured) {
-                (Some(pointer), Some(Err(len))) => return Err(page_error(
+        let captured = match (capture, end.captured) {
+            (Some(pointer), Some(Err(len))) => {
+                return Err(page_error(
                     page_no,
                     &url,
                     format!(
                         "the value at {pointer} is {len} bytes: too long for a link or a cursor"
                     ),
                 )
-                .into()),
-                (_, Some(Ok(raw))) => Some(raw),
-                _ => None,
-            };
+                .into())
+            }
+            (_, Some(Ok(raw))) => Some(raw),
+            _ => None,
+        };
         next = next_url(
             &base,
             &url,
