@@ -143,7 +143,8 @@ pub struct HttpOptions {
     /// Cap on one wait, including a server's `Retry-After`.
     #[serde(default = "default_max_backoff", deserialize_with = "human_duration")]
     pub max_backoff: Duration,
-    /// Largest REST page body accepted, in bytes (a page is parsed in memory).
+    /// Largest REST page body accepted, in bytes (a page over 1 MiB is spooled to a temporary
+    /// file while it is read, so this bounds disk, not memory).
     #[serde(default = "default_max_page_bytes")]
     pub max_page_bytes: u64,
     /// Largest CSV file accepted, in bytes after decompression: a run reading more stops and
