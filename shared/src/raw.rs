@@ -8,7 +8,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::CopyInSink;
 use tokio_postgres::Transaction;
 
@@ -155,27 +154,10 @@ impl RawTable {
     }
 }
 
-/// A JSON document that is already serialized; sent as `jsonb` without being parsed again.
+/// A JSON document that is already serialized; [`write`] sends it as `jsonb` in the binary
+/// format (a version byte, then the text), so it is not parsed again on this side.
 #[derive(Debug, Clone)]
 pub struct RawJson(pub String);
-
-impl ToSql for RawJson {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.put_u8(1); // jsonb binary format version
-        out.put_slice(self.0.as_bytes());
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
-    }
-
-    to_sql_checked!();
-}
 
 /// A record to [`write`]: its id within the source, and its data.
 pub trait Landable: Sync {

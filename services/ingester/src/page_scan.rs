@@ -396,8 +396,8 @@ impl PageScanner {
     }
 }
 
-/// The reference tokens of a JSON pointer, unescaped.
-fn tokens(pointer: &str) -> Vec<String> {
+/// The reference tokens of a JSON pointer (RFC 6901), unescaped.
+pub fn tokens(pointer: &str) -> Vec<String> {
     if pointer.is_empty() {
         return Vec::new();
     }
@@ -407,9 +407,11 @@ fn tokens(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-fn kind_of(first: u8) -> &'static str {
+/// What kind of JSON value starts with `first`, for messages.
+pub fn kind_of(first: u8) -> &'static str {
     match first {
         b'{' => "an object",
+        b'[' => "an array",
         b'"' => "a string",
         b't' | b'f' => "a boolean",
         b'n' => "null",

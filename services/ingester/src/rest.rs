@@ -11,7 +11,7 @@ use url::Url;
 use crate::fetch_page;
 use crate::http::Fetcher;
 use crate::land::{Lander, Position};
-use crate::page_scan::{PageScanner, Scanned};
+use crate::page_scan::{self, PageScanner, Scanned};
 use crate::{IngestError, SafeUrl, SourceError};
 
 pub async fn ingest(
@@ -263,14 +263,7 @@ fn scalar_text(raw: &RawValue) -> Result<String, &'static str> {
 }
 
 fn kind_of(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
-    }
+    page_scan::kind_of(raw.get().as_bytes()[0])
 }
 
 /// RFC 6901 JSON pointer over raw JSON, parsing only the containers on the path.
@@ -278,12 +271,8 @@ fn json_pointer<'a>(
     root: &'a RawValue,
     pointer: &str,
 ) -> Result<Option<&'a RawValue>, serde_json::Error> {
-    if pointer.is_empty() {
-        return Ok(Some(root));
-    }
     let mut current = root;
-    for token in pointer[1..].split('/') {
-        let token = token.replace("~1", "/").replace("~0", "~");
+    for token in page_scan::tokens(pointer) {
         let next = match current.get().as_bytes().first() {
             Some(b'{') => {
                 let object: HashMap<String, &'a RawValue> = serde_json::from_str(current.get())?;
