@@ -26,8 +26,9 @@ pub const KEPT_PREFIX_BYTES: usize = 4 * 1024;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
 pub const BATCH_BYTES: usize = 1024 * 1024;
 /// Bytes of batches handed over and not yet written, across every run of the process: a run
-/// whose batch does not fit waits for others' writes to finish. A batch larger than the whole
-/// budget (one record near `http.max_record_bytes`) takes all of it.
+/// whose batch does not fit waits for others' writes to finish. A batch larger than half the
+/// budget (a few records near `http.max_record_bytes`) takes half of it, so a run of such
+/// records still reads its next batch while the last one is written.
 pub const BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
 
 /// The process-wide budget of batch bytes in flight (see [`BYTES_IN_FLIGHT`]), shared by the
@@ -41,7 +42,7 @@ impl InFlight {
     }
 
     async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let share = bytes.clamp(1, BYTES_IN_FLIGHT) as u32;
+        let share = bytes.clamp(1, BYTES_IN_FLIGHT / 2) as u32;
         self.0
             .clone()
             .acquire_many_owned(share)
