@@ -26,9 +26,9 @@ pub const KEPT_PREFIX_BYTES: usize = 4 * 1024;
 /// Bytes per batch, so a file of very wide rows still flushes in bounded memory.
 pub const BATCH_BYTES: usize = 1024 * 1024;
 /// Bytes of batches handed over and not yet written, across every run of the process: a run
-/// whose batch does not fit waits for others' writes to finish. A batch larger than half the
-/// budget (a few records near `http.max_record_bytes`) takes half of it, so a run of such
-/// records still reads its next batch while the last one is written.
+/// whose batch does not fit waits for others' writes to finish. A batch larger than the whole
+/// budget (a record near `http.max_record_bytes`) takes all of it: it is written alone, while
+/// its run reads the next record (see [`Lander::make_room`]).
 pub const BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
 
 /// The process-wide budget of batch bytes in flight (see [`BYTES_IN_FLIGHT`]), shared by the
@@ -42,7 +42,7 @@ impl InFlight {
     }
 
     async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let share = bytes.clamp(1, BYTES_IN_FLIGHT / 2) as u32;
+        let share = bytes.clamp(1, BYTES_IN_FLIGHT) as u32;
         self.0
             .clone()
             .acquire_many_owned(share)
@@ -123,6 +123,9 @@ pub struct Lander {
     batch_ids: HashSet<String>,
     batch_bytes: usize,
     rejects: Vec<Reject>,
+    /// The budget taken by [`make_room`](Lander::make_room) for a large record still being
+    /// made, used by the flush that sends it.
+    reserved: Option<OwnedSemaphorePermit>,
 }
 
 /// The writing side of a run: lands batches in order, one transaction each, each on a pooled
@@ -157,6 +160,7 @@ pub fn pipeline<'a>(
         batch_ids: HashSet::with_capacity(BATCH_ROWS),
         batch_bytes: 0,
         rejects: Vec::new(),
+        reserved: None,
     };
     let writer = BatchWriter {
         pool,
@@ -272,13 +276,30 @@ impl Lander {
         Ok(())
     }
 
+    /// Called before a record of `bytes` is converted for landing. A record over
+    /// [`BATCH_BYTES`] is a batch of its own: what is queued goes first, then the record's
+    /// share of the budget is waited for *before* its converted copy exists, so a run of
+    /// 10 MB records holds the one being written and the one being read, not also a
+    /// converted one waiting for its turn.
+    pub async fn make_room(&mut self, bytes: usize) -> Result<(), LandError> {
+        if bytes < BATCH_BYTES || self.reserved.is_some() {
+            return Ok(());
+        }
+        self.flush().await?;
+        self.reserved = Some(self.in_flight.reserve(bytes).await);
+        Ok(())
+    }
+
     /// Hands everything queued so far to the writer (waiting for room in the process's budget,
     /// and while the writer is still busy with the batch before the previous one).
     pub async fn flush(&mut self) -> Result<(), LandError> {
         if self.batch.is_empty() && self.rejects.is_empty() {
             return Ok(());
         }
-        let reserved = self.in_flight.reserve(self.batch_bytes).await;
+        let reserved = match self.reserved.take() {
+            Some(reserved) => reserved,
+            None => self.in_flight.reserve(self.batch_bytes).await,
+        };
         let batch = Batch {
             records: std::mem::take(&mut self.batch),
             rejects: std::mem::take(&mut self.rejects),
@@ -309,28 +330,34 @@ impl BatchWriter<'_> {
     /// cannot store, say a number beyond `numeric`'s range), the records are landed one by one
     /// instead, and the ones it refuses become rejects with its message.
     async fn land_batch(&mut self, batch: Batch) -> Result<(), LandError> {
-        let bytes: usize = batch
-            .records
+        let Batch {
+            records,
+            rejects,
+            reserved,
+        } = batch;
+        let bytes: usize = records
             .iter()
             .map(|r| r.source_id.len() + r.data.0.len())
             .sum();
         let span = tracing::info_span!(
             "ingest_batch",
             source = self.source,
-            rows = batch.records.len(),
-            rejects = batch.rejects.len(),
+            rows = records.len(),
+            rejects = rejects.len(),
             bytes,
         );
-        self.land_batch_in(batch).instrument(span).await
+        let landed = self.land_batch_in(records, rejects).instrument(span).await;
+        // Given back once the batch is written and its records freed.
+        drop(reserved);
+        landed
     }
 
-    async fn land_batch_in(&mut self, batch: Batch) -> Result<(), LandError> {
+    async fn land_batch_in(
+        &mut self,
+        records: Vec<RawRecord>,
+        mut rejects: Vec<Reject>,
+    ) -> Result<(), LandError> {
         let started = std::time::Instant::now();
-        let Batch {
-            records,
-            mut rejects,
-            reserved: _until_written,
-        } = batch;
         let table = self.table.name();
         let db = |source| LandError::Db { table, source };
         let mut client = self.pool.get().await?;

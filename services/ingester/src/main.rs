@@ -31,12 +31,32 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    return_large_buffers_when_freed();
     let cli = Cli::parse();
     let telemetry = etl_shared::telemetry::init("ingester").context("invalid configuration")?;
     let outcome = run(cli).await;
     // Flushes the spans still queued (bounded), off the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     outcome
+}
+
+/// Has glibc map every allocation of 128 KiB or more on its own, so freeing it returns the
+/// memory to the system. Left alone, glibc raises that threshold to the largest block freed
+/// so far (up to 32 MiB), and a record's buffers after the first large one come from, and stay
+/// in, per-thread heaps: 40 records of 10 MB took the ingester's peak from 45 to 64 MiB.
+/// Other C libraries (musl) return large blocks anyway; nothing to set there.
+fn return_large_buffers_when_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MAPPED_FROM_BYTES: libc::c_int = 128 * 1024;
+        // SAFETY: mallopt only changes an allocator setting, which glibc allows at any time
+        // from any thread; it takes no pointers.
+        #[allow(unsafe_code)]
+        let accepted = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MAPPED_FROM_BYTES) };
+        if accepted != 1 {
+            eprintln!("glibc refused M_MMAP_THRESHOLD={MAPPED_FROM_BYTES}; large buffers may stay resident after use");
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
