@@ -112,11 +112,87 @@ pub struct HeaderValueFrom {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
-    pub source_id: String,
+    /// What identifies a record within its source: one column or pointer, a list of them
+    /// (a composite key), or `{ row = true }` (its position).
+    pub source_id: SourceKey,
     pub name: String,
     pub value: String,
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// `mapping.source_id`: how a record's id within its source is made.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SourceKeyToml")]
+pub enum SourceKey {
+    /// The values of these columns (CSV) or JSON pointers (REST), in order: one is the id as
+    /// it is; two or more are joined by [`SourceKey::compose`].
+    Fields(Vec<String>),
+    /// The record's position in its source, from 1: the n-th row after the header, the n-th
+    /// item of the run. Positional: a file whose rows move re-keys them.
+    Row,
+}
+
+/// The ways `mapping.source_id` may be written in TOML.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SourceKeyToml {
+    One(String),
+    Many(Vec<String>),
+    Position { row: bool },
+}
+
+impl TryFrom<SourceKeyToml> for SourceKey {
+    type Error = String;
+
+    fn try_from(toml: SourceKeyToml) -> Result<Self, String> {
+        match toml {
+            SourceKeyToml::One(field) => Ok(Self::Fields(vec![field])),
+            SourceKeyToml::Many(fields) if fields.is_empty() => {
+                Err("a list of key parts must name at least one".into())
+            }
+            SourceKeyToml::Many(fields) => Ok(Self::Fields(fields)),
+            SourceKeyToml::Position { row: true } => Ok(Self::Row),
+            SourceKeyToml::Position { row: false } => {
+                Err("`{ row = false }`: name the key's columns or pointers instead".into())
+            }
+        }
+    }
+}
+
+impl SourceKey {
+    /// The separator of a composite key's parts.
+    pub const SEPARATOR: char = '|';
+
+    /// A composite id from its parts: joined with `|`, and within each part `\` and `|`
+    /// written `\\` and `\|`, so that no two lists of parts give the same id
+    /// (`["a|b", "c"]` is `a\|b|c`, `["a", "b|c"]` is `a|b\|c`). One part is the id as it is.
+    pub fn compose<S: AsRef<str>>(parts: &[S]) -> String {
+        if let [one] = parts {
+            return one.as_ref().to_owned();
+        }
+        let mut id = String::with_capacity(parts.iter().map(|p| p.as_ref().len() + 1).sum());
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                id.push(Self::SEPARATOR);
+            }
+            for c in part.as_ref().chars() {
+                if c == '\\' || c == Self::SEPARATOR {
+                    id.push('\\');
+                }
+                id.push(c);
+            }
+        }
+        id
+    }
+
+    /// The columns or pointers the key reads (none for a positional key).
+    pub fn fields(&self) -> &[String] {
+        match self {
+            Self::Fields(fields) => fields,
+            Self::Row => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,12 +482,22 @@ fn validate_name(name: &str) -> Result<(), String> {
 
 fn validate_mapping(source: &Source) -> Result<(), (String, String)> {
     let m = &source.mapping;
-    let fields = [
-        ("mapping.source_id", Some(&m.source_id)),
-        ("mapping.name", Some(&m.name)),
-        ("mapping.value", Some(&m.value)),
-        ("mapping.description", m.description.as_ref()),
-    ];
+    let key = m.source_id.fields();
+    let mut seen = HashSet::new();
+    if let Some(twice) = key.iter().find(|part| !seen.insert(part.as_str())) {
+        return Err((
+            "mapping.source_id".into(),
+            format!("{twice:?} is named twice"),
+        ));
+    }
+    let fields = key
+        .iter()
+        .map(|part| ("mapping.source_id", Some(part)))
+        .chain([
+            ("mapping.name", Some(&m.name)),
+            ("mapping.value", Some(&m.value)),
+            ("mapping.description", m.description.as_ref()),
+        ]);
     for (field, target) in fields {
         let Some(target) = target else { continue };
         match source.kind {
@@ -573,6 +659,40 @@ mod tests {
         assert_eq!(sensors.csv_options().delimiter, ';');
         assert_eq!(sensors.schedule, Duration::from_secs(900));
         assert_eq!(sensors.http.attempts, 5);
+    }
+
+    #[test]
+    fn source_id_is_one_field_a_list_of_them_or_the_row() {
+        let key = |text: &str| {
+            parse(&GOOD.replace("source_id = \"id\"", &format!("source_id = {text}")))
+                .map(|s| s.get("sensors").unwrap().mapping.source_id.clone())
+        };
+        assert_eq!(key("\"id\"").unwrap(), SourceKey::Fields(vec!["id".into()]));
+        assert_eq!(
+            key("[\"Species\", \"Sample Number\"]").unwrap(),
+            SourceKey::Fields(vec!["Species".into(), "Sample Number".into()])
+        );
+        assert_eq!(key("{ row = true }").unwrap(), SourceKey::Row);
+        for bad in ["[]", "{ row = false }", "[\"a\", \"a\"]", "7"] {
+            let err = key(bad).unwrap_err().to_string();
+            assert!(err.contains("source_id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn composite_ids_are_unambiguous() {
+        assert_eq!(SourceKey::compose(&["7"]), "7");
+        assert_eq!(SourceKey::compose(&["Adelie", "12"]), "Adelie|12");
+        let ids = [
+            SourceKey::compose(&["a|b", "c"]),
+            SourceKey::compose(&["a", "b|c"]),
+            SourceKey::compose(&["a\\", "|c"]),
+            SourceKey::compose(&["a\\|", "c"]),
+            SourceKey::compose(&["a", "b", "c"]),
+        ];
+        assert_eq!(ids[0], "a\\|b|c");
+        let distinct: HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
     }
 
     #[test]

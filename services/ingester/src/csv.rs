@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
-use etl_shared::sources::Source;
+use etl_shared::sources::{Source, SourceKey};
 use futures_util::TryStreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
 use tokio_util::io::StreamReader;
@@ -128,6 +128,9 @@ async fn land_rows(
         capacity.saturating_add(RECORD_SLACK_BYTES),
         header.columns.len(),
     );
+    // Records after the header, counted as the parser yields them (cut ones included), for
+    // positional keys.
+    let mut row: u64 = 0;
     loop {
         if fetcher.stopping() {
             // The rows queued since the last batch are dropped, not half-written; the next
@@ -148,6 +151,7 @@ async fn land_rows(
             }
             Err(e) => return Err(e.into()),
         }
+        row += 1;
         let line = record.position().map_or(0, |p| p.line());
         let cut = csv.get_mut().take_cut(line);
         reject_oversized(csv, fetcher, lander).await?;
@@ -160,7 +164,7 @@ async fn land_rows(
                         .to_owned(),
                 )
             } else {
-                header.to_json(&record)
+                header.to_json(&record, row)
             };
             let position = Position {
                 line: Some(line as i64),
@@ -214,7 +218,13 @@ fn is_unterminated_quote(error: &SourceError) -> bool {
 /// Column names, and where the id is.
 struct Header {
     columns: Vec<String>,
-    source_id: usize,
+    key: Key,
+}
+
+/// Where a row's id comes from: these columns (by index), or the row's position.
+enum Key {
+    Columns(Vec<usize>),
+    Row,
 }
 
 impl Header {
@@ -235,12 +245,15 @@ impl Header {
             columns.push(name);
         }
         let mapping = &source.mapping;
-        let mapped = [
-            ("mapping.source_id", Some(&mapping.source_id)),
-            ("mapping.name", Some(&mapping.name)),
-            ("mapping.value", Some(&mapping.value)),
-            ("mapping.description", mapping.description.as_ref()),
-        ];
+        let key_parts = mapping.source_id.fields();
+        let mapped = key_parts
+            .iter()
+            .map(|part| ("mapping.source_id", Some(part)))
+            .chain([
+                ("mapping.name", Some(&mapping.name)),
+                ("mapping.value", Some(&mapping.value)),
+                ("mapping.description", mapping.description.as_ref()),
+            ]);
         for (field, column) in mapped {
             if let Some(column) = column {
                 if !columns.contains(column) {
@@ -252,15 +265,26 @@ impl Header {
                 }
             }
         }
-        let source_id = columns
-            .iter()
-            .position(|c| *c == mapping.source_id)
-            .expect("checked above");
-        Ok(Self { columns, source_id })
+        let key = match &mapping.source_id {
+            SourceKey::Row => Key::Row,
+            SourceKey::Fields(parts) => Key::Columns(
+                parts
+                    .iter()
+                    .map(|part| {
+                        columns
+                            .iter()
+                            .position(|c| c == part)
+                            .expect("checked above")
+                    })
+                    .collect(),
+            ),
+        };
+        Ok(Self { columns, key })
     }
 
-    /// The row as a JSON object keyed by column, with its id; or why it cannot be one.
-    fn to_json(&self, record: &ByteRecord) -> Result<(String, String), String> {
+    /// The row as a JSON object keyed by column, with its id (`row` is its position, for a
+    /// positional key); or why it cannot be one.
+    fn to_json(&self, record: &ByteRecord, row: u64) -> Result<(String, String), String> {
         if record.len() != self.columns.len() {
             return Err(format!(
                 "expected {} fields as in the header, found {}",
@@ -282,15 +306,30 @@ impl Header {
         }
         json.push(b'}');
         let json = String::from_utf8(json).expect("serde_json writes UTF-8");
-        let id = std::str::from_utf8(&record[self.source_id]).expect("checked in the loop");
-        let id = id.trim();
-        if id.is_empty() {
-            return Err(format!(
-                "source_id column {:?} is empty",
-                self.columns[self.source_id]
-            ));
+        Ok((self.id(record, row)?, json))
+    }
+
+    /// The row's id: its key columns' values, trimmed (joined when there are several), or its
+    /// position. An empty part is named.
+    fn id(&self, record: &ByteRecord, row: u64) -> Result<String, String> {
+        let Key::Columns(columns) = &self.key else {
+            return Ok(row.to_string());
+        };
+        let mut parts = Vec::with_capacity(columns.len());
+        for &i in columns {
+            let part = std::str::from_utf8(&record[i]).expect("checked as UTF-8 above");
+            let part = part.trim();
+            if part.is_empty() {
+                let what = if columns.len() == 1 {
+                    "source_id column"
+                } else {
+                    "source_id part"
+                };
+                return Err(format!("{what} {:?} is empty", self.columns[i]));
+            }
+            parts.push(part);
         }
-        Ok((id.to_owned(), json))
+        Ok(SourceKey::compose(&parts))
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use etl_shared::sources::{Pagination, Source};
+use etl_shared::sources::{Pagination, Source, SourceKey};
 use serde_json::value::RawValue;
 use url::Url;
 
@@ -32,6 +32,8 @@ pub async fn ingest(
     let mut next = first_url(&base, &rest.pagination);
     let mut requested = HashSet::new();
     let mut page_no: u32 = 0;
+    // Items of the run so far, for positional keys.
+    let mut items: u64 = 0;
 
     while let Some(url) = next.take() {
         page_no += 1;
@@ -67,11 +69,12 @@ pub async fn ingest(
             let Some(chunk) = chunk else { break };
             scanner.feed(chunk, &mut found);
             for scanned in found.drain(..) {
+                items += 1;
                 land_item(
                     lander,
                     page_no,
                     scanned,
-                    &source.mapping.source_id,
+                    (&source.mapping.source_id, items),
                     max_record,
                 )
                 .await?;
@@ -113,7 +116,7 @@ async fn land_item(
     lander: &mut Lander,
     page_no: u32,
     scanned: Scanned,
-    source_id: &str,
+    (key, ordinal): (&SourceKey, u64),
     max_record: u64,
 ) -> Result<(), IngestError> {
     let position = |index: u64| Position {
@@ -134,7 +137,7 @@ async fn land_item(
             // The page was checked to be UTF-8 JSON as a whole, so each item is too.
             let text = String::from_utf8(bytes).expect("checked with the page");
             let item: &RawValue = serde_json::from_str(&text).expect("checked with the page");
-            let id = source_id_of(item, source_id);
+            let id = id_of(item, key, ordinal);
             lander.land_verbatim(position(index), id, text).await?;
         }
     }
@@ -239,15 +242,38 @@ fn scalar_at(captured: Option<&[u8]>, pointer: &str) -> Result<Option<String>, S
     }
 }
 
-fn source_id_of(item: &RawValue, pointer: &str) -> Result<String, String> {
+/// The item's id: the values at the key's pointers (joined when there are several), or its
+/// position in the run.
+fn id_of(item: &RawValue, key: &SourceKey, ordinal: u64) -> Result<String, String> {
+    match key {
+        SourceKey::Row => Ok(ordinal.to_string()),
+        SourceKey::Fields(pointers) => {
+            let parts = pointers
+                .iter()
+                .map(|pointer| {
+                    let what = if pointers.len() > 1 {
+                        "source_id part"
+                    } else {
+                        "source_id"
+                    };
+                    source_id_of(item, pointer, what)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(SourceKey::compose(&parts))
+        }
+    }
+}
+
+/// The id part at `pointer`; `what` names it in errors (`source_id`, or `source_id part`).
+fn source_id_of(item: &RawValue, pointer: &str, what: &str) -> Result<String, String> {
     let raw = json_pointer(item, pointer)
         .map_err(|e| format!("item is not valid JSON: {e}"))?
-        .ok_or_else(|| format!("no source_id: nothing at {pointer} (mapping.source_id)"))?;
+        .ok_or_else(|| format!("no {what}: nothing at {pointer} (mapping.source_id)"))?;
     match scalar_text(raw) {
-        Ok(id) if id.trim().is_empty() => Err(format!("source_id at {pointer} is empty")),
+        Ok(id) if id.trim().is_empty() => Err(format!("{what} at {pointer} is empty")),
         Ok(id) => Ok(id),
         Err(kind) => Err(format!(
-            "source_id at {pointer} is {kind}; expected a string or a number"
+            "{what} at {pointer} is {kind}; expected a string or a number"
         )),
     }
 }
@@ -327,20 +353,30 @@ mod tests {
     #[test]
     fn ids_are_found_at_nested_pointers_with_escaped_tokens() {
         let item = raw(r#"{"data":{"a/b":[{"id":7},{"id":"x"}]}}"#);
-        assert_eq!(source_id_of(&item, "/data/a~1b/0/id").unwrap(), "7");
-        assert_eq!(source_id_of(&item, "/data/a~1b/1/id").unwrap(), "x");
+        assert_eq!(
+            source_id_of(&item, "/data/a~1b/0/id", "source_id").unwrap(),
+            "7"
+        );
+        assert_eq!(
+            source_id_of(&item, "/data/a~1b/1/id", "source_id").unwrap(),
+            "x"
+        );
     }
 
     #[test]
     fn ids_that_are_not_strings_or_numbers_are_explained() {
         let item = raw(r#"{"id":null,"o":{"k":1}}"#);
-        assert!(source_id_of(&item, "/id").unwrap_err().contains("null"));
-        assert!(source_id_of(&item, "/o").unwrap_err().contains("an object"));
-        assert!(source_id_of(&item, "/missing")
+        assert!(source_id_of(&item, "/id", "source_id")
+            .unwrap_err()
+            .contains("null"));
+        assert!(source_id_of(&item, "/o", "source_id")
+            .unwrap_err()
+            .contains("an object"));
+        assert!(source_id_of(&item, "/missing", "source_id")
             .unwrap_err()
             .contains("nothing at /missing"));
         assert_eq!(
-            source_id_of(&raw("12345678901234567890123"), "").unwrap(),
+            source_id_of(&raw("12345678901234567890123"), "", "source_id").unwrap(),
             "12345678901234567890123"
         );
     }

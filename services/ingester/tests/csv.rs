@@ -346,3 +346,72 @@ async fn an_unterminated_quote_fails_the_run_after_landing_the_rows_before_it() 
     assert_eq!(raw_ids(&db, "raw_csv_data", "open").await, ["1", "2"]);
     assert!(rejects(&db, "open").await.is_empty());
 }
+
+/// The first rows of the Palmer Station penguin data (LTER, CC0) as published: no column is a
+/// key on its own, since each species numbers its samples from 1.
+const PENGUINS: &str = "\
+studyName,Sample Number,Species,Region,Island,Stage,Individual ID,Clutch Completion,Date Egg,Culmen Length (mm),Culmen Depth (mm),Flipper Length (mm),Body Mass (g),Sex,Delta 15 N (o/oo),Delta 13 C (o/oo),Comments
+PAL0708,1,Adelie Penguin (Pygoscelis adeliae),Anvers,Torgersen,\"Adult, 1 Egg Stage\",N1A1,Yes,2007-11-11,39.1,18.7,181,3750,MALE,,,Not enough blood for isotopes.
+PAL0708,2,Adelie Penguin (Pygoscelis adeliae),Anvers,Torgersen,\"Adult, 1 Egg Stage\",N1A2,Yes,2007-11-11,39.5,17.4,186,3800,FEMALE,8.94956,-24.69454,
+PAL0708,1,Gentoo penguin (Pygoscelis papua),Anvers,Biscoe,\"Adult, 1 Egg Stage\",N31A1,Yes,2007-11-27,46.1,13.2,211,4500,FEMALE,7.993,-25.5139,
+PAL0708,2,Gentoo penguin (Pygoscelis papua),Anvers,Biscoe,\"Adult, 1 Egg Stage\",N31A2,Yes,2007-11-27,50,16.3,230,5700,MALE,8.14756,-25.39369,
+PAL0708,1,Chinstrap penguin (Pygoscelis antarctica),Anvers,Dream,\"Adult, 1 Egg Stage\",N61A1,No,2007-11-19,46.5,17.9,192,3500,FEMALE,9.03935,-24.30229,
+PAL0708,,Chinstrap penguin (Pygoscelis antarctica),Anvers,Dream,\"Adult, 1 Egg Stage\",N61A2,No,2007-11-19,50,19.5,196,3900,MALE,8.92069,-24.23592,
+";
+
+#[tokio::test]
+async fn a_two_column_key_keeps_rows_that_share_either_column_apart() {
+    let db = TestDb::new().await;
+    let server = serve_csv(PENGUINS.as_bytes().to_vec(), None).await;
+    let toml = SourceToml::csv("penguins", &server.url("/penguins.csv"))
+        .mapping(
+            r#"{ source_id = ["Species", "Sample Number"], name = "Individual ID", value = "Body Mass (g)" }"#,
+        )
+        .to_string();
+
+    let summary = ingester(&db, &toml).run_source("penguins").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(
+        raw_ids(&db, "raw_csv_data", "penguins").await,
+        [
+            "Adelie Penguin (Pygoscelis adeliae)|1",
+            "Adelie Penguin (Pygoscelis adeliae)|2",
+            "Chinstrap penguin (Pygoscelis antarctica)|1",
+            "Gentoo penguin (Pygoscelis papua)|1",
+            "Gentoo penguin (Pygoscelis papua)|2",
+        ]
+    );
+    assert_eq!(
+        raw_data(&db, "penguins", "Gentoo penguin (Pygoscelis papua)|2").await["Individual ID"],
+        "N31A2"
+    );
+    let rejects = rejects(&db, "penguins").await;
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(
+        (rejects[0].0, rejects[0].3.as_str()),
+        (Some(7), "source_id part \"Sample Number\" is empty")
+    );
+}
+
+#[tokio::test]
+async fn a_positional_key_numbers_the_rows_after_the_header() {
+    let db = TestDb::new().await;
+    let body = "reading,label\n3.5,\"multi\nline\"\n3.5,same reading\n,no reading\n";
+    let server = serve_csv(body.as_bytes().to_vec(), None).await;
+    let toml = SourceToml::csv("readings", &server.url("/r.csv"))
+        .mapping(r#"{ source_id = { row = true }, name = "label", value = "reading" }"#)
+        .to_string();
+
+    let summary = ingester(&db, &toml).run_source("readings").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(
+        raw_ids(&db, "raw_csv_data", "readings").await,
+        ["1", "2", "3"]
+    );
+    assert_eq!(
+        raw_data(&db, "readings", "2").await["label"],
+        "same reading"
+    );
+}

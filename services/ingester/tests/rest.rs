@@ -437,3 +437,40 @@ async fn an_item_over_max_record_bytes_is_rejected_with_its_position_and_first_b
     );
     assert_eq!(raw.len(), 1000, "at most the limit is kept");
 }
+
+#[tokio::test]
+async fn a_composite_key_joins_its_pointers_and_a_missing_part_is_a_reject_naming_it() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(Route::new().at(
+        "/items",
+        make_sync(|_| {
+            json_response(json!([
+                { "region": "eu", "id": 7, "name": "a", "value": 1 },
+                { "region": "us", "id": 7, "name": "b", "value": 2 },
+                { "region": "a|b", "id": "c", "name": "c", "value": 3 },
+                { "id": 8, "name": "d", "value": 4 },
+            ]))
+        }),
+    ))
+    .await;
+    let toml = SourceToml::rest("regional", &server.url("/items"))
+        .mapping(r#"{ source_id = ["/region", "/id"], name = "/name", value = "/value" }"#)
+        .to_string();
+
+    let summary = ingester(&db, &toml).run_source("regional").await.unwrap();
+
+    assert_eq!(summary.error, None);
+    assert_eq!(
+        raw_ids(&db, "raw_api_data", "regional").await,
+        ["a\\|b|c", "eu|7", "us|7"]
+    );
+    let rejects = rejects(&db, "regional").await;
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(
+        (rejects[0].2, rejects[0].3.as_str()),
+        (
+            Some(3),
+            "no source_id part: nothing at /region (mapping.source_id)"
+        )
+    );
+}
