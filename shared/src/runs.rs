@@ -139,6 +139,15 @@ impl Runs {
     /// Records a new `running` run for `source`, locked before its row exists, so no other
     /// session ever sees the row unlocked.
     pub async fn start(&self, source: &str) -> Result<Run, RunError> {
+        let mut run = self.reserve(source).await?;
+        run.record().await?;
+        Ok(run)
+    }
+
+    /// A new run id, locked as live but not yet recorded: for work that must first claim
+    /// something under that id (a source's lease) and records the run only once it has.
+    /// Dropping or [discarding](Run::discard) it leaves no trace.
+    pub async fn reserve(&self, source: &str) -> Result<Run, RunError> {
         let id: i64 = {
             let mut locks = self.locks.lock().await;
             let client = locks.client().await?;
@@ -155,23 +164,14 @@ impl Runs {
             locks.held.insert(id);
             id
         };
-        let run = Run {
+        Ok(Run {
             id,
             runs: self.clone(),
             source: source.to_owned(),
             started: Instant::now(),
             open: true,
-        };
-        self.pool
-            .get()
-            .await?
-            .execute(
-                "INSERT INTO etl_runs (id, service, source) OVERRIDING SYSTEM VALUE
-                 VALUES ($1, $2, $3)",
-                &[&id, &self.service.as_str(), &source],
-            )
-            .await?;
-        Ok(run)
+            recorded: false,
+        })
     }
 
     /// Marks failed every `running` run of the service whose process is gone. This process's
@@ -222,9 +222,28 @@ pub struct Run {
     started: Instant,
     /// Not yet ended or discarded.
     open: bool,
+    /// Its `running` row exists.
+    recorded: bool,
 }
 
 impl Run {
+    /// Writes the run's `running` row (for a run from [`Runs::reserve`]); its clock starts now.
+    pub async fn record(&mut self) -> Result<(), RunError> {
+        self.runs
+            .pool
+            .get()
+            .await?
+            .execute(
+                "INSERT INTO etl_runs (id, service, source) OVERRIDING SYSTEM VALUE
+                 VALUES ($1, $2, $3)",
+                &[&self.id, &self.runs.service.as_str(), &self.source],
+            )
+            .await?;
+        self.recorded = true;
+        self.started = Instant::now();
+        Ok(())
+    }
+
     /// Ends the run: records its outcome (and releases its lock), counts it in `metrics`, logs
     /// it, and says what it did.
     pub async fn end(
@@ -286,12 +305,14 @@ impl Run {
     /// Removes a run that turned out to have nothing to do (another replica took the work), so
     /// `etl_runs` holds only runs that did something or failed.
     pub async fn discard(mut self) -> Result<(), RunError> {
-        self.runs
-            .pool
-            .get()
-            .await?
-            .execute("DELETE FROM etl_runs WHERE id = $1", &[&self.id])
-            .await?;
+        if self.recorded {
+            self.runs
+                .pool
+                .get()
+                .await?
+                .execute("DELETE FROM etl_runs WHERE id = $1", &[&self.id])
+                .await?;
+        }
         self.open = false;
         self.runs.unlock(self.id).await
     }

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Triggers};
+use crate::lease::Claim;
 use crate::{IngestError, Ingester, Settings};
 
 /// First wait before retrying a failed run; doubles per consecutive failure, up to the schedule.
@@ -93,13 +94,33 @@ impl Application {
 
 /// One source's loop: run now, then again after `every` or when triggered, until shutdown. A
 /// failed run (or one that could not start) is retried sooner, backing off from 5 s up to the
-/// schedule, so an outage or a flaky source does not cost a whole interval.
+/// schedule, so an outage or a flaky source does not cost a whole interval. Scheduled runs are
+/// skipped while another run (of any replica) holds the source or ran it less than a schedule
+/// ago; a triggered run waits for the source instead.
 async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Arc<Notify>) {
     let shutdown = ingester.shutdown_token().clone();
     let mut failures: u32 = 0;
+    let mut triggered = false;
     loop {
-        let failed = match ingester.run_source(&name).await {
-            Ok(summary) => summary.error.is_some(),
+        let started = if triggered {
+            ingester.run_source(&name).await.map(Ok)
+        } else {
+            ingester.run_scheduled(&name, every).await
+        };
+        let mut wait = every;
+        let failed = match started {
+            Ok(Ok(summary)) => summary.error.is_some(),
+            Ok(Err(Claim::NotDue { since })) => {
+                tracing::info!(source = %name, since_last_success = ?since, "run skipped: not due yet");
+                // Wake when it falls due: then whichever replica looks first runs it.
+                wait = every.saturating_sub(since).max(Duration::from_millis(100));
+                false
+            }
+            Ok(Err(Claim::Busy { holder })) => {
+                tracing::info!(source = %name, holder, "run skipped: another run holds the source");
+                false
+            }
+            Ok(Err(Claim::Held)) => unreachable!("a held claim runs"),
             Err(e @ IngestError::Run(_)) => {
                 tracing::error!(source = %name, error = %e, "could not start a run; retrying soon");
                 true
@@ -110,18 +131,19 @@ async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Ar
             }
         };
         failures = if failed { failures + 1 } else { 0 };
-        let wait = if failed {
-            RETRY_AFTER_FAILURE
+        if failed {
+            wait = RETRY_AFTER_FAILURE
                 .saturating_mul(1 << (failures - 1).min(10))
-                .min(every)
-        } else {
-            every
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = trigger.notified() => tracing::info!(source = %name, "run triggered"),
+                .min(every);
         }
+        triggered = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => false,
+            _ = trigger.notified() => {
+                tracing::info!(source = %name, "run triggered");
+                true
+            }
+        };
         if shutdown.is_cancelled() {
             return;
         }

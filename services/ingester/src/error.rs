@@ -30,6 +30,13 @@ pub enum IngestError {
          the run is repeated to land them again"
     )]
     DatabaseRestarted,
+    #[error("run {holder} is still ingesting this source after a wait of {waited:?}")]
+    Busy {
+        holder: i64,
+        waited: std::time::Duration,
+    },
+    #[error(transparent)]
+    Claim(#[from] crate::lease::ClaimError),
 }
 
 impl From<GaveUp> for IngestError {

@@ -104,6 +104,10 @@ pub enum LandError {
     /// The writer stopped at a failure of its own, which is the run's error.
     #[error("the batch writer stopped")]
     WriterStopped,
+    /// Another run took the source over (this process lost its lock connection, so the run
+    /// looked dead): what it read is not landed over the newer run's.
+    #[error("another run took this source over; the batch was not landed")]
+    LeaseLost,
 }
 
 /// One batch on its way from the reader to the writer.
@@ -359,14 +363,17 @@ impl BatchWriter<'_> {
     ) -> Result<(), LandError> {
         let started = std::time::Instant::now();
         let table = self.table.name();
-        let db = |source| LandError::Db { table, source };
+        let db = |e: WriteError| match e {
+            WriteError::Db(source) => LandError::Db { table, source },
+            WriteError::LeaseLost => LandError::LeaseLost,
+        };
         let mut client = self.pool.get().await?;
         match self.write(&mut client, &records, &rejects).await {
             Ok((inserted, updated)) => {
                 self.account(records.len(), rejects.len(), inserted, updated, started);
                 Ok(())
             }
-            Err(e) if is_record_error(&e) && !records.is_empty() => {
+            Err(WriteError::Db(e)) if is_record_error(&e) && !records.is_empty() => {
                 tracing::warn!(source = self.source, error = %e, "batch refused; landing its records one by one");
                 for record in records {
                     let one = std::time::Instant::now();
@@ -375,7 +382,7 @@ impl BatchWriter<'_> {
                         .await
                     {
                         Ok((inserted, updated)) => self.account(1, 0, inserted, updated, one),
-                        Err(e) if is_record_error(&e) => rejects.push(Reject {
+                        Err(WriteError::Db(e)) if is_record_error(&e) => rejects.push(Reject {
                             position: record.position,
                             reason: format!("Postgres refused the record: {}", db_message(&e)),
                             raw: record.data.0.into_bytes(),
@@ -398,8 +405,11 @@ impl BatchWriter<'_> {
         client: &mut Client,
         records: &[RawRecord],
         rejects: &[Reject],
-    ) -> Result<(i64, i64), tokio_postgres::Error> {
+    ) -> Result<(i64, i64), WriteError> {
         let tx = client.transaction().await?;
+        if !crate::lease::still_held(&tx, self.source, self.run_id).await? {
+            return Err(WriteError::LeaseLost);
+        }
         let written = if records.is_empty() {
             Written::default()
         } else {
@@ -449,6 +459,18 @@ impl BatchWriter<'_> {
 /// The record, not the database, is at fault: a data exception (SQLSTATE class 22), or a value
 /// past one of Postgres's limits (54000, e.g. a jsonb too large) or too deep to parse (54001,
 /// stack depth). Such a record is rejected alone; the rest of its batch lands.
+/// Why one batch transaction did not commit.
+enum WriteError {
+    Db(tokio_postgres::Error),
+    LeaseLost,
+}
+
+impl From<tokio_postgres::Error> for WriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
 fn is_record_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         let code = c.code();

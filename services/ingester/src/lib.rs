@@ -12,6 +12,7 @@ mod error;
 mod fetch_page;
 pub mod http;
 pub mod land;
+pub mod lease;
 mod page_scan;
 mod rest;
 
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
@@ -32,6 +34,7 @@ pub use daemon::Application;
 pub use error::{IngestError, SafeUrl, SourceError};
 
 use crate::http::{Fetcher, HeaderError};
+use crate::lease::Claim;
 
 /// Everything the ingester reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -134,18 +137,80 @@ impl Ingester {
         &self.inner.shutdown
     }
 
-    /// Fetches and lands one source, recorded as one row of `etl_runs`. `Err` only when the run
-    /// could not even be recorded (unknown source, database down); a source that fails gives
-    /// `Ok` with `error` set, and its run row says why.
-    #[tracing::instrument(skip(self), fields(run_id))]
+    /// Fetches and lands one source now, recorded as one row of `etl_runs`, once no other run
+    /// holds it (waiting up to [`ONE_SHOT_WAIT`]). `Err` only when the run could not even be
+    /// recorded (unknown source, database down, still held after the wait); a source that
+    /// fails gives `Ok` with `error` set, and its run row says why.
     pub async fn run_source(&self, name: &str) -> Result<RunSummary, IngestError> {
+        match self
+            .run(
+                name,
+                Start::Now {
+                    wait: ONE_SHOT_WAIT,
+                },
+            )
+            .await?
+        {
+            Ok(summary) => Ok(summary),
+            Err(Claim::Busy { holder }) => Err(IngestError::Busy {
+                holder,
+                waited: ONE_SHOT_WAIT,
+            }),
+            Err(claim) => unreachable!("a run now is never {claim:?}"),
+        }
+    }
+
+    /// The daemon's run of `name` on its schedule of `every`: skipped (and said why) when
+    /// another run holds the source or its last successful run, on any replica, started less
+    /// than about `every` ago, so N replicas fetch each source once per tick, not N times.
+    pub async fn run_scheduled(
+        &self,
+        name: &str,
+        every: Duration,
+    ) -> Result<Result<RunSummary, Claim>, IngestError> {
+        // A little early counts as due: replicas' timers drift, and a tick that just misses
+        // would otherwise wait a whole schedule more.
+        self.run(
+            name,
+            Start::Scheduled {
+                due_after: every.mul_f64(0.9),
+            },
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "run_source", skip(self), fields(run_id))]
+    async fn run(
+        &self,
+        name: &str,
+        start: Start,
+    ) -> Result<Result<RunSummary, Claim>, IngestError> {
         let inner = &self.inner;
         let source = inner
             .sources
             .get(name)
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
-        let run = inner.runs.begin(name).await?;
+        inner.runs.reap().await?;
+        let mut run = inner.runs.reserve(name).await?;
+        let claim = match start {
+            Start::Now { wait } => lease::claim_within(&inner.pool, name, run.id, wait).await,
+            Start::Scheduled { due_after } => {
+                lease::try_claim(&inner.pool, name, run.id, Some(due_after)).await
+            }
+        };
+        match claim.map_err(IngestError::Claim)? {
+            Claim::Held => {}
+            lost => {
+                run.discard().await?;
+                return Ok(Err(lost));
+            }
+        }
+        if let Err(e) = run.record().await {
+            let _ = lease::release(&inner.pool, name, run.id, lease::Outcome::Failed).await;
+            return Err(e.into());
+        }
         let run_id = run.id;
+        tracing::Span::current().record("run_id", run_id);
         let server_started = server_start_time(&inner.pool).await;
         let (counts, outcome) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
@@ -191,9 +256,35 @@ impl Ingester {
             }
             outcome => outcome,
         };
+        let ended = if outcome.is_ok() {
+            lease::Outcome::Complete
+        } else {
+            lease::Outcome::Failed
+        };
+        // A run that landed everything but cannot let go of its source (the database went
+        // away) is failed, so the next run repeats it and supersedes its rejects.
+        let outcome = match (
+            outcome,
+            lease::release(&inner.pool, name, run_id, ended).await,
+        ) {
+            (Ok(()), Err(e)) => Err(IngestError::Claim(e)),
+            (outcome, _) => outcome,
+        };
         let error = outcome.err().map(|e| etl_shared::error_chain(&e));
-        Ok(run.end(&inner.metrics, counts, error).await?)
+        Ok(Ok(run.end(&inner.metrics, counts, error).await?))
     }
+}
+
+/// How long a run started now (`etl-ingester ingest`, a test) waits for another run of the
+/// same source to end.
+pub const ONE_SHOT_WAIT: Duration = Duration::from_secs(3600);
+
+/// How a run starts: now (waiting for the source if another run holds it), or on a schedule
+/// (skipped if the source is held or not due).
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Now { wait: Duration },
+    Scheduled { due_after: Duration },
 }
 
 /// When the database server last started (a change within a run means it restarted); `None`
