@@ -350,3 +350,35 @@ async fn twelve_slow_sources_all_succeed_with_a_pool_of_five() {
         .get(0);
     assert_eq!(landed, SOURCES as i64 * ROWS as i64);
 }
+
+#[tokio::test]
+async fn a_second_run_of_a_source_waits_for_the_first_to_end() {
+    let db = TestDb::new().await;
+    // About 0.6 s to arrive, so the two runs would overlap if both went ahead.
+    let server = TestServer::start(Route::new().at(
+        "/slow.csv",
+        make_sync(|_| {
+            Response::builder().body(streamed_csv(Some(100), 50, Duration::from_millis(300)))
+        }),
+    ))
+    .await;
+    let toml = SourceToml::csv("slow", &server.url("/slow.csv")).to_string();
+    let ingester = ingester(&db, &toml);
+
+    let (first, second) = tokio::join!(ingester.run_source("slow"), ingester.run_source("slow"));
+
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!((first.error, second.error), (None, None));
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT min(ended_at) <= max(started_at), count(*) FROM etl_runs
+             WHERE service = 'ingester' AND source = 'slow'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (in_turn, runs): (bool, i64) = (row.get(0), row.get(1));
+    assert_eq!(runs, 2);
+    assert!(in_turn, "the second run started before the first ended");
+}

@@ -1,0 +1,169 @@
+//! A source's life past its first load, with the real binaries: one run per source at a time
+//! across replicas, and ingest rejects that are those of the latest run.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etl_tests::{wait_for, Pipeline, ServiceProcess, SourceToml, SourcesFile, TestDb, TestServer};
+use poem::{endpoint::make_sync, Response, Route};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serves `body` as `/data.csv`, noting when each request arrived.
+async fn logged_csv(body: &'static str) -> (TestServer, Arc<Mutex<Vec<Instant>>>) {
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    let server = TestServer::start(Route::new().at(
+        "/data.csv",
+        make_sync(move |_| {
+            seen.lock().unwrap().push(Instant::now());
+            Response::builder().content_type("text/csv").body(body)
+        }),
+    ))
+    .await;
+    (server, requests)
+}
+
+#[tokio::test]
+async fn three_ingester_replicas_fetch_a_source_once_per_schedule_tick() {
+    let db = TestDb::new().await;
+    let (server, requests) = logged_csv("id,name,value\n1,a,1\n2,b,2\n").await;
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("shared", &server.url("/data.csv")).with(r#"schedule = "2s""#)
+    ]);
+    let env = [
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+        ("INGESTER_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+    ];
+    let mut replicas: Vec<ServiceProcess> = (0..3)
+        .map(|_| ServiceProcess::start("etl-ingester", &env))
+        .collect();
+
+    wait_for("four fetches of the source", DEADLINE, || async {
+        (requests.lock().unwrap().len() >= 4).then_some(())
+    })
+    .await;
+    for replica in &mut replicas {
+        assert_eq!(replica.stop().await, Some(0), "{}", replica.log_tail());
+    }
+
+    let at = requests.lock().unwrap().clone();
+    // Three replicas each fetching on their own would send three requests per tick, a few
+    // milliseconds apart; one fetch per tick leaves about a schedule between them.
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_secs(1),
+            "two fetches {gap:?} apart: {at:?}"
+        );
+    }
+    let client = db.client().await;
+    let overlapping: i64 = client
+        .query_one(
+            "SELECT count(*) FROM etl_runs a JOIN etl_runs b
+               ON a.source = b.source AND a.id < b.id
+              AND a.started_at < b.ended_at AND b.started_at < a.ended_at
+             WHERE a.service = 'ingester' AND b.service = 'ingester'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(overlapping, 0, "runs of one source overlapped");
+    let logs: String = replicas.iter().map(|r| r.log()).collect();
+    assert!(
+        logs.contains("run skipped"),
+        "the replicas that did not run say why"
+    );
+}
+
+/// `/stats`'s ingest rejects for `source`.
+async fn rejected_at_ingest(api: &str, source: &str) -> i64 {
+    let body = reqwest::get(format!("{api}/stats"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    stats["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == source)
+        .map_or(0, |s| s["rejected_at_ingest"].as_i64().unwrap())
+}
+
+#[tokio::test]
+async fn ingest_rejects_are_those_of_the_latest_run() {
+    let db = TestDb::new().await;
+    let body = Arc::new(Mutex::new("id,name,value\n1,a,1\n2,b,2,extra\n3,c,3\n"));
+    let current = body.clone();
+    let server = TestServer::start(
+        Route::new().at("/data.csv", make_sync(move |_| *current.lock().unwrap())),
+    )
+    .await;
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("fixed", &server.url("/data.csv")).with(r#"schedule = "1h""#)
+    ]);
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+    ]);
+    let api = pipeline.api();
+    let run_now = || async {
+        let admin = format!("http://{}/sources/fixed/run", pipeline.ingester_admin);
+        let response = reqwest::Client::new().post(admin).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+    };
+    let client = db.client().await;
+    let runs = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM etl_runs WHERE service = 'ingester' AND status = 'success'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let wait_for_runs = |n: i64| {
+        let runs = &runs;
+        async move {
+            wait_for("the ingest run", DEADLINE, || async {
+                (runs().await == n).then_some(())
+            })
+            .await
+        }
+    };
+
+    wait_for_runs(1).await;
+    wait_for("/stats to show the reject", DEADLINE, || async {
+        (rejected_at_ingest(&api, "fixed").await == 1).then_some(())
+    })
+    .await;
+
+    run_now().await;
+    wait_for_runs(2).await;
+    let rejects: i64 = client
+        .query_one(
+            "SELECT count(*) FROM etl_rejects WHERE stage = 'ingest'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rejects, 1, "the same bad row, run twice, is one reject");
+
+    *body.lock().unwrap() = "id,name,value\n1,a,1\n2,b,2\n3,c,3\n";
+    run_now().await;
+    wait_for_runs(3).await;
+    wait_for(
+        "/stats to drop the fixed row's reject",
+        DEADLINE,
+        || async { (rejected_at_ingest(&api, "fixed").await == 0).then_some(()) },
+    )
+    .await;
+    pipeline.stop().await;
+}
