@@ -167,3 +167,75 @@ async fn ingest_rejects_are_those_of_the_latest_run() {
     .await;
     pipeline.stop().await;
 }
+
+/// Counts of what `source` has in each table: raw, normalized, checkpoint, rejects, runs.
+async fn footprint(client: &tokio_postgres::Client, source: &str) -> [i64; 5] {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM raw_csv_data WHERE source = $1),
+                    (SELECT count(*) FROM normalized_data WHERE source = $1),
+                    (SELECT count(*) FROM etl_checkpoint WHERE source = $1),
+                    (SELECT count(*) FROM etl_rejects WHERE source = $1),
+                    (SELECT count(*) FROM etl_runs WHERE source = $1)",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    [0, 1, 2, 3, 4].map(|i| row.get(i))
+}
+
+async fn purge(db: &TestDb, source: &str) -> std::process::Output {
+    tokio::process::Command::new(etl_tests::service_binary("etl-ingester"))
+        .args(["purge", "--source", source])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn purge_removes_a_sources_rows_checkpoint_and_rejects_and_keeps_its_runs() {
+    let db = TestDb::new().await;
+    let csv = "id,name,value\n1,a,1\n2,b,not a number\n3,c,3,extra\n";
+    let server = TestServer::start(Route::new().at("/:file", make_sync(move |_| csv))).await;
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("keep", &server.url("/keep.csv")).with(r#"schedule = "1h""#),
+        SourceToml::csv("gone", &server.url("/gone.csv")).with(r#"schedule = "1h""#),
+    ]);
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+    ]);
+    let client = db.client().await;
+    // Each: 2 raw rows, 1 normalized, a checkpoint, 2 rejects (one per stage), 2 runs.
+    let loaded = [2, 1, 1, 2, 2];
+    wait_for(
+        "both sources to be loaded and normalized",
+        DEADLINE,
+        || async {
+            let both = [
+                footprint(&client, "keep").await,
+                footprint(&client, "gone").await,
+            ];
+            (both == [loaded, loaded]).then_some(())
+        },
+    )
+    .await;
+    pipeline.stop().await;
+
+    let purged = purge(&db, "gone").await;
+
+    let stdout = String::from_utf8_lossy(&purged.stdout);
+    assert!(purged.status.success(), "{purged:?}");
+    assert!(
+        stdout.contains("2 raw rows, 1 normalized rows, 2 rejects, its checkpoint"),
+        "{stdout}"
+    );
+    assert_eq!(footprint(&client, "gone").await, [0, 0, 0, 0, 2]);
+    assert_eq!(footprint(&client, "keep").await, loaded);
+
+    let unknown = purge(&db, "never-was").await;
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("unknown source \"never-was\""), "{stderr}");
+}

@@ -14,6 +14,7 @@ pub mod http;
 pub mod land;
 pub mod lease;
 mod page_scan;
+pub mod purge;
 mod rest;
 
 use std::collections::HashMap;

@@ -27,6 +27,12 @@ enum Command {
     },
     /// Apply pending schema migrations and exit (for a compose one-shot or a Helm hook).
     Migrate,
+    /// Remove a source's raw and normalized rows, checkpoint and rejects (its runs stay, as
+    /// history): for a source taken out of the sources file.
+    Purge {
+        #[arg(long)]
+        source: String,
+    },
 }
 
 #[tokio::main]
@@ -75,11 +81,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             app.run_until_stopped().await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Purge { source } => purge(&env, &source).await,
         Command::Ingest { source } => {
             let settings = Settings::from_env(&env).context("invalid configuration")?;
             ingest_once(settings, source).await
         }
     }
+}
+
+/// Purges one source; needs only the database (`SOURCES_FILE`, when set, is read to warn about
+/// a source that is still in it and will be ingested again).
+async fn purge(env: &Env, source: &str) -> anyhow::Result<ExitCode> {
+    let database = etl_shared::DatabaseSettings::from_env(env).context("invalid configuration")?;
+    let still_listed = match env.get(etl_shared::sources::Sources::FILE_VAR) {
+        Ok(Some(path)) => etl_shared::sources::Sources::load(path.as_ref())
+            .context("invalid configuration")?
+            .get(source)
+            .is_some(),
+        _ => false,
+    };
+    etl_shared::db::check_at_start(&database, etl_shared::db::Needs::Transactions).await?;
+    let pool = etl_shared::db::pool(&database, etl_shared::db::Needs::Transactions)?;
+    let purged = etl_ingester::purge::purge(&pool, source)
+        .await
+        .with_context(|| format!("could not purge {source:?}"))?;
+    println!(
+        "purged {source}: {} raw rows, {} normalized rows, {} rejects{}; its {} runs are kept as history",
+        purged.raw_rows,
+        purged.normalized_rows,
+        purged.rejects,
+        if purged.checkpoint { ", its checkpoint" } else { "" },
+        purged.runs_kept,
+    );
+    if still_listed {
+        println!("note: {source:?} is still in the sources file, so its next run ingests it again");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the sources once, concurrently, and prints one line per source.
