@@ -359,3 +359,66 @@ pub async fn reap_interrupted(pool: &Pool, service: Service) -> Result<u64, RunE
 
 /// How often [`Runs::reap_periodically`] looks for runs left `running` by a dead process.
 pub const REAP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What [`prune_history`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub runs: u64,
+    pub rejects: u64,
+}
+
+/// Removes history older than `days`: ingest rejects of runs other than their source's latest
+/// successful one (those are what the source's rejects are now), then runs that ended before
+/// then, except each service's latest run of each source and runs whose rejects are kept.
+/// Normalize rejects are the current state of raw rows, not history: they stay.
+pub async fn prune_history(pool: &Pool, days: u32) -> Result<Pruned, RunError> {
+    let client = pool.get().await?;
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    let rejects = client
+        .execute(
+            "DELETE FROM etl_rejects j
+             WHERE j.stage = 'ingest' AND j.created_at < now() - make_interval(days => $1)
+               AND j.run_id IS DISTINCT FROM (
+                   SELECT r.id FROM etl_runs r
+                   WHERE r.service = 'ingester' AND r.source = j.source AND r.status = 'success'
+                   ORDER BY r.started_at DESC LIMIT 1)",
+            &[&days],
+        )
+        .await?;
+    let runs = client
+        .execute(
+            "DELETE FROM etl_runs r
+             WHERE r.status <> 'running' AND r.ended_at < now() - make_interval(days => $1)
+               AND r.started_at < (SELECT max(l.started_at) FROM etl_runs l
+                                   WHERE l.service = r.service AND l.source = r.source)
+               AND NOT EXISTS (SELECT 1 FROM etl_rejects j WHERE j.run_id = r.id)",
+            &[&days],
+        )
+        .await?;
+    Ok(Pruned { runs, rejects })
+}
+
+/// How often the ingester daemon prunes history (and once at start).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Prunes history older than `days` now and every [`PRUNE_INTERVAL`] until shutdown.
+pub async fn prune_periodically(pool: Pool, days: u32, shutdown: CancellationToken) {
+    loop {
+        match prune_history(&pool, days).await {
+            Ok(pruned) if pruned != Pruned::default() => {
+                tracing::info!(
+                    runs = pruned.runs,
+                    rejects = pruned.rejects,
+                    days,
+                    "pruned history"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not prune history"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+    }
+}

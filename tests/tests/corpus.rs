@@ -99,6 +99,7 @@ async fn run_case(file: &str) -> Outcome {
             sources: sources.clone(),
             headers: Default::default(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            retention_days: 30,
         },
         pool.clone(),
         CancellationToken::new(),

@@ -21,6 +21,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 pub struct Application {
     ingester: Ingester,
+    retention_days: u32,
     triggers: Arc<Triggers>,
     acceptor: TcpAcceptor,
     admin_addr: SocketAddr,
@@ -43,6 +44,7 @@ impl Application {
             .collect();
         Ok(Self {
             ingester,
+            retention_days: settings.retention_days,
             triggers: Arc::new(triggers),
             acceptor,
             admin_addr,
@@ -77,6 +79,11 @@ impl Application {
                 .clone()
                 .reap_periodically(shutdown.clone()),
         );
+        tasks.spawn(etl_shared::runs::prune_periodically(
+            self.ingester.pool().clone(),
+            self.retention_days,
+            shutdown.clone(),
+        ));
         tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
 
         let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(

@@ -46,6 +46,8 @@ pub struct Settings {
     pub headers: HashMap<String, HeaderMap>,
     /// Where `/health/*`, `/metrics` and `POST /sources/{name}/run` are served.
     pub admin_addr: SocketAddr,
+    /// Days of run and reject history kept (`ETL_RETENTION_DAYS`, default 30).
+    pub retention_days: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +62,11 @@ pub enum SettingsError {
 
 impl Settings {
     pub const ADMIN_ADDR_VAR: &'static str = "INGESTER_ADMIN_ADDR";
+    pub const RETENTION_DAYS_VAR: &'static str = "ETL_RETENTION_DAYS";
 
-    /// Reads `DATABASE_*`, `SOURCES_FILE` (required) and `INGESTER_ADMIN_ADDR` (default
-    /// `0.0.0.0:8081`), and the environment variables the sources' headers name.
+    /// Reads `DATABASE_*`, `SOURCES_FILE` (required), `INGESTER_ADMIN_ADDR` (default
+    /// `0.0.0.0:8081`) and `ETL_RETENTION_DAYS` (default 30), and the environment variables the
+    /// sources' headers name.
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
         let database = DatabaseSettings::from_env(env)?;
         let path: PathBuf = env
@@ -77,11 +81,20 @@ impl Settings {
         let admin_addr = env
             .parse(Self::ADMIN_ADDR_VAR)?
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8081)));
+        let retention_days = env.parse(Self::RETENTION_DAYS_VAR)?.unwrap_or(30);
+        if retention_days == 0 {
+            return Err(ConfigError::Invalid {
+                var: Self::RETENTION_DAYS_VAR.into(),
+                reason: "must be at least 1 day".into(),
+            }
+            .into());
+        }
         Ok(Self {
             database,
             sources,
             headers,
             admin_addr,
+            retention_days,
         })
     }
 }

@@ -382,3 +382,75 @@ async fn a_second_run_of_a_source_waits_for_the_first_to_end() {
     assert_eq!(runs, 2);
     assert!(in_turn, "the second run started before the first ended");
 }
+
+#[tokio::test]
+async fn history_past_the_retention_is_pruned_but_the_latest_runs_and_current_rejects_stay() {
+    let db = TestDb::new().await;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let serving = up.clone();
+    let server = TestServer::start(Route::new().at(
+        "/data.csv",
+        make_sync(move |_| {
+            if serving.load(std::sync::atomic::Ordering::SeqCst) {
+                Response::builder().body("id,name,value\n1,a,1\n2,b\n")
+            } else {
+                Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .finish()
+            }
+        }),
+    ))
+    .await;
+    let toml = SourceToml::csv("aging", &server.url("/data.csv"))
+        .with("http = { attempts = 1 }")
+        .to_string();
+    let ingester = ingester(&db, &toml);
+    for _ in 0..3 {
+        assert_eq!(ingester.run_source("aging").await.unwrap().error, None);
+    }
+    up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let failed = ingester.run_source("aging").await.unwrap();
+    assert!(failed.error.is_some());
+    let client = db.client().await;
+    // What a failed run leaves when it landed a batch before failing: a reject of its own.
+    client
+        .execute(
+            "INSERT INTO etl_rejects (run_id, stage, source, line, reason, raw)
+             VALUES ($1, 'ingest', 'aging', 9, 'from a batch before the failure', '')",
+            &[&failed.run_id],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "UPDATE etl_runs SET started_at = started_at - interval '40 days',
+                                 ended_at = ended_at - interval '40 days';
+             UPDATE etl_rejects SET created_at = created_at - interval '40 days'",
+        )
+        .await
+        .unwrap();
+
+    let pruned = etl_shared::runs::prune_history(ingester.pool(), 30)
+        .await
+        .unwrap();
+
+    // Kept: the latest run (the failed one) and the latest successful one, whose reject is the
+    // source's current one; gone: the two runs before, and the failed run's reject.
+    assert_eq!((pruned.runs, pruned.rejects), (2, 1));
+    let row = client
+        .query_one(
+            "SELECT (SELECT array_agg(status ORDER BY id) FROM etl_runs),
+                    (SELECT array_agg(line) FROM etl_rejects)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (statuses, lines): (Vec<String>, Vec<i64>) = (row.get(0), row.get(1));
+    assert_eq!(statuses, ["success", "failed"]);
+    assert_eq!(lines, [3], "the current reject (line 3) stays");
+
+    let again = etl_shared::runs::prune_history(ingester.pool(), 30)
+        .await
+        .unwrap();
+    assert_eq!((again.runs, again.rejects), (0, 0));
+}

@@ -29,6 +29,7 @@ pub fn settings(db: &TestDb, sources_toml: &str) -> Settings {
         sources,
         headers,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
+        retention_days: 30,
     }
 }
 
