@@ -134,6 +134,11 @@ async fn ingest_once(settings: Settings, only: Option<String>) -> anyhow::Result
             .map(|s| s.name.clone())
             .collect(),
     };
+    // No daemon prunes history in cron mode: each one-shot does.
+    if let Err(e) = etl_shared::runs::prune_history(ingester.pool(), settings.retention_days).await
+    {
+        eprintln!("could not prune history: {e}");
+    }
     let runs = names.iter().map(|name| ingester.run_source(name));
     let mut failed = 0;
     for (name, result) in names.iter().zip(futures_util::future::join_all(runs).await) {

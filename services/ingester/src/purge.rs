@@ -62,13 +62,11 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
         checkpoint,
         ..Purged::default()
     };
-    for table in ["raw_api_data", "raw_csv_data"] {
-        purged.raw_rows += tx
-            .execute(
-                &format!("DELETE FROM {table} WHERE source = $1"),
-                &[&source],
-            )
-            .await?;
+    for delete in [
+        "DELETE FROM raw_api_data WHERE source = $1",
+        "DELETE FROM raw_csv_data WHERE source = $1",
+    ] {
+        purged.raw_rows += tx.execute(delete, &[&source]).await?;
     }
     purged.normalized_rows = tx
         .execute("DELETE FROM normalized_data WHERE source = $1", &[&source])
