@@ -34,15 +34,18 @@ pub enum RawTable {
 #[derive(Debug)]
 pub struct RawStatements {
     /// Upserts the session's staging table into the raw table: `$1` source, `$2` trace context.
-    /// Returns one row: (inserted, updated).
+    /// A tombstoned row seen again is revived. Returns one row: (inserted, updated).
     upsert_staged: &'static str,
+    /// Tombstones the live rows of source `$1` that snapshot run `$2` did not see, each with a
+    /// new change id.
+    tombstone_unseen: &'static str,
     /// The normalizer's batch: rows of `$1` after change id `$2`, at most `$3` rows and, past
     /// the first row, at most `$10` bytes of field text, with the JSON type, the text cut to
     /// `$7`, `$8`, `$9` characters, and the full text's length in characters and in bytes at
     /// paths `$4`, `$5`, `$6` (a NULL path reads as missing). Fields are cut and measured here
     /// so no record, however large, enters the normalizer's memory whole. Columns: id,
     /// source_id, change_id, then (type, cut text, characters, bytes) for each path, then
-    /// trace_context.
+    /// trace_context, deleted (a tombstone).
     pub read_after: &'static str,
     /// Records normalize-stage rejects (`$1` run, `$2` source, then arrays of source ids, raw
     /// ids and reasons) with the raw row's data as their bytes; one current reject per record.
@@ -70,16 +73,24 @@ macro_rules! raw_statements {
                     SELECT $1, source_id, data, $2 FROM raw_staging
                     ON CONFLICT (source, source_id) DO UPDATE
                         SET data = EXCLUDED.data, change_id = nextval('raw_change_id_seq'),
-                            changed_at = now(), trace_context = EXCLUDED.trace_context
-                        WHERE r.data IS DISTINCT FROM EXCLUDED.data
+                            changed_at = now(), trace_context = EXCLUDED.trace_context,
+                            deleted_at = NULL
+                        WHERE r.data IS DISTINCT FROM EXCLUDED.data OR r.deleted_at IS NOT NULL
                     RETURNING (r.xmax = 0) AS inserted
                 )
                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
                 FROM upserted"
             ),
+            tombstone_unseen: concat!(
+                "UPDATE ", $table, " r
+                 SET deleted_at = now(), change_id = nextval('raw_change_id_seq'), changed_at = now()
+                 WHERE r.source = $1 AND r.deleted_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM etl_run_seen s
+                                   WHERE s.run_id = $2 AND s.source_id = r.source_id)"
+            ),
             read_after: concat!(
                 "SELECT id, source_id, change_id, nk, nt, nc, nb, vk, vt, vc, vb, dk, dt, dc, db,
-                        trace_context
+                        trace_context, deleted
                  FROM (
                      SELECT c.*, row_number() OVER w AS n, sum(
                                 octet_length(source_id) + coalesce(octet_length(nt), 0)
@@ -87,6 +98,7 @@ macro_rules! raw_statements {
                             ) OVER w AS running
                      FROM (
                          SELECT id, source_id, change_id, trace_context,
+                                deleted_at IS NOT NULL AS deleted,
                                 jsonb_typeof(data #> $4) AS nk, left(f.n, $7) AS nt,
                                 char_length(f.n) AS nc, octet_length(f.n) AS nb,
                                 jsonb_typeof(data #> $5) AS vk, left(f.v, $8) AS vt,
@@ -288,6 +300,55 @@ impl CopyStream {
         }
         self.sink.as_mut().finish().await
     }
+}
+
+/// Notes, in the transaction that just [`write`]s a batch, that snapshot run `run_id` has seen
+/// the batch's ids (what [`tombstone_unseen`] spares).
+pub async fn mark_seen(tx: &Transaction<'_>, run_id: i64) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO etl_run_seen (run_id, source_id)
+         SELECT $1, source_id FROM raw_staging ON CONFLICT DO NOTHING",
+        &[&run_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// After snapshot run `run_id` of `source` has landed everything: tombstones the raw rows it
+/// did not see (under the source's write lock, so their change ids become visible in order),
+/// notifies when there were any, and forgets what the run saw. Returns how many.
+pub async fn tombstone_unseen(
+    client: &mut tokio_postgres::Client,
+    table: RawTable,
+    source: &str,
+    run_id: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&RAW_WRITE_LOCK_CLASS, &source],
+    )
+    .await?;
+    let deleted = tx
+        .execute(table.sql().tombstone_unseen, &[&source, &run_id])
+        .await?;
+    forget_seen(&tx, run_id).await?;
+    if deleted > 0 {
+        notify(&tx, source).await?;
+    }
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// Drops what run `run_id` saw (a run that failed, or ended, deletes nothing more).
+pub async fn forget_seen(
+    client: &impl tokio_postgres::GenericClient,
+    run_id: i64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("DELETE FROM etl_run_seen WHERE run_id = $1", &[&run_id])
+        .await?;
+    Ok(())
 }
 
 /// Tells listeners that `source` has new raw changes (delivered when `tx` commits).

@@ -36,7 +36,9 @@ impl Service {
 }
 
 /// What a run did, in records. `processed` counts every record seen; the rest partition it:
-/// processed = inserted + updated + unchanged + rejected.
+/// processed = inserted + updated + unchanged + rejected (+ deleted, for the normalizer).
+/// `deleted`: for an ingest run, raw rows it tombstoned because its snapshot no longer had them
+/// (not among the records it saw); for a normalize run, the tombstones it applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunCounts {
     pub processed: i64,
@@ -44,6 +46,7 @@ pub struct RunCounts {
     pub updated: i64,
     pub unchanged: i64,
     pub rejected: i64,
+    pub deleted: i64,
 }
 
 impl RunCounts {
@@ -53,6 +56,7 @@ impl RunCounts {
         self.updated += other.updated;
         self.unchanged += other.unchanged;
         self.rejected += other.rejected;
+        self.deleted += other.deleted;
     }
 }
 
@@ -283,7 +287,8 @@ impl Run {
             .execute(
                 "UPDATE etl_runs SET status = $2, error_message = $3, ended_at = now(),
                      duration_seconds = $4, records_processed = $5, records_inserted = $6,
-                     records_updated = $7, records_unchanged = $8, records_rejected = $9
+                     records_updated = $7, records_unchanged = $8, records_rejected = $9,
+                     records_deleted = $10
                  WHERE id = $1",
                 &[
                     &self.id,
@@ -295,6 +300,7 @@ impl Run {
                     &counts.updated,
                     &counts.unchanged,
                     &counts.rejected,
+                    &counts.deleted,
                 ],
             )
             .await?;
@@ -393,6 +399,14 @@ pub async fn prune_history(pool: &Pool, days: u32) -> Result<Pruned, RunError> {
                                    WHERE l.service = r.service AND l.source = r.source)
                AND NOT EXISTS (SELECT 1 FROM etl_rejects j WHERE j.run_id = r.id)",
             &[&days],
+        )
+        .await?;
+    // What snapshot runs that died mid-way had seen (a run that ends forgets its own).
+    client
+        .execute(
+            "DELETE FROM etl_run_seen s WHERE NOT EXISTS
+                 (SELECT 1 FROM etl_runs r WHERE r.id = s.run_id AND r.status = 'running')",
+            &[],
         )
         .await?;
     Ok(Pruned { runs, rejects })

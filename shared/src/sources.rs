@@ -88,6 +88,11 @@ pub struct Source {
     /// Where each normalized field comes from: JSON pointers (`/id`) for REST items, column
     /// names for CSV.
     pub mapping: Mapping,
+    /// What a record that disappears upstream becomes: `keep` (the default: it stays), or
+    /// `snapshot` for a source whose every run is the whole of it (a CSV file, a REST
+    /// collection): after a successful run, the rows it did not see are deleted.
+    #[serde(default)]
+    pub deletes: Deletes,
     /// Timeouts and retries for this source's HTTP requests.
     #[serde(default)]
     pub http: HttpOptions,
@@ -119,6 +124,18 @@ pub struct Mapping {
     pub value: String,
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// `deletes`: what becomes of records that disappear upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deletes {
+    /// They stay, as last seen.
+    #[default]
+    Keep,
+    /// Each successful run is the whole source: raw rows it did not see are tombstoned and
+    /// their normalized rows withdrawn. A failed or stopped run deletes nothing.
+    Snapshot,
 }
 
 /// `mapping.source_id`: how a record's id within its source is made.

@@ -333,3 +333,112 @@ async fn the_demo_run_twice_shows_the_same_rejects_at_ingest() {
     );
     pipeline.stop().await;
 }
+
+/// A file that lands its first row and then fails the run: a quote opened on line 3 never
+/// closes, past `http.max_record_bytes`.
+fn failing_after_one_row() -> String {
+    format!("id,name,value\n1,a,1\n2,\"{}\n", "x".repeat(4096))
+}
+
+#[tokio::test]
+async fn a_snapshot_source_withdraws_rows_gone_upstream_and_a_failed_run_deletes_nothing() {
+    let db = TestDb::new().await;
+    let serving = Arc::new(Mutex::new(String::from(
+        "id,name,value\n1,a,1\n2,b,2\n3,c,3\n4,d,4\n5,e,5\n",
+    )));
+    let current = serving.clone();
+    let server = TestServer::start(Route::new().at(
+        "/data.csv",
+        make_sync(move |_| current.lock().unwrap().clone()),
+    ))
+    .await;
+    let sources = SourcesFile::of(&[SourceToml::csv("snap", &server.url("/data.csv"))
+        .with(r#"schedule = "1h""#)
+        .with(r#"deletes = "snapshot""#)
+        .with("http = { attempts = 1, max_record_bytes = 1024 }")]);
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+    ]);
+    let client = db.client().await;
+    let admin = format!("http://{}/sources/snap/run", pipeline.ingester_admin);
+    let run_now = || async {
+        let response = reqwest::Client::new().post(&admin).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+    };
+    // (live raw ids, normalized ids), once nothing is pending.
+    let settled = |runs: i64| {
+        let client = &client;
+        async move {
+            wait_for("the run to end and be normalized", DEADLINE, || async {
+                let row = client
+                    .query_one(
+                        "SELECT (SELECT count(*) FROM etl_runs
+                                 WHERE service = 'ingester' AND status <> 'running'),
+                                (SELECT coalesce(sum(pending_changes), 0)::bigint FROM etl_pending),
+                                (SELECT array_agg(source_id ORDER BY source_id) FROM raw_csv_data
+                                 WHERE deleted_at IS NULL),
+                                (SELECT array_agg(source_id ORDER BY source_id) FROM normalized_data)",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let (ended, pending): (i64, i64) = (row.get(0), row.get(1));
+                let ids = |i: usize| row.get::<_, Option<Vec<String>>>(i).unwrap_or_default();
+                (ended == runs && pending == 0).then(|| (ids(2), ids(3)))
+            })
+            .await
+        }
+    };
+    let all: Vec<String> = ["1", "2", "3", "4", "5"].map(String::from).to_vec();
+    assert_eq!(settled(1).await, (all.clone(), all));
+
+    *serving.lock().unwrap() = "id,name,value\n1,a,1\n3,c,3\n5,e,5\n".into();
+    run_now().await;
+    let kept: Vec<String> = ["1", "3", "5"].map(String::from).to_vec();
+    assert_eq!(settled(2).await, (kept.clone(), kept.clone()));
+    let row = client
+        .query_one(
+            "SELECT (SELECT records_deleted FROM etl_runs WHERE service = 'ingester'
+                     ORDER BY id DESC LIMIT 1),
+                    (SELECT array_agg(data->>'name' ORDER BY source_id) FROM raw_csv_data
+                     WHERE deleted_at IS NOT NULL)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (deleted, tombstones): (i64, Vec<String>) = (row.get(0), row.get(1));
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        tombstones,
+        ["b", "d"],
+        "a tombstone keeps the row's last data"
+    );
+
+    *serving.lock().unwrap() = failing_after_one_row();
+    run_now().await;
+    assert_eq!(
+        settled(3).await,
+        (kept.clone(), kept),
+        "a failed run deletes nothing"
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status FROM etl_runs WHERE service = 'ingester' ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "failed");
+
+    *serving.lock().unwrap() = "id,name,value\n1,a,1\n2,b,2\n3,c,3\n5,e,5\n".into();
+    run_now().await;
+    let back: Vec<String> = ["1", "2", "3", "5"].map(String::from).to_vec();
+    assert_eq!(
+        settled(4).await,
+        (back.clone(), back),
+        "a row seen again is back"
+    );
+    pipeline.stop().await;
+}

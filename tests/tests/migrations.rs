@@ -61,7 +61,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
     let client = db.client().await;
 
-    let expected: [(&str, &[&str]); 6] = [
+    let expected: [(&str, &[&str]); 8] = [
         (
             "raw_api_data",
             &[
@@ -73,6 +73,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "change_id",
                 "changed_at",
                 "trace_context",
+                "deleted_at",
             ],
         ),
         (
@@ -86,6 +87,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "change_id",
                 "changed_at",
                 "trace_context",
+                "deleted_at",
             ],
         ),
         (
@@ -129,6 +131,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "status",
                 "error_message",
                 "created_at",
+                "records_deleted",
             ],
         ),
         (
@@ -148,6 +151,11 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "created_at",
             ],
         ),
+        (
+            "etl_source_leases",
+            &["source", "run_id", "acquired_at", "succeeded_at"],
+        ),
+        ("etl_run_seen", &["run_id", "source_id"]),
     ];
     for (table, cols) in expected {
         assert_eq!(columns(&client, table).await, cols, "columns of {table}");

@@ -139,6 +139,8 @@ pub struct BatchWriter<'a> {
     source: &'a str,
     table: RawTable,
     run_id: i64,
+    /// The source has `deletes = "snapshot"`: the run notes the ids it lands.
+    snapshot: bool,
     batches: tokio::sync::mpsc::Receiver<Batch>,
     counts: RunCounts,
     metrics: &'a PipelineMetrics,
@@ -152,6 +154,7 @@ pub fn pipeline<'a>(
     source: &'a str,
     kind: SourceKind,
     run_id: i64,
+    snapshot: bool,
     metrics: &'a PipelineMetrics,
     in_flight: &InFlight,
 ) -> (Lander, BatchWriter<'a>) {
@@ -171,6 +174,7 @@ pub fn pipeline<'a>(
         source,
         table,
         run_id,
+        snapshot,
         batches: receiver,
         counts: RunCounts::default(),
         metrics,
@@ -415,14 +419,18 @@ impl BatchWriter<'_> {
         } else {
             // Stored with the rows, so the normalizer batch that reads them links to this one.
             let trace_context = etl_shared::telemetry::current_traceparent();
-            raw::write(
+            let written = raw::write(
                 &tx,
                 self.table,
                 self.source,
                 records,
                 trace_context.as_deref(),
             )
-            .await?
+            .await?;
+            if self.snapshot {
+                raw::mark_seen(&tx, self.run_id).await?;
+            }
+            written
         };
         insert_rejects(&tx, self.run_id, self.source, rejects).await?;
         if written.changed() {
@@ -449,6 +457,7 @@ impl BatchWriter<'_> {
             updated,
             unchanged: landed - inserted - updated,
             rejected,
+            deleted: 0,
         };
         self.counts.add(batch);
         self.metrics

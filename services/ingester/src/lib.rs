@@ -26,7 +26,7 @@ use std::time::Duration;
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
 use etl_shared::runs::{RunSummary, Runs, Service};
-use etl_shared::sources::{SourceKind, Sources, SourcesError};
+use etl_shared::sources::{Deletes, SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
 use tokio_util::sync::CancellationToken;
@@ -233,6 +233,7 @@ impl Ingester {
                 &source.name,
                 source.kind,
                 run_id,
+                source.deletes == Deletes::Snapshot,
                 &inner.metrics,
                 &inner.in_flight,
             );
@@ -270,6 +271,25 @@ impl Ingester {
             }
             outcome => outcome,
         };
+        // Only a snapshot read whole and landed, with no restart in between, deletes.
+        let mut counts = counts;
+        let outcome = match outcome {
+            Ok(()) if source.deletes == Deletes::Snapshot => {
+                match tombstone_unseen(&inner.pool, source, run_id).await {
+                    Ok(deleted) => {
+                        counts.deleted = deleted as i64;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            outcome => outcome,
+        };
+        if source.deletes == Deletes::Snapshot && outcome.is_err() {
+            if let Ok(client) = inner.pool.get().await {
+                let _ = etl_shared::raw::forget_seen(&**client, run_id).await;
+            }
+        }
         let ended = if outcome.is_ok() {
             lease::Outcome::Complete
         } else {
@@ -299,6 +319,25 @@ pub const ONE_SHOT_WAIT: Duration = Duration::from_secs(3600);
 enum Start {
     Now { wait: Duration },
     Scheduled { due_after: Duration },
+}
+
+/// Tombstones the raw rows of `source` that snapshot run `run_id` did not see.
+async fn tombstone_unseen(
+    pool: &Pool,
+    source: &etl_shared::sources::Source,
+    run_id: i64,
+) -> Result<u64, IngestError> {
+    let table = etl_shared::raw::RawTable::of(source.kind);
+    let mut client = pool.get().await.map_err(land::LandError::from)?;
+    etl_shared::raw::tombstone_unseen(&mut client, table, &source.name, run_id)
+        .await
+        .map_err(|source| {
+            land::LandError::Db {
+                table: table.name(),
+                source,
+            }
+            .into()
+        })
 }
 
 /// When the database server last started (a change within a run means it restarted); `None`

@@ -150,6 +150,8 @@ pub struct RawRow {
     pub description: Field,
     /// The `traceparent` of the ingest batch that wrote the row.
     pub trace_context: Option<String>,
+    /// A tombstone: the record was deleted upstream.
+    pub deleted: bool,
 }
 
 impl RawRow {
@@ -173,6 +175,7 @@ impl RawRow {
             value: field(7),
             description: field(11),
             trace_context: row.get(15),
+            deleted: row.get(16),
         }
     }
 }
@@ -227,6 +230,8 @@ fn link_to_ingest_batches(rows: &[RawRow]) {
 pub struct Classified {
     pub valid: Valid,
     pub invalid: Invalid,
+    /// Records deleted upstream, to withdraw.
+    pub deleted: Vec<String>,
     /// The checkpoint once this batch is applied.
     pub last_change_id: i64,
     /// Raw rows read.
@@ -255,7 +260,8 @@ pub struct Invalid {
 struct Applied {
     inserted: i64,
     updated: i64,
-    /// Normalized rows removed because their record's newest version is invalid.
+    /// Normalized rows removed because their record's newest version is invalid or a
+    /// tombstone.
     withdrawn: i64,
 }
 
@@ -268,6 +274,7 @@ impl Classified {
             updated: applied.updated,
             unchanged: normalized - applied.inserted - applied.updated,
             rejected: self.invalid.source_ids.len() as i64,
+            deleted: self.deleted.len() as i64,
         }
     }
 }
@@ -287,6 +294,10 @@ pub fn classify(
     };
     for row in rows {
         batch.last_change_id = batch.last_change_id.max(row.change_id);
+        if row.deleted {
+            batch.deleted.push(row.source_id);
+            continue;
+        }
         if kind == SourceKind::Csv {
             check_csv_columns(paths, &row.name, &row.value, &row.description)?;
         }
@@ -318,6 +329,19 @@ async fn apply(
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut applied = Applied::default();
     let (valid, invalid) = (&batch.valid, &batch.invalid);
+    if !batch.deleted.is_empty() {
+        applied.withdrawn += tx
+            .execute(
+                "DELETE FROM normalized_data WHERE source = $1 AND source_id = ANY($2)",
+                &[&source, &batch.deleted],
+            )
+            .await? as i64;
+        tx.execute(
+            "DELETE FROM etl_rejects WHERE stage = 'normalize' AND source = $1 AND source_id = ANY($2)",
+            &[&source, &batch.deleted],
+        )
+        .await?;
+    }
     if !valid.source_ids.is_empty() {
         let row = tx
             .query_one(
@@ -352,7 +376,7 @@ async fn apply(
         .await?;
         // The newest raw version is the truth: a record whose new version is invalid is
         // withdrawn, so raw rows = normalized + rejected holds per source.
-        applied.withdrawn = tx
+        applied.withdrawn += tx
             .execute(
                 "DELETE FROM normalized_data WHERE source = $1 AND source_id = ANY($2)",
                 &[&source, &invalid.source_ids],
@@ -454,6 +478,7 @@ mod tests {
             value,
             description: field("string", ""),
             trace_context: None,
+            deleted: false,
         }
     }
 
