@@ -284,6 +284,23 @@ pub struct RestOptions {
     /// Stop (and fail the run) after this many pages, so a looping API cannot run forever.
     #[serde(default = "default_max_pages")]
     pub max_pages: u32,
+    /// Fetch only what changed since the last successful run (see [`Incremental`]).
+    #[serde(default)]
+    pub incremental: Option<Incremental>,
+}
+
+/// `rest.incremental`: the largest value at `pointer` among the items of the last successful
+/// run, less `lag`, is sent as query parameter `param` (`?updated_since=…`). Values are RFC 3339
+/// timestamps (the lag is subtracted as a duration) or numbers (epoch seconds, less the lag's
+/// seconds); others compare as text and are sent as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Incremental {
+    pub param: String,
+    pub pointer: String,
+    /// Re-read this far back, for records the API made visible late (default `0s`).
+    #[serde(default, deserialize_with = "human_duration")]
+    pub lag: Duration,
 }
 
 impl Default for RestOptions {
@@ -292,6 +309,7 @@ impl Default for RestOptions {
             items: String::new(),
             pagination: Pagination::default(),
             max_pages: default_max_pages(),
+            incremental: None,
         }
     }
 }
@@ -452,8 +470,16 @@ impl Sources {
                     if source.csv.is_some() {
                         return Err(invalid("csv", "only for kind = \"csv\"".into()));
                     }
-                    validate_rest(&source.rest_options())
-                        .map_err(|(field, m)| invalid(&field, m))?;
+                    let rest = source.rest_options();
+                    validate_rest(&rest).map_err(|(field, m)| invalid(&field, m))?;
+                    if rest.incremental.is_some() && source.deletes == Deletes::Snapshot {
+                        return Err(invalid(
+                            "deletes",
+                            "\"snapshot\" needs every run to fetch the whole source; \
+                             rest.incremental fetches only what changed"
+                                .into(),
+                        ));
+                    }
                 }
                 SourceKind::Csv => {
                     if source.rest.is_some() {
@@ -545,6 +571,20 @@ fn validate_rest(rest: &RestOptions) -> Result<(), (String, String)> {
     }
     if rest.max_pages == 0 {
         return Err(("rest.max_pages".into(), "must be at least 1".into()));
+    }
+    if let Some(incremental) = &rest.incremental {
+        if incremental.param.is_empty() {
+            return Err((
+                "rest.incremental.param".into(),
+                "must name a query parameter".into(),
+            ));
+        }
+        if !incremental.pointer.starts_with('/') {
+            return Err((
+                "rest.incremental.pointer".into(),
+                format!("{:?} must be a JSON pointer", incremental.pointer),
+            ));
+        }
     }
     let field = "rest.pagination";
     match &rest.pagination {
@@ -694,6 +734,30 @@ mod tests {
             let err = key(bad).unwrap_err().to_string();
             assert!(err.contains("source_id"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn incremental_fetches_cannot_be_snapshots() {
+        let text = GOOD.replace(
+            "rest = { items = \"/data\",",
+            "deletes = \"snapshot\"\nrest = { incremental = { param = \"since\", pointer = \"/at\" }, items = \"/data\",",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("`deletes`") && err.contains("incremental"),
+            "{err}"
+        );
+        let fine = parse(&text.replace("deletes = \"snapshot\"\n", "")).unwrap();
+        let incremental = fine
+            .get("products")
+            .unwrap()
+            .rest_options()
+            .incremental
+            .unwrap();
+        assert_eq!(
+            (incremental.param.as_str(), incremental.lag),
+            ("since", Duration::ZERO)
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
     let client = db.client().await;
 
-    let expected: [(&str, &[&str]); 8] = [
+    let expected: [(&str, &[&str]); 9] = [
         (
             "raw_api_data",
             &[
@@ -156,6 +156,17 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
             &["source", "run_id", "acquired_at", "succeeded_at"],
         ),
         ("etl_run_seen", &["run_id", "source_id"]),
+        (
+            "etl_source_state",
+            &[
+                "source",
+                "url",
+                "etag",
+                "last_modified",
+                "incremental",
+                "updated_at",
+            ],
+        ),
     ];
     for (table, cols) in expected {
         assert_eq!(columns(&client, table).await, cols, "columns of {table}");

@@ -24,7 +24,7 @@ pub enum IngestError {
     #[error(transparent)]
     Run(#[from] RunError),
     #[error("could not build the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(String),
     #[error(
         "the database restarted during the run and may have lost rows it had acknowledged; \
          the run is repeated to land them again"

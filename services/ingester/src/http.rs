@@ -36,6 +36,9 @@ pub enum FetchError {
     /// The temporary file for a large body could not be written (a full or read-only `TMPDIR`).
     #[error("could not spool the body to a temporary file (TMPDIR): {0}")]
     Spool(String),
+    /// A conditional GET answered 304: the source has not changed since the last run.
+    #[error("not modified since the last successful run (HTTP 304)")]
+    NotModified,
 }
 
 fn snippet(body: &str) -> String {
@@ -58,7 +61,8 @@ impl FetchError {
             FetchError::TooLarge { .. }
             | FetchError::TooSlow { .. }
             | FetchError::Shutdown
-            | FetchError::Spool(_) => false,
+            | FetchError::Spool(_)
+            | FetchError::NotModified => false,
         }
     }
 
@@ -97,6 +101,38 @@ pub struct Fetcher {
     headers: HeaderMap,
     options: HttpOptions,
     shutdown: CancellationToken,
+    /// The URL fetched conditionally, with the validators the last successful run got for it.
+    conditional: Option<(Url, Validators)>,
+    /// The validators of this run's response to that URL.
+    got: std::sync::Arc<std::sync::Mutex<Option<Validators>>>,
+}
+
+/// A response's `ETag` and `Last-Modified`, sent back as `If-None-Match` and
+/// `If-Modified-Since` so an unchanged source can answer 304.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+impl Validators {
+    fn of(response: &Response) -> Self {
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            etag: header(reqwest::header::ETAG),
+            last_modified: header(reqwest::header::LAST_MODIFIED),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none()
+    }
 }
 
 impl Fetcher {
@@ -118,7 +154,21 @@ impl Fetcher {
             headers,
             options,
             shutdown,
+            conditional: None,
+            got: Default::default(),
         })
+    }
+
+    /// GETs of `url` become conditional on `validators` (the last successful run's; none on a
+    /// first run), and this run's validators for it are kept ([`validators`](Self::validators)).
+    pub fn conditional(mut self, url: Url, validators: Validators) -> Self {
+        self.conditional = Some((url, validators));
+        self
+    }
+
+    /// The validators of this run's response to the conditional URL, if it had any.
+    pub fn validators(&self) -> Option<Validators> {
+        self.got.lock().expect("never poisoned").clone()
     }
 
     /// GETs `url` until `read` accepts a successful response or the attempts run out. `read`
@@ -166,14 +216,24 @@ impl Fetcher {
         F: Fn(Response) -> Fut,
         Fut: Future<Output = Result<T, FetchError>>,
     {
-        let response = self
-            .client
-            .get(url.clone())
-            .headers(self.headers.clone())
-            .send()
-            .await
-            .map_err(FetchError::from_reqwest)?;
+        let mut request = self.client.get(url.clone()).headers(self.headers.clone());
+        let conditional = self.conditional.as_ref().filter(|(at, _)| at == url);
+        if let Some((_, validators)) = conditional {
+            if let Some(etag) = &validators.etag {
+                request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+            }
+            if let Some(since) = &validators.last_modified {
+                request = request.header(reqwest::header::IF_MODIFIED_SINCE, since);
+            }
+        }
+        let response = request.send().await.map_err(FetchError::from_reqwest)?;
         let status = response.status();
+        if conditional.is_some() {
+            if status == StatusCode::NOT_MODIFIED {
+                return Err(FetchError::NotModified);
+            }
+            *self.got.lock().expect("never poisoned") = Some(Validators::of(&response));
+        }
         if !status.is_success() {
             let retry_after = response
                 .headers()

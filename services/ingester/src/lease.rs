@@ -10,6 +10,8 @@ use std::time::Duration;
 use etl_shared::Pool;
 use tokio_postgres::GenericClient;
 
+use crate::state::SourceState;
+
 /// What came of trying to claim a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
@@ -90,6 +92,7 @@ pub async fn release(
     source: &str,
     run_id: i64,
     outcome: Outcome,
+    learnt: Option<&SourceState>,
 ) -> Result<(), ClaimError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -103,6 +106,9 @@ pub async fn release(
             &[&source, &run_id, &succeeded],
         )
         .await?;
+    if let (1, true, Some(learnt)) = (held, succeeded, learnt) {
+        crate::state::save(&tx, source, learnt).await?;
+    }
     if held == 1 && outcome == Outcome::Complete {
         tx.execute(
             "DELETE FROM etl_rejects
@@ -120,6 +126,9 @@ pub async fn release(
 pub enum Outcome {
     /// It read the whole source and landed all of it.
     Complete,
+    /// It landed what it read, but that was not the whole source (an incremental fetch), or
+    /// nothing at all (a 304): earlier rejects may still be current.
+    Partial,
     Failed,
 }
 

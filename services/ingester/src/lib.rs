@@ -16,6 +16,7 @@ pub mod lease;
 mod page_scan;
 pub mod purge;
 mod rest;
+mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::runs::{RunSummary, Runs, Service};
+use etl_shared::runs::{RunCounts, RunSummary, Runs, Service};
 use etl_shared::sources::{Deletes, SourceKind, Sources, SourcesError};
 use etl_shared::Pool;
 use reqwest::header::HeaderMap;
@@ -220,13 +221,30 @@ impl Ingester {
             }
         }
         if let Err(e) = run.record().await {
-            let _ = lease::release(&inner.pool, name, run.id, lease::Outcome::Failed).await;
+            let _ = lease::release(&inner.pool, name, run.id, lease::Outcome::Failed, None).await;
             return Err(e.into());
         }
         let run_id = run.id;
         tracing::Span::current().record("run_id", run_id);
         let server_started = server_start_time(&inner.pool).await;
-        let (counts, outcome) = {
+        let previous = match state::load(&inner.pool, name).await {
+            Ok(previous) => previous,
+            Err(e) => {
+                let _ =
+                    lease::release(&inner.pool, name, run_id, lease::Outcome::Failed, None).await;
+                let error = etl_shared::error_chain(&IngestError::Claim(e));
+                return Ok(Ok(run
+                    .end(&inner.metrics, RunCounts::default(), Some(error))
+                    .await?));
+            }
+        };
+        let incremental = source
+            .rest_options()
+            .incremental
+            .filter(|_| source.kind == SourceKind::Rest);
+        // The largest incremental value this run saw.
+        let mut max_seen: Option<String> = None;
+        let (counts, outcome, validators) = {
             let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let (mut lander, writer) = land::pipeline(
                 &inner.pool,
@@ -237,13 +255,29 @@ impl Ingester {
                 &inner.metrics,
                 &inner.in_flight,
             );
+            let fetcher = Fetcher::new(source, headers, inner.shutdown.clone()).map(|fetcher| {
+                match conditional_url(source, previous.as_ref()) {
+                    Some((url, validators)) => fetcher.conditional(url, validators),
+                    None => fetcher,
+                }
+            });
+            let since = previous
+                .as_ref()
+                .and_then(|p| p.incremental.as_deref())
+                .zip(incremental.as_ref())
+                .map(|(seen, incremental)| rest::incremental_from(seen, incremental.lag));
+            let max_seen = &mut max_seen;
+            let fetcher_ref = fetcher.as_ref();
             let read = async move {
-                let fetched = match Fetcher::new(source, headers, inner.shutdown.clone()) {
+                let fetched = match fetcher_ref {
                     Ok(fetcher) => match source.kind {
-                        SourceKind::Rest => rest::ingest(source, &fetcher, &mut lander).await,
-                        SourceKind::Csv => csv::ingest(source, &fetcher, &mut lander).await,
+                        SourceKind::Rest => {
+                            rest::ingest(source, fetcher, &mut lander, since.as_deref(), max_seen)
+                                .await
+                        }
+                        SourceKind::Csv => csv::ingest(source, fetcher, &mut lander).await,
                     },
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(IngestError::Client(e.to_string())),
                 };
                 // A failed read drops what it queued since the last batch (the next run reads
                 // the source again); a whole read hands over its last batch. Either way the
@@ -259,8 +293,15 @@ impl Ingester {
                 (_, Err(e)) => Err(IngestError::from(e)),
                 (read, Ok(())) => read,
             };
-            (counts, outcome)
+            let validators = fetcher.ok().and_then(|f| f.validators());
+            (counts, outcome, validators)
         };
+        // A 304: the source has not changed since the last successful run; nothing was read.
+        let unchanged = matches!(
+            &outcome,
+            Err(IngestError::Fetch(gave_up)) if matches!(gave_up.last, http::FetchError::NotModified)
+        );
+        let outcome = if unchanged { Ok(()) } else { outcome };
         // A run holds a connection only while it writes, so it can ride out a database restart
         // between two batches. But a server that crashed may have lost commits it had already
         // acknowledged (with synchronous_commit off, say): such a run fails, so that its retry
@@ -274,7 +315,7 @@ impl Ingester {
         // Only a snapshot read whole and landed, with no restart in between, deletes.
         let mut counts = counts;
         let outcome = match outcome {
-            Ok(()) if source.deletes == Deletes::Snapshot => {
+            Ok(()) if source.deletes == Deletes::Snapshot && !unchanged => {
                 match tombstone_unseen(&inner.pool, source, run_id).await {
                     Ok(deleted) => {
                         counts.deleted = deleted as i64;
@@ -290,17 +331,28 @@ impl Ingester {
                 let _ = etl_shared::raw::forget_seen(&**client, run_id).await;
             }
         }
-        let ended = if outcome.is_ok() {
-            lease::Outcome::Complete
-        } else {
-            lease::Outcome::Failed
+        let ended = match &outcome {
+            Err(_) => lease::Outcome::Failed,
+            Ok(()) if unchanged || incremental.is_some() => lease::Outcome::Partial,
+            Ok(()) => lease::Outcome::Complete,
         };
+        // What the next run starts from: this run's validators (a 304 keeps the old ones) and
+        // the largest incremental value seen (none seen keeps the old one).
+        let learnt = (!unchanged).then(|| state::SourceState {
+            url: source.url.clone(),
+            validators: validators.unwrap_or_default(),
+            incremental: max_seen.or_else(|| previous.and_then(|p| p.incremental)),
+        });
+        if unchanged {
+            tracing::info!(
+                source = name,
+                "not modified since the last successful run (HTTP 304)"
+            );
+        }
         // A run that landed everything but cannot let go of its source (the database went
         // away) is failed, so the next run repeats it and supersedes its rejects.
-        let outcome = match (
-            outcome,
-            lease::release(&inner.pool, name, run_id, ended).await,
-        ) {
+        let released = lease::release(&inner.pool, name, run_id, ended, learnt.as_ref()).await;
+        let outcome = match (outcome, released) {
             (Ok(()), Err(e)) => Err(IngestError::Claim(e)),
             (outcome, _) => outcome,
         };
@@ -319,6 +371,31 @@ pub const ONE_SHOT_WAIT: Duration = Duration::from_secs(3600);
 enum Start {
     Now { wait: Duration },
     Scheduled { due_after: Duration },
+}
+
+/// The URL a run GETs conditionally (and keeps the validators of), with those the last
+/// successful run got for it (none on a first run):
+/// a CSV file, or a REST source of one request (a 304 on the first of several pages says
+/// nothing of the others; an incremental source asks for changes instead).
+fn conditional_url(
+    source: &etl_shared::sources::Source,
+    previous: Option<&state::SourceState>,
+) -> Option<(url::Url, http::Validators)> {
+    let single = match source.kind {
+        SourceKind::Csv => true,
+        SourceKind::Rest => {
+            let rest = source.rest_options();
+            rest.pagination == etl_shared::sources::Pagination::None && rest.incremental.is_none()
+        }
+    };
+    if !single {
+        return None;
+    }
+    let validators = previous
+        .filter(|p| p.url == source.url)
+        .map(|p| p.validators.clone())
+        .unwrap_or_default();
+    Some((url::Url::parse(&source.url).ok()?, validators))
 }
 
 /// Tombstones the raw rows of `source` that snapshot run `run_id` did not see.

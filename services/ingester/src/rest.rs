@@ -14,13 +14,25 @@ use crate::land::{Lander, Position};
 use crate::page_scan::{self, PageScanner, Scanned};
 use crate::{IngestError, SafeUrl, SourceError};
 
+/// Lands every item of every page. With `rest.incremental`, `since` (from the last successful
+/// run) goes out as its query parameter, and `max_seen` ends as the largest value this run saw.
 pub async fn ingest(
     source: &Source,
     fetcher: &Fetcher,
     lander: &mut Lander,
+    since: Option<&str>,
+    max_seen: &mut Option<String>,
 ) -> Result<(), IngestError> {
     let rest = source.rest_options();
-    let base = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
+    let mut base = Url::parse(&source.url).map_err(SourceError::BadUrl)?;
+    let incremental = rest.incremental.as_ref();
+    if let (Some(incremental), Some(since)) = (incremental, since) {
+        base = with_query(&base, &incremental.param, since);
+    }
+    let mut seen = IncrementalMax {
+        pointer: incremental.map(|i| i.pointer.as_str()),
+        max: max_seen,
+    };
     let limit = fetcher.max_page_bytes();
     let max_record = fetcher.max_record_bytes();
     let capture = match &rest.pagination {
@@ -76,6 +88,7 @@ pub async fn ingest(
                     scanned,
                     (&source.mapping.source_id, items),
                     max_record,
+                    &mut seen,
                 )
                 .await?;
             }
@@ -118,6 +131,7 @@ async fn land_item(
     scanned: Scanned,
     (key, ordinal): (&SourceKey, u64),
     max_record: u64,
+    seen: &mut IncrementalMax<'_>,
 ) -> Result<(), IngestError> {
     let position = |index: u64| Position {
         page: Some(page_no.into()),
@@ -138,10 +152,67 @@ async fn land_item(
             let text = String::from_utf8(bytes).expect("checked with the page");
             let item: &RawValue = serde_json::from_str(&text).expect("checked with the page");
             let id = id_of(item, key, ordinal);
+            seen.note(item);
             lander.land_verbatim(position(index), id, text).await?;
         }
     }
     Ok(())
+}
+
+/// The largest value at `rest.incremental.pointer` among a run's items.
+struct IncrementalMax<'a> {
+    pointer: Option<&'a str>,
+    max: &'a mut Option<String>,
+}
+
+impl IncrementalMax<'_> {
+    fn note(&mut self, item: &RawValue) {
+        let Some(pointer) = self.pointer else { return };
+        let Ok(Some(raw)) = json_pointer(item, pointer) else {
+            return;
+        };
+        let Ok(value) = scalar_text(raw) else { return };
+        if self.max.as_deref().is_none_or(|max| later(max, &value)) {
+            *self.max = Some(value);
+        }
+    }
+}
+
+/// Whether incremental value `b` comes after `a`: as RFC 3339 timestamps, else as numbers,
+/// else as text.
+fn later(a: &str, b: &str) -> bool {
+    use time::format_description::well_known::Rfc3339;
+    use time::OffsetDateTime;
+    if let (Ok(a), Ok(b)) = (
+        OffsetDateTime::parse(a, &Rfc3339),
+        OffsetDateTime::parse(b, &Rfc3339),
+    ) {
+        return b > a;
+    }
+    if let (Ok(a), Ok(b)) = (a.parse::<f64>(), b.parse::<f64>()) {
+        return b > a;
+    }
+    b > a
+}
+
+/// The value a run sends as its incremental parameter: the largest the last successful run
+/// saw, less `lag` (a timestamp moves back by it; a number, taken as epoch seconds, by its
+/// seconds; other text is sent as it is).
+pub fn incremental_from(seen: &str, lag: std::time::Duration) -> String {
+    use time::format_description::well_known::Rfc3339;
+    use time::OffsetDateTime;
+    if let Ok(at) = OffsetDateTime::parse(seen, &Rfc3339) {
+        if let Ok(back) = (at - lag).format(&Rfc3339) {
+            return back;
+        }
+    }
+    if let Ok(n) = seen.parse::<i64>() {
+        return n.saturating_sub(lag.as_secs() as i64).to_string();
+    }
+    if let Ok(x) = seen.parse::<f64>() {
+        return (x - lag.as_secs_f64()).to_string();
+    }
+    seen.to_owned()
 }
 
 fn page_error(page: u32, url: &Url, why: String) -> SourceError {
@@ -379,6 +450,24 @@ mod tests {
             source_id_of(&raw("12345678901234567890123"), "", "source_id").unwrap(),
             "12345678901234567890123"
         );
+    }
+
+    #[test]
+    fn the_incremental_value_moves_back_by_the_lag_and_compares_by_its_kind() {
+        let lag = std::time::Duration::from_secs(300);
+        assert_eq!(
+            incremental_from("2026-01-01T00:10:00Z", lag),
+            "2026-01-01T00:05:00Z"
+        );
+        assert_eq!(
+            incremental_from("2026-01-01T00:02:00+01:00", lag),
+            "2025-12-31T23:57:00+01:00"
+        );
+        assert_eq!(incremental_from("1767225600", lag), "1767225300");
+        assert_eq!(incremental_from("v41", lag), "v41");
+        assert!(later("2026-01-01T00:00:00Z", "2026-01-01T00:00:01+00:00"));
+        assert!(later("9", "10"), "numbers compare as numbers");
+        assert!(!later("2026-01-01T01:00:00+01:00", "2026-01-01T00:00:00Z"));
     }
 
     #[test]

@@ -415,3 +415,80 @@ async fn a_positional_key_numbers_the_rows_after_the_header() {
         "same reading"
     );
 }
+
+#[tokio::test]
+async fn an_unchanged_file_answers_304_and_its_run_reads_and_deletes_nothing() {
+    let db = TestDb::new().await;
+    let version = std::sync::Arc::new(std::sync::Mutex::new(1));
+    let bodies_sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (current, sent) = (version.clone(), bodies_sent.clone());
+    let server = TestServer::start(Route::new().at(
+        "/data.csv",
+        make_sync(move |req: Request| {
+            let v = *current.lock().unwrap();
+            let etag = format!("\"v{v}\"");
+            if req
+                .headers()
+                .get("if-none-match")
+                .and_then(|h| h.to_str().ok())
+                == Some(&etag)
+            {
+                return Response::builder()
+                    .status(poem::http::StatusCode::NOT_MODIFIED)
+                    .header("etag", etag)
+                    .finish();
+            }
+            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = if v == 1 {
+                "id,name,value\n1,a,1\n2,b,2\n"
+            } else {
+                "id,name,value\n1,a,1\n"
+            };
+            Response::builder().header("etag", etag).body(body)
+        }),
+    ))
+    .await;
+    let toml = SourceToml::csv("cached", &server.url("/data.csv"))
+        .with(r#"deletes = "snapshot""#)
+        .to_string();
+    let ingester = ingester(&db, &toml);
+
+    let first = ingester.run_source("cached").await.unwrap();
+    let unchanged = ingester.run_source("cached").await.unwrap();
+
+    assert_eq!((first.error, unchanged.error.clone()), (None, None));
+    assert_eq!(bodies_sent.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let run = run_row(&db, unchanged.run_id).await;
+    assert_eq!(
+        (
+            run.status.as_str(),
+            run.processed,
+            run.inserted,
+            run.updated
+        ),
+        ("success", 0, 0, 0),
+        "a 304 run reads and writes nothing"
+    );
+    let client = db.client().await;
+    let live = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM raw_csv_data WHERE source = 'cached' AND deleted_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(live().await, 2, "a 304 snapshot deletes nothing");
+
+    *version.lock().unwrap() = 2;
+    let changed = ingester.run_source("cached").await.unwrap();
+    assert_eq!(changed.error, None);
+    assert_eq!(bodies_sent.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        live().await,
+        1,
+        "the changed file is read, and row 2 is gone"
+    );
+}

@@ -474,3 +474,80 @@ async fn a_composite_key_joins_its_pointers_and_a_missing_part_is_a_reject_namin
         )
     );
 }
+
+#[tokio::test]
+async fn an_incremental_source_asks_for_changes_since_its_last_success_less_the_lag() {
+    let db = TestDb::new().await;
+    let log = RequestLog::default();
+    let seen = log.clone();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fail = failing.clone();
+    let items = Arc::new(Mutex::new(vec![
+        json!({ "id": 1, "name": "a", "value": 1, "updatedAt": "2026-01-01T00:10:00Z" }),
+        json!({ "id": 2, "name": "b", "value": 2, "updatedAt": "2026-01-01T00:30:00Z" }),
+        json!({ "id": 3, "name": "c", "value": 3, "updatedAt": "2026-01-01T00:20:00Z" }),
+    ]));
+    let served = items.clone();
+    let server = TestServer::start(Route::new().at(
+        "/items",
+        make_sync(move |req: Request| {
+            seen.record(&req);
+            if fail.load(Ordering::SeqCst) {
+                return Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .finish();
+            }
+            let since = params(&req)
+                .get("updated_since")
+                .cloned()
+                .unwrap_or_default();
+            let changed: Vec<_> = served
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|i| i["updatedAt"].as_str().unwrap() >= since.as_str())
+                .cloned()
+                .collect();
+            json_response(json!(changed))
+        }),
+    ))
+    .await;
+    let toml = SourceToml::rest("changes", &server.url("/items"))
+        .with("http = { attempts = 1 }")
+        .with(r#"rest = { incremental = { param = "updated_since", pointer = "/updatedAt", lag = "5m" } }"#)
+        .to_string();
+    let ingester = ingester(&db, &toml);
+
+    let first = ingester.run_source("changes").await.unwrap();
+    items
+        .lock()
+        .unwrap()
+        .push(json!({ "id": 4, "name": "d", "value": 4, "updatedAt": "2026-01-01T00:40:00Z" }));
+    let second = ingester.run_source("changes").await.unwrap();
+    failing.store(true, Ordering::SeqCst);
+    let failed = ingester.run_source("changes").await.unwrap();
+    failing.store(false, Ordering::SeqCst);
+    let after_failure = ingester.run_source("changes").await.unwrap();
+
+    assert_eq!((first.error, second.error), (None, None));
+    assert!(failed.error.is_some());
+    assert_eq!(after_failure.error, None);
+    assert_eq!(
+        log.queries(),
+        [
+            "",
+            // The largest updatedAt of the first run (00:30), less the 5-minute lag.
+            "updated_since=2026-01-01T00%3A25%3A00Z",
+            "updated_since=2026-01-01T00%3A35%3A00Z",
+            // A failed run moves nothing: the same question again.
+            "updated_since=2026-01-01T00%3A35%3A00Z",
+        ]
+    );
+    // The second run got item 2 again (inside the lag) and item 4: one unchanged, one new.
+    let run = run_row(&db, second.run_id).await;
+    assert_eq!((run.processed, run.inserted, run.unchanged), (2, 1, 1));
+    assert_eq!(
+        raw_ids(&db, "raw_api_data", "changes").await,
+        ["1", "2", "3", "4"]
+    );
+}
