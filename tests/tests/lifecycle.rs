@@ -442,3 +442,266 @@ async fn a_snapshot_source_withdraws_rows_gone_upstream_and_a_failed_run_deletes
     );
     pipeline.stop().await;
 }
+
+/// A CSV of `rows` rows, each with an old and a new name column (`old 7`, `new 7`).
+fn two_named(rows: u64) -> String {
+    let mut csv = String::from("id,name,label,value\n");
+    for i in 1..=rows {
+        csv.push_str(&format!("{i},old {i},new {i},{i}\n"));
+    }
+    csv
+}
+
+/// Which version of the mapping a `/data` page shows: all old names, all new, or a mix.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Version {
+    Old,
+    New,
+    Mixed,
+}
+
+/// `None` while the query service is not answering yet.
+async fn page_version(api: &str, source: &str) -> Option<(Version, u64)> {
+    let body = reqwest::get(format!("{api}/data?source={source}&page_size=100"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    let total = page["total"].as_u64().unwrap_or(0);
+    let version = if names.iter().all(|n| n.starts_with("old ")) {
+        Version::Old
+    } else if names.iter().all(|n| n.starts_with("new ")) {
+        Version::New
+    } else {
+        Version::Mixed
+    };
+    Some((version, total))
+}
+
+/// The ingester and query service, and a normalizer that can be replaced, on one database.
+struct Replaying {
+    db: TestDb,
+    sources: SourcesFile,
+    _server: TestServer,
+    others: Vec<ServiceProcess>,
+    api: String,
+}
+
+impl Replaying {
+    async fn start(rows: u64) -> Self {
+        let db = TestDb::new().await;
+        let csv: &'static str = Box::leak(two_named(rows).into_boxed_str());
+        let server = TestServer::start(Route::new().at("/data.csv", make_sync(move |_| csv))).await;
+        let sources = SourcesFile::of(&[
+            SourceToml::csv("renamed", &server.url("/data.csv")).with(r#"schedule = "1h""#)
+        ]);
+        let query_addr = etl_tests::free_local_addr();
+        let env = [
+            ("DATABASE_URL", db.url.clone()),
+            ("SOURCES_FILE", sources.env_value()),
+        ];
+        let with = |var: &'static str, value: String| {
+            let mut env = env.to_vec();
+            env.push((var, value));
+            env
+        };
+        let others = vec![
+            ServiceProcess::start(
+                "etl-ingester",
+                &with("INGESTER_ADMIN_ADDR", "127.0.0.1:0".into()),
+            ),
+            ServiceProcess::start("etl-query", &with("QUERY_ADDR", query_addr.to_string())),
+        ];
+        Self {
+            db,
+            sources,
+            _server: server,
+            others,
+            api: format!("http://{query_addr}"),
+        }
+    }
+
+    fn normalizer(&self) -> ServiceProcess {
+        ServiceProcess::start(
+            "etl-normalizer",
+            &[
+                ("DATABASE_URL", self.db.url.clone()),
+                ("SOURCES_FILE", self.sources.env_value()),
+                ("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".into()),
+                ("NORMALIZER_BATCH_SIZE", "100".into()),
+            ],
+        )
+    }
+
+    /// Switches the mapping's name from the `name` column to `label`.
+    fn remap(&self) {
+        let toml = std::fs::read_to_string(self.sources.env_value()).unwrap();
+        let remapped = toml.replace(r#"name = "name""#, r#"name = "label""#);
+        assert_ne!(toml, remapped, "the mapping names the `name` column");
+        std::fs::write(self.sources.env_value(), remapped).unwrap();
+    }
+
+    async fn wait_for_version(&self, version: Version, rows: u64) {
+        wait_for("/data to serve the version", DEADLINE, || async {
+            (page_version(&self.api, "renamed").await == Some((version, rows))).then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(mut self) {
+        for service in &mut self.others {
+            assert_eq!(service.stop().await, Some(0), "{}", service.log_tail());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mapping_change_is_replayed_and_readers_see_only_whole_versions() {
+    const ROWS: u64 = 3_000;
+    let stack = Replaying::start(ROWS).await;
+    let mut normalizer = stack.normalizer();
+    stack.wait_for_version(Version::Old, ROWS).await;
+    assert_eq!(normalizer.stop().await, Some(0));
+
+    stack.remap();
+    let mut normalizer = stack.normalizer();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (version, total) = page_version(&stack.api, "renamed")
+            .await
+            .expect("the API answers");
+        assert_eq!(total, ROWS, "every record is served all along");
+        seen.push(version);
+        if version == Version::New {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay did not finish: {seen:?}"
+        );
+    }
+    assert_eq!(
+        normalizer.stop().await,
+        Some(0),
+        "{}",
+        normalizer.log_tail()
+    );
+
+    assert!(
+        !seen.contains(&Version::Mixed),
+        "a reader saw both versions: {seen:?}"
+    );
+    assert!(
+        seen.contains(&Version::Old),
+        "the old version was served during the replay"
+    );
+    let client = stack.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM etl_replays), (SELECT count(*) FROM normalized_replay),
+                    (SELECT records_processed FROM etl_runs WHERE service = 'normalizer'
+                     ORDER BY id DESC LIMIT 1)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (replays, shadow, processed): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((replays, shadow, processed), (0, 0, ROWS as i64));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
+    const ROWS: u64 = 20_000;
+    let stack = Replaying::start(ROWS).await;
+    let mut normalizer = stack.normalizer();
+    stack.wait_for_version(Version::Old, ROWS).await;
+    assert_eq!(normalizer.stop().await, Some(0));
+
+    stack.remap();
+    let mut normalizer = stack.normalizer();
+    let client = stack.db.client().await;
+    wait_for("the replay to be under way", DEADLINE, || async {
+        let processed: Option<i64> = client
+            .query_opt("SELECT processed FROM etl_replays", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        processed.filter(|&p| p > 0 && p < ROWS as i64)
+    })
+    .await;
+    normalizer.signal("-KILL").await;
+    let _ = normalizer.child.wait().await;
+
+    assert_eq!(
+        page_version(&stack.api, "renamed").await,
+        Some((Version::Old, ROWS)),
+        "the old version is still served"
+    );
+    let mut normalizer = stack.normalizer();
+    stack.wait_for_version(Version::New, ROWS).await;
+    assert_eq!(
+        normalizer.stop().await,
+        Some(0),
+        "{}",
+        normalizer.log_tail()
+    );
+    let left: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM etl_replays) + (SELECT count(*) FROM normalized_replay)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn replay_on_demand_rebuilds_a_source_and_says_what_changed() {
+    const ROWS: u64 = 500;
+    let stack = Replaying::start(ROWS).await;
+    let mut normalizer = stack.normalizer();
+    stack.wait_for_version(Version::Old, ROWS).await;
+    assert_eq!(normalizer.stop().await, Some(0));
+    stack.remap();
+    let replay = |source: &'static str| {
+        let (url, path) = (stack.db.url.clone(), stack.sources.env_value());
+        async move {
+            tokio::process::Command::new(etl_tests::service_binary("etl-normalizer"))
+                .args(["replay", "--source", source])
+                .env("DATABASE_URL", url)
+                .env("SOURCES_FILE", path)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+
+    let done = replay("renamed").await;
+
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        stdout.contains("replayed renamed: 500 normalized (0 new, 500 changed, 0 unchanged)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        page_version(&stack.api, "renamed").await,
+        Some((Version::New, ROWS))
+    );
+    let unknown = replay("nothing").await;
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown source `nothing`"));
+    stack.stop().await;
+}

@@ -61,7 +61,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
     let client = db.client().await;
 
-    let expected: [(&str, &[&str]); 9] = [
+    let expected: [(&str, &[&str]); 12] = [
         (
             "raw_api_data",
             &[
@@ -112,6 +112,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "total_processed",
                 "updated_at",
                 "normalized_rows",
+                "mapping_fingerprint",
             ],
         ),
         (
@@ -166,6 +167,25 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "incremental",
                 "updated_at",
             ],
+        ),
+        (
+            "etl_replays",
+            &[
+                "source",
+                "fingerprint",
+                "position",
+                "processed",
+                "started_at",
+                "error",
+            ],
+        ),
+        (
+            "normalized_replay",
+            &["source", "source_id", "name", "value", "description"],
+        ),
+        (
+            "etl_rejects_replay",
+            &["source", "source_id", "raw_id", "reason"],
         ),
     ];
     for (table, cols) in expected {

@@ -100,7 +100,7 @@ pub async fn process_batch(
     if rows.is_empty() {
         return Ok(BatchOutcome::CaughtUp);
     }
-    let text_bytes = rows.iter().map(RawRow::text_bytes).sum::<usize>() as i64;
+    let text_bytes = text_bytes(&rows);
     link_to_ingest_batches(&rows);
     let batch = classify(source.kind, paths, checkpoint, rows)?;
     let applied = apply(&tx, table, &source.name, run_id, &batch).await?;
@@ -129,7 +129,10 @@ async fn ensure_checkpoint(client: &Client, source: &str) -> Result<(), tokio_po
 
 /// Locks the source's checkpoint for this transaction and returns it; `None` when another
 /// replica holds it (`SKIP LOCKED`: replicas never wait on each other).
-async fn claim(tx: &Transaction<'_>, source: &str) -> Result<Option<i64>, tokio_postgres::Error> {
+pub(crate) async fn claim(
+    tx: &Transaction<'_>,
+    source: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
     Ok(tx
         .query_opt(
             "SELECT last_processed_id FROM etl_checkpoint WHERE source = $1 FOR UPDATE SKIP LOCKED",
@@ -181,7 +184,7 @@ impl RawRow {
 }
 
 /// The raw rows changed after `checkpoint`, oldest change first, at most `batch_size`.
-async fn read(
+pub(crate) async fn read(
     tx: &Transaction<'_>,
     table: RawTable,
     source: &str,
@@ -209,6 +212,11 @@ async fn read(
         )
         .await?;
     Ok(rows.iter().map(RawRow::from_row).collect())
+}
+
+/// Bytes of field text `rows` brought into the process.
+pub(crate) fn text_bytes(rows: &[RawRow]) -> i64 {
+    rows.iter().map(RawRow::text_bytes).sum::<usize>() as i64
 }
 
 /// Links the batch's span to the ingest batches that wrote its rows (a few distinct ones).

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod daemon;
 pub mod listen;
 pub mod mapping;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
 use etl_shared::metrics::{PipelineMetrics, SourceLabels};
 use etl_shared::runs::{RunCounts, RunError, RunSummary, Runs, Service};
-use etl_shared::sources::{Sources, SourcesError};
+use etl_shared::sources::{Source, Sources, SourcesError};
 use etl_shared::Pool;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -89,6 +90,8 @@ pub enum NormalizeError {
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error("{0}")]
+    Replay(String),
 }
 
 /// How a normalize run ended.
@@ -112,6 +115,8 @@ struct Inner {
     runs: Runs,
     sources: Sources,
     paths: HashMap<String, FieldPaths>,
+    /// Per source, its mapping's fingerprint ([`FieldPaths::fingerprint`]).
+    fingerprints: HashMap<String, String>,
     batch_size: i64,
     metrics: PipelineMetrics,
     lag: Family<SourceLabels, Gauge>,
@@ -151,6 +156,10 @@ impl Normalizer {
             .sources
             .iter()
             .map(|s| (s.name.clone(), FieldPaths::for_source(s)))
+            .collect::<HashMap<_, _>>();
+        let fingerprints = paths
+            .iter()
+            .map(|(name, paths)| (name.clone(), paths.fingerprint()))
             .collect();
         Self {
             inner: Arc::new(Inner {
@@ -158,6 +167,7 @@ impl Normalizer {
                 pool,
                 sources: settings.sources.clone(),
                 paths,
+                fingerprints,
                 batch_size: settings.batch_size,
                 metrics,
                 lag,
@@ -225,6 +235,13 @@ impl Normalizer {
         // One pooled connection for the run's batches (a normalize run never waits on anything
         // but the database).
         let mut client = inner.pool.get().await?;
+        match replay::mode(&client, name, &inner.fingerprints[name]).await? {
+            replay::Mode::Current => {}
+            replay::Mode::Replaying => return self.replay_source(source, client).await,
+            // One failed run said why; the previous version stays served until the mapping
+            // changes again or a replay is asked for.
+            replay::Mode::Stalled => return Ok(idle),
+        }
         if !batch::has_work(&client, source).await? {
             return Ok(idle);
         }
@@ -282,5 +299,98 @@ impl Normalizer {
             summary: Some(summary),
             busy,
         })
+    }
+
+    /// A replay run of `source` (see [`replay`]): builds batch after batch until it swaps the
+    /// new version in, another replica holds the source, or the mapping cannot apply.
+    async fn replay_source(
+        &self,
+        source: &Source,
+        mut client: deadpool_postgres::Object,
+    ) -> Result<RunOutcome, NormalizeError> {
+        let inner = &self.inner;
+        let name = source.name.as_str();
+        let paths = &inner.paths[name];
+        let run = inner.runs.begin(name).await?;
+        let mut outcome = RunOutcome {
+            summary: None,
+            busy: false,
+        };
+        let mut counts = RunCounts::default();
+        let mut error = None;
+        let mut built = 0;
+        let mut row_limit = inner.batch_size;
+        while !inner.shutdown.is_cancelled() {
+            let started = Instant::now();
+            let batch = replay::process_batch(&mut client, source, paths, run.id, row_limit)
+                .instrument(tracing::info_span!("replay_batch", source = name))
+                .await;
+            match batch {
+                Ok(replay::ReplayOutcome::Built { rows, text_bytes }) => {
+                    built += rows;
+                    row_limit = batch::next_row_limit(inner.batch_size, rows, text_bytes);
+                    inner.metrics.record_batch(
+                        name,
+                        &RunCounts {
+                            processed: rows,
+                            ..RunCounts::default()
+                        },
+                        started.elapsed().as_secs_f64(),
+                    );
+                }
+                Ok(replay::ReplayOutcome::Swapped(swapped)) => {
+                    counts = swapped;
+                    break;
+                }
+                Ok(replay::ReplayOutcome::Busy) => {
+                    outcome.busy = true;
+                    break;
+                }
+                Err(e) => {
+                    error = Some(format!("replay: {}", etl_shared::error_chain(&e)));
+                    break;
+                }
+            }
+        }
+        if built == 0 && counts == RunCounts::default() && error.is_none() {
+            run.discard().await?;
+            return Ok(outcome);
+        }
+        drop(client);
+        outcome.summary = Some(run.end(&inner.metrics, counts, error).await?);
+        Ok(outcome)
+    }
+
+    /// `etl-normalizer replay --source NAME`: re-normalizes `name` from its raw rows now, to
+    /// the current mapping, and returns once the new version is served (or why it is not).
+    pub async fn replay(&self, name: &str) -> Result<RunCounts, NormalizeError> {
+        let source = self
+            .inner
+            .sources
+            .get(name)
+            .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
+        {
+            let client = self.inner.pool.get().await?;
+            replay::mode(&client, name, &self.inner.fingerprints[name]).await?;
+            replay::begin(&client, name, &self.inner.fingerprints[name], true).await?;
+        }
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            let client = self.inner.pool.get().await?;
+            let outcome = self.replay_source(source, client).await?;
+            if let Some(summary) = outcome.summary {
+                return match summary.error {
+                    None => Ok(summary.counts),
+                    Some(error) => Err(NormalizeError::Replay(error)),
+                };
+            }
+            if !outcome.busy {
+                // Another process swapped it in while this one waited.
+                return Ok(RunCounts::default());
+            }
+            // Another replica holds the source (and may be replaying it): look again.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(2));
+        }
     }
 }

@@ -20,6 +20,12 @@ enum Command {
     Run,
     /// Apply pending schema migrations and exit (for a compose one-shot or a Helm hook).
     Migrate,
+    /// Re-normalize a source from its raw rows with the current mapping, built apart and
+    /// swapped in whole; returns once the new version is served.
+    Replay {
+        #[arg(long)]
+        source: String,
+    },
 }
 
 #[tokio::main]
@@ -42,6 +48,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("could not migrate the database")?;
             println!("migrations applied: {}", report.applied.len());
+        }
+        Command::Replay { source } => {
+            let settings = Settings::from_env(&env).context("invalid configuration")?;
+            etl_shared::db::check_at_start(&settings.database, etl_shared::db::Needs::Session)
+                .await?;
+            let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session)?;
+            let normalizer = Normalizer::new(&settings, pool, etl_shared::shutdown::on_signal());
+            let counts = normalizer
+                .replay(&source)
+                .await
+                .with_context(|| format!("the replay of {source:?} did not complete"))?;
+            println!(
+                "replayed {source}: {} normalized ({} new, {} changed, {} unchanged), {} rejected, {} withdrawn",
+                counts.processed - counts.rejected,
+                counts.inserted,
+                counts.updated,
+                counts.unchanged,
+                counts.rejected,
+                counts.deleted,
+            );
         }
         Command::Run => {
             let settings = Settings::from_env(&env).context("invalid configuration")?;

@@ -40,6 +40,19 @@ impl FieldPaths {
     }
 }
 
+impl FieldPaths {
+    /// The mapping's canonical text: what `etl_checkpoint.mapping_fingerprint` holds, so a
+    /// changed mapping is seen as one (and a reformatted sources file is not).
+    pub fn fingerprint(&self) -> String {
+        serde_json::json!({
+            "name": self.name,
+            "value": self.value,
+            "description": self.description,
+        })
+        .to_string()
+    }
+}
+
 /// RFC 6901 pointer to path tokens: `/a/b~1c` → `["a", "b/c"]`.
 pub fn pointer_to_path(pointer: &str) -> Vec<String> {
     pointer

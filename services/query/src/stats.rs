@@ -56,6 +56,24 @@ pub struct SourceStats {
     /// The latest normalize run.
     #[oai(skip_serializing_if_is_none)]
     pub last_normalize: Option<RunInfo>,
+    /// A replay under way (the source re-normalized after its mapping changed): until it
+    /// completes, the previous version is served whole.
+    #[oai(skip_serializing_if_is_none)]
+    pub replay: Option<ReplayInfo>,
+}
+
+/// A replay of a source in progress, or stopped because its mapping cannot apply.
+#[derive(Debug, Clone, Object)]
+pub struct ReplayInfo {
+    pub started_at: OffsetDateTime,
+    /// Raw rows built into the new version so far.
+    pub processed: i64,
+    /// Raw changes still to build (an upper bound: changed rows count once per version).
+    pub remaining: i64,
+    /// Why the replay stopped: the mapping cannot apply to this source's rows. The previous
+    /// version stays served until the mapping changes again or a replay is asked for.
+    #[oai(skip_serializing_if_is_none)]
+    pub error: Option<String>,
 }
 
 /// How far the normalizer has got with a source.
@@ -87,6 +105,9 @@ pub struct RunInfo {
     pub records_updated: i64,
     pub records_unchanged: i64,
     pub records_rejected: i64,
+    /// Ingest: raw rows it withdrew because the source no longer had them (`deletes =
+    /// "snapshot"`). Normalize: such withdrawals it applied.
+    pub records_deleted: i64,
     /// Why it failed.
     #[oai(skip_serializing_if_is_none)]
     pub error_message: Option<String>,
@@ -138,15 +159,15 @@ impl StatsCache {
 
 async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError> {
     // One snapshot for all five, sent together.
-    let statements =
-        [NORMALIZED, RAW, REJECTS, CHECKPOINTS, LATEST_RUNS].map(|sql| Statement::new(sql, vec![]));
+    let statements = [NORMALIZED, RAW, REJECTS, CHECKPOINTS, LATEST_RUNS, REPLAYS]
+        .map(|sql| Statement::new(sql, vec![]));
     let mut answers = reader
         .read(Snapshot::Shared, &statements)
         .await?
         .into_iter();
     let mut next = || answers.next().unwrap_or_default();
-    let (normalized, raw, rejects, checkpoints, latest_runs) =
-        (next(), next(), next(), next(), next());
+    let (normalized, raw, rejects, checkpoints, latest_runs, replays) =
+        (next(), next(), next(), next(), next(), next());
     let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
     for row in normalized {
         let s = entry(&mut sources, row.get(0));
@@ -189,12 +210,21 @@ async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError
             records_unchanged: row.get(10),
             records_rejected: row.get(11),
             error_message: row.get(12),
+            records_deleted: row.get(13),
         };
         let s = entry(&mut sources, row.get(1));
         match row.get::<_, &str>(0) {
             "ingester" => s.last_ingest = Some(run),
             _ => s.last_normalize = Some(run),
         }
+    }
+    for row in replays {
+        entry(&mut sources, row.get(0)).replay = Some(ReplayInfo {
+            started_at: row.get(1),
+            processed: row.get(2),
+            remaining: row.get(3),
+            error: row.get(4),
+        });
     }
     let sources: Vec<SourceStats> = sources.into_values().collect();
     Ok(Stats {
@@ -219,6 +249,7 @@ fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut Sour
         checkpoint: None,
         last_ingest: None,
         last_normalize: None,
+        replay: None,
     })
 }
 
@@ -237,5 +268,13 @@ const CHECKPOINTS: &str =
 
 const LATEST_RUNS: &str = "SELECT DISTINCT ON (service, source)
         service, source, id, status, started_at, ended_at, duration_seconds, records_processed,
-        records_inserted, records_updated, records_unchanged, records_rejected, error_message
+        records_inserted, records_updated, records_unchanged, records_rejected, error_message,
+        records_deleted
     FROM etl_runs ORDER BY service, source, started_at DESC, id DESC";
+
+/// Replays under way: how far each is, and how many raw changes are past its position.
+const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,
+        (SELECT count(*) FROM raw_api_data r WHERE r.source = p.source AND r.change_id > p.position)
+        + (SELECT count(*) FROM raw_csv_data r WHERE r.source = p.source AND r.change_id > p.position),
+        p.error
+    FROM etl_replays p";
