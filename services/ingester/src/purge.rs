@@ -1,9 +1,9 @@
 //! `etl-ingester purge --source NAME`: removes what a source left in the database (raw and
-//! normalized rows, the normalizer's checkpoint, rejects, its lease), for a source taken out of
-//! the sources file. Its runs stay, as history. One transaction, taken in the order the writers
-//! take their locks: the source's lease (refused while a run holds it), the raw write lock (so
-//! no batch lands half before, half after), the normalizer's checkpoint row (waits for a batch
-//! in progress).
+//! normalized rows, the normalizer's checkpoint, rejects, its lease, fetch state and any replay
+//! in progress), for a source taken out of the sources file. Its runs stay, as history. One
+//! transaction, taken in the order the writers take their locks: the source's lease (refused
+//! while a run holds it), the raw write lock (so no batch lands half before, half after), the
+//! normalizer's checkpoint row (waits for a batch in progress).
 
 use etl_shared::raw::RAW_WRITE_LOCK_CLASS;
 use etl_shared::Pool;
@@ -74,12 +74,16 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
     purged.rejects = tx
         .execute("DELETE FROM etl_rejects WHERE source = $1", &[&source])
         .await?;
-    let lease = tx
-        .execute(
-            "DELETE FROM etl_source_leases WHERE source = $1",
-            &[&source],
-        )
-        .await?;
+    let mut lease = 0;
+    for state in [
+        "DELETE FROM etl_source_leases WHERE source = $1",
+        "DELETE FROM etl_source_state WHERE source = $1",
+        "DELETE FROM etl_replays WHERE source = $1",
+        "DELETE FROM normalized_replay WHERE source = $1",
+        "DELETE FROM etl_rejects_replay WHERE source = $1",
+    ] {
+        lease += tx.execute(state, &[&source]).await?;
+    }
     purged.runs_kept = tx
         .query_one(
             "SELECT count(*) FROM etl_runs WHERE source = $1",
