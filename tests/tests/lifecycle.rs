@@ -529,16 +529,19 @@ impl Replaying {
         }
     }
 
-    fn normalizer(&self) -> ServiceProcess {
-        ServiceProcess::start(
+    /// A normalizer, and its admin address.
+    fn normalizer(&self) -> (ServiceProcess, std::net::SocketAddr) {
+        let admin = etl_tests::free_local_addr();
+        let process = ServiceProcess::start(
             "etl-normalizer",
             &[
                 ("DATABASE_URL", self.db.url.clone()),
                 ("SOURCES_FILE", self.sources.env_value()),
-                ("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".into()),
+                ("NORMALIZER_ADMIN_ADDR", admin.to_string()),
                 ("NORMALIZER_BATCH_SIZE", "100".into()),
             ],
-        )
+        );
+        (process, admin)
     }
 
     /// Switches the mapping's name from the `name` column to `label`.
@@ -567,12 +570,12 @@ impl Replaying {
 async fn a_mapping_change_is_replayed_and_readers_see_only_whole_versions() {
     const ROWS: u64 = 3_000;
     let stack = Replaying::start(ROWS).await;
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, _) = stack.normalizer();
     stack.wait_for_version(Version::Old, ROWS).await;
     assert_eq!(normalizer.stop().await, Some(0));
 
     stack.remap();
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, _) = stack.normalizer();
     let mut seen = Vec::new();
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -623,12 +626,12 @@ async fn a_mapping_change_is_replayed_and_readers_see_only_whole_versions() {
 async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
     const ROWS: u64 = 20_000;
     let stack = Replaying::start(ROWS).await;
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, _) = stack.normalizer();
     stack.wait_for_version(Version::Old, ROWS).await;
     assert_eq!(normalizer.stop().await, Some(0));
 
     stack.remap();
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, admin) = stack.normalizer();
     let client = stack.db.client().await;
     wait_for("the replay to be under way", DEADLINE, || async {
         let processed: Option<i64> = client
@@ -639,6 +642,32 @@ async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
         processed.filter(|&p| p > 0 && p < ROWS as i64)
     })
     .await;
+    // Its progress shows in the metrics and in /stats.
+    let metrics = wait_for("the replay gauge", DEADLINE, || async {
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("etl_normalize_replay_rows{source=\"renamed\"} "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    })
+    .await;
+    assert!(metrics > 0, "replay rows gauge: {metrics}");
+    let stats: serde_json::Value = serde_json::from_str(
+        &reqwest::get(format!("{}/stats", stack.api))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let replay = &stats["sources"][0]["replay"];
+    assert!(replay["processed"].as_i64().unwrap() > 0, "{stats}");
+    assert!(replay["remaining"].as_i64().unwrap() > 0, "{stats}");
     normalizer.signal("-KILL").await;
     let _ = normalizer.child.wait().await;
 
@@ -647,7 +676,7 @@ async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
         Some((Version::Old, ROWS)),
         "the old version is still served"
     );
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, _) = stack.normalizer();
     stack.wait_for_version(Version::New, ROWS).await;
     assert_eq!(
         normalizer.stop().await,
@@ -671,7 +700,7 @@ async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
 async fn replay_on_demand_rebuilds_a_source_and_says_what_changed() {
     const ROWS: u64 = 500;
     let stack = Replaying::start(ROWS).await;
-    let mut normalizer = stack.normalizer();
+    let (mut normalizer, _) = stack.normalizer();
     stack.wait_for_version(Version::Old, ROWS).await;
     assert_eq!(normalizer.stop().await, Some(0));
     stack.remap();

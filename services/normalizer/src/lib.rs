@@ -115,6 +115,7 @@ struct Inner {
     runs: Runs,
     sources: Sources,
     paths: HashMap<String, FieldPaths>,
+    replay: Family<SourceLabels, Gauge>,
     /// Per source, its mapping's fingerprint ([`FieldPaths::fingerprint`]).
     fingerprints: HashMap<String, String>,
     batch_size: i64,
@@ -145,6 +146,12 @@ impl Normalizer {
             "Raw changes not yet normalized, per source",
             lag.clone(),
         );
+        let replay = Family::<SourceLabels, Gauge>::default();
+        metrics.register(
+            "etl_normalize_replay_rows",
+            "Raw rows built into the new version by a replay under way, per source (0: none)",
+            replay.clone(),
+        );
         let reconnects = Counter::default();
         metrics.register(
             "etl_normalize_listen_reconnects",
@@ -171,6 +178,7 @@ impl Normalizer {
                 batch_size: settings.batch_size,
                 metrics,
                 lag,
+                replay,
                 reconnects,
                 shutdown,
                 hook,
@@ -202,17 +210,23 @@ impl Normalizer {
         self.inner.reconnects.inc();
     }
 
-    /// Refreshes the per-source lag gauges from the database.
+    /// Refreshes the per-source lag and replay gauges from the database.
     pub async fn refresh_lag(&self) -> Result<(), NormalizeError> {
         let client = self.inner.pool.get().await?;
+        let replays: HashMap<String, i64> = client
+            .query("SELECT source, processed FROM etl_replays", &[])
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
         for source in &self.inner.sources.sources {
             let lag = batch::lag(&client, source).await?;
-            self.inner
-                .lag
-                .get_or_create(&SourceLabels {
-                    source: source.name.clone(),
-                })
-                .set(lag);
+            let labels = SourceLabels {
+                source: source.name.clone(),
+            };
+            self.inner.lag.get_or_create(&labels).set(lag);
+            let replayed = replays.get(&source.name).copied().unwrap_or(0);
+            self.inner.replay.get_or_create(&labels).set(replayed);
         }
         Ok(())
     }

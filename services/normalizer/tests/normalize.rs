@@ -422,3 +422,70 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
         "the slow transaction really drew its id first"
     );
 }
+
+#[tokio::test]
+async fn a_changed_mapping_that_cannot_apply_fails_one_run_and_leaves_the_old_version_served() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let rows: Vec<serde_json::Value> = (1..=20)
+        .map(|i| serde_json::json!({ "id": i.to_string(), "name": format!("n{i}"), "value": i.to_string(), "note": "" }))
+        .collect();
+    write_raw(&mut client, RawTable::Csv, "csv", &rows, false).await;
+    let before = normalizer(&settings(&db, &sources_toml(&[])), None);
+    before.run_source("csv").await.unwrap();
+    // The sources file now names a column the rows do not have.
+    let remapped = sources_toml(&[]).replace(r#"name = "name""#, r#"name = "title""#);
+    let after = normalizer(&settings(&db, &remapped), None);
+
+    let first = after.run_source("csv").await.unwrap();
+    let polls = [
+        after.run_source("csv").await.unwrap(),
+        after.run_source("csv").await.unwrap(),
+    ];
+
+    let error = first
+        .summary
+        .and_then(|s| s.error)
+        .expect("a failed replay run");
+    assert!(error.contains("mapping.name = \"title\""), "{error}");
+    assert!(
+        polls.iter().all(|p| p.summary.is_none()),
+        "later polls record no more failed runs"
+    );
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM normalized_data WHERE source = 'csv' AND name LIKE 'n%'),
+                    (SELECT error FROM etl_replays WHERE source = 'csv'),
+                    (SELECT count(*) FROM etl_runs WHERE service = 'normalizer' AND status = 'failed')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (served, reason, failed): (i64, Option<String>, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(served, 20, "the previous version stays served");
+    assert!(
+        reason.is_some_and(|r| r.contains("title")),
+        "the reason is kept for /stats"
+    );
+    assert_eq!(failed, 1);
+
+    // Fixed in the file: the replay runs again and swaps in.
+    let fixed = normalizer(
+        &settings(
+            &db,
+            &sources_toml(&[]).replace(r#"name = "name""#, r#"name = "value""#),
+        ),
+        None,
+    );
+    let replayed = fixed.run_source("csv").await.unwrap();
+    assert_eq!(replayed.summary.and_then(|s| s.error), None);
+    let renamed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM normalized_data WHERE source = 'csv' AND name = value::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(renamed, 20, "the new version is served");
+}
