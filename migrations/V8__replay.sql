@@ -6,6 +6,11 @@
 -- normalizer first records it.
 ALTER TABLE etl_checkpoint ADD COLUMN mapping_fingerprint text;
 
+-- A source whose ordinary batch failed because its mapping cannot apply (a CSV column its rows
+-- lack): why, and the newest raw change id then. It is not tried again (so it fails one run,
+-- not one per poll) until a newer raw change arrives or the mapping changes.
+ALTER TABLE etl_checkpoint ADD COLUMN stalled_at bigint, ADD COLUMN stalled_reason text;
+
 -- A replay in progress (or stopped by a mapping that cannot apply: `error`): the mapping it
 -- builds, how far through the raw rows it is, and what it has done.
 CREATE TABLE etl_replays (

@@ -113,6 +113,8 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "updated_at",
                 "normalized_rows",
                 "mapping_fingerprint",
+                "stalled_at",
+                "stalled_reason",
             ],
         ),
         (

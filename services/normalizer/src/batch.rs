@@ -63,6 +63,33 @@ pub async fn has_work(client: &Client, source: &Source) -> Result<bool, tokio_po
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
+/// The newest raw change id of source `$1` (0 when it has none): both raw tables, one index
+/// probe each.
+#[macro_export]
+macro_rules! newest_change_of_1 {
+    () => {
+        "coalesce(greatest(
+             (SELECT max(change_id) FROM raw_api_data WHERE source = $1),
+             (SELECT max(change_id) FROM raw_csv_data WHERE source = $1)), 0)"
+    };
+}
+
+/// Notes that `source`'s mapping cannot apply to its rows as they are now: it is not tried
+/// again until a newer raw change arrives (see [`replay::mode`](crate::replay::mode)).
+pub async fn stall(
+    client: &Client,
+    source: &str,
+    reason: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = concat!(
+        "UPDATE etl_checkpoint SET stalled_reason = $2, stalled_at = ",
+        newest_change_of_1!(),
+        " WHERE source = $1"
+    );
+    client.execute(sql, &[&source, &reason]).await?;
+    Ok(())
+}
+
 /// Raw rows not yet checkpointed (the lag); counts the index range, so it is for metrics.
 pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres::Error> {
     let sql = RawTable::of(source.kind).sql().count_pending;
@@ -405,7 +432,7 @@ async fn advance(
     tx.execute(
         "UPDATE etl_checkpoint SET last_processed_id = $2, last_processed_at = now(),
              total_processed = total_processed + $3, normalized_rows = normalized_rows + $4,
-             updated_at = now()
+             updated_at = now(), stalled_at = NULL, stalled_reason = NULL
          WHERE source = $1",
         &[
             &source,

@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 pub use daemon::Application;
 
-use crate::batch::{BatchOutcome, Hook};
+use crate::batch::{BatchError, BatchOutcome, Hook};
 use crate::mapping::FieldPaths;
 
 /// Everything the normalizer reads from its environment, validated at start-up.
@@ -253,7 +253,7 @@ impl Normalizer {
             replay::Mode::Current => {}
             replay::Mode::Replaying => return self.replay_source(source, client).await,
             // One failed run said why; the previous version stays served until the mapping
-            // changes again or a replay is asked for.
+            // changes again, a replay is asked for, or (ordinary batches) new raw rows arrive.
             replay::Mode::Stalled => return Ok(idle),
         }
         if !batch::has_work(&client, source).await? {
@@ -298,6 +298,9 @@ impl Normalizer {
                 }
                 Ok(BatchOutcome::CaughtUp) => break,
                 Err(e) => {
+                    if let BatchError::Mapping(reason) = &e {
+                        batch::stall(&client, name, reason).await?;
+                    }
                     error = Some(etl_shared::error_chain(&e));
                     break;
                 }

@@ -18,6 +18,7 @@ use tokio_postgres::{Client, Transaction};
 
 use crate::batch::{self, BatchError, Classified};
 use crate::mapping::FieldPaths;
+use crate::newest_change_of_1;
 
 /// How a source is to be normalized now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,42 +27,61 @@ pub enum Mode {
     Current,
     /// A replay to the current mapping is under way.
     Replaying,
-    /// The replay to the current mapping stopped: the mapping cannot apply.
+    /// The mapping cannot apply (a replay to it stopped, or ordinary batches did) and nothing
+    /// changed since: nothing to try.
     Stalled,
 }
 
 /// Decides the mode of `source` for mapping `fingerprint`: the first time a source is seen its
-/// fingerprint is recorded (its rows were made with it); a changed one starts a replay.
+/// fingerprint is recorded (its rows were made with it); a changed one starts a replay. Reads
+/// without locking (replicas never wait on each other's batches); writes only on a change.
 pub async fn mode(
     client: &Client,
     source: &str,
     fingerprint: &str,
 ) -> Result<Mode, tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO etl_checkpoint (source, mapping_fingerprint) VALUES ($1, $2)
-             ON CONFLICT (source) DO UPDATE SET mapping_fingerprint = EXCLUDED.mapping_fingerprint
-             WHERE etl_checkpoint.mapping_fingerprint IS NULL",
-            &[&source, &fingerprint],
-        )
-        .await?;
     let row = client
         .query_one(
-            "SELECT c.mapping_fingerprint, r.fingerprint, r.error IS NOT NULL
-             FROM etl_checkpoint c LEFT JOIN etl_replays r ON r.source = c.source
-             WHERE c.source = $1",
+            concat!(
+                "SELECT c.mapping_fingerprint, r.fingerprint, r.error IS NOT NULL,
+                        coalesce(c.stalled_at >= ",
+                newest_change_of_1!(),
+                ", false)
+                 FROM (SELECT $1::text AS source) s
+                 LEFT JOIN etl_checkpoint c ON c.source = s.source
+                 LEFT JOIN etl_replays r ON r.source = s.source"
+            ),
             &[&source],
         )
         .await?;
-    let (made_with, replaying, failed): (Option<String>, Option<String>, Option<bool>) =
-        (row.get(0), row.get(1), row.get(2));
+    let (made_with, replaying, failed, stalled): (
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+        bool,
+    ) = (row.get(0), row.get(1), row.get(2), row.get(3));
     Ok(match (made_with.as_deref(), replaying.as_deref()) {
         (_, Some(replay)) if replay == fingerprint && failed == Some(true) => Mode::Stalled,
         (_, Some(replay)) if replay == fingerprint => Mode::Replaying,
+        // A mapping that could not apply to the rows is not tried again until a newer raw
+        // change arrives: one failed run, not one per poll.
+        (Some(made), None) if made == fingerprint && stalled => Mode::Stalled,
         (Some(made), None) if made == fingerprint => Mode::Current,
         (Some(made), Some(_)) if made == fingerprint => {
             // A replay to a mapping since reverted: the rows are of the current one already.
             forget(client, source).await?;
+            Mode::Current
+        }
+        (None, _) => {
+            client
+                .execute(
+                    "INSERT INTO etl_checkpoint (source, mapping_fingerprint) VALUES ($1, $2)
+                     ON CONFLICT (source) DO UPDATE
+                     SET mapping_fingerprint = EXCLUDED.mapping_fingerprint
+                     WHERE etl_checkpoint.mapping_fingerprint IS NULL",
+                    &[&source, &fingerprint],
+                )
+                .await?;
             Mode::Current
         }
         _ => {
@@ -317,7 +337,7 @@ async fn swap(
         "UPDATE etl_checkpoint
          SET last_processed_id = $2, last_processed_at = now(), normalized_rows = $3,
              total_processed = total_processed + $3 + $4, mapping_fingerprint = $5,
-             updated_at = now()
+             updated_at = now(), stalled_at = NULL, stalled_reason = NULL
          WHERE source = $1",
         &[&source, &position, &rows, &rejected, &fingerprint],
     )

@@ -489,3 +489,55 @@ async fn a_changed_mapping_that_cannot_apply_fails_one_run_and_leaves_the_old_ve
         .get(0);
     assert_eq!(renamed, 20, "the new version is served");
 }
+
+#[tokio::test]
+async fn rows_the_mapping_cannot_read_fail_one_run_not_one_per_poll_until_new_rows_arrive() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    // The file's header changed upstream: rows 3 and 4 came with `title` instead of `name`.
+    let row = |i: u32, column: &str| json!({ "id": i.to_string(), column: format!("n{i}"), "value": "1", "note": "" });
+    let rows = [
+        row(1, "name"),
+        row(2, "name"),
+        row(3, "title"),
+        row(4, "title"),
+    ];
+    write_raw(&mut client, RawTable::Csv, "csv", &rows, false).await;
+    let normalizer = normalizer(&settings(&db, &sources_toml(&[])), None);
+
+    let first = normalizer.run_source("csv").await.unwrap();
+    let polls = [
+        normalizer.run_source("csv").await.unwrap(),
+        normalizer.run_source("csv").await.unwrap(),
+    ];
+
+    let error = first.summary.and_then(|s| s.error).expect("a failed run");
+    assert!(error.contains("mapping.name = \"name\""), "{error}");
+    assert!(
+        polls.iter().all(|p| p.summary.is_none()),
+        "no failed run per poll"
+    );
+    // Re-ingested in the new shape's fix: the rows arrive again, and the source goes on.
+    write_raw(
+        &mut client,
+        RawTable::Csv,
+        "csv",
+        &[row(3, "name"), row(4, "name")],
+        false,
+    )
+    .await;
+    let resumed = normalizer.run_source("csv").await.unwrap();
+    assert_eq!(resumed.summary.and_then(|s| s.error), None);
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM normalized_data WHERE source = 'csv'),
+                    (SELECT count(*) FROM etl_runs WHERE service = 'normalizer' AND status = 'failed'),
+                    (SELECT stalled_reason FROM etl_checkpoint WHERE source = 'csv')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (normalized, failed, stalled): (i64, i64, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    assert_eq!((normalized, failed, stalled), (4, 1, None));
+}
