@@ -50,6 +50,9 @@ pub struct RawStatements {
     /// Records normalize-stage rejects (`$1` run, `$2` source, then arrays of source ids, raw
     /// ids and reasons) with the raw row's data as their bytes; one current reject per record.
     pub reject_normalize: &'static str,
+    /// Records as normalize-stage rejects of run `$2` the rejects a replay of source `$1` built
+    /// (`etl_rejects_replay`), with the raw row's data as their bytes.
+    pub reject_replayed: &'static str,
     /// Whether `$1` has a change after its checkpoint (one index probe).
     pub has_pending: &'static str,
     /// How many changes of `$1` are after its checkpoint (an index range).
@@ -126,6 +129,13 @@ macro_rules! raw_statements {
                  ON CONFLICT (source, source_id) WHERE stage = 'normalize' DO UPDATE
                  SET run_id = EXCLUDED.run_id, raw_id = EXCLUDED.raw_id, reason = EXCLUDED.reason,
                      raw = EXCLUDED.raw, created_at = now()"
+            ),
+            reject_replayed: concat!(
+                "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
+                 SELECT $2, 'normalize', j.source, j.source_id, j.raw_id, j.reason,
+                        convert_to(r.data::text, 'UTF8')
+                 FROM etl_rejects_replay j JOIN ", $table, " r ON r.id = j.raw_id
+                 WHERE j.source = $1"
             ),
             has_pending: concat!(
                 "SELECT EXISTS (SELECT 1 FROM ", $table, " r

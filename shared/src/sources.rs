@@ -126,6 +126,26 @@ pub struct Mapping {
     pub description: Option<String>,
 }
 
+impl Mapping {
+    /// Every column or pointer the mapping reads, with the field that names it
+    /// (`mapping.source_id` once per key part; `mapping.description` only when set).
+    pub fn targets(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        self.source_id
+            .fields()
+            .iter()
+            .map(|part| ("mapping.source_id", part))
+            .chain(
+                [
+                    ("mapping.name", Some(&self.name)),
+                    ("mapping.value", Some(&self.value)),
+                    ("mapping.description", self.description.as_ref()),
+                ]
+                .into_iter()
+                .filter_map(|(field, target)| Some((field, target?))),
+            )
+    }
+}
+
 /// `deletes`: what becomes of records that disappear upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -533,16 +553,7 @@ fn validate_mapping(source: &Source) -> Result<(), (String, String)> {
             format!("{twice:?} is named twice"),
         ));
     }
-    let fields = key
-        .iter()
-        .map(|part| ("mapping.source_id", Some(part)))
-        .chain([
-            ("mapping.name", Some(&m.name)),
-            ("mapping.value", Some(&m.value)),
-            ("mapping.description", m.description.as_ref()),
-        ]);
-    for (field, target) in fields {
-        let Some(target) = target else { continue };
+    for (field, target) in m.targets() {
         match source.kind {
             SourceKind::Rest if !target.starts_with('/') => {
                 return Err((

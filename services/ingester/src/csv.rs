@@ -245,25 +245,12 @@ impl Header {
             columns.push(name);
         }
         let mapping = &source.mapping;
-        let key_parts = mapping.source_id.fields();
-        let mapped = key_parts
-            .iter()
-            .map(|part| ("mapping.source_id", Some(part)))
-            .chain([
-                ("mapping.name", Some(&mapping.name)),
-                ("mapping.value", Some(&mapping.value)),
-                ("mapping.description", mapping.description.as_ref()),
-            ]);
-        for (field, column) in mapped {
-            if let Some(column) = column {
-                if !columns.contains(column) {
-                    return Err(SourceError::MissingColumn {
-                        column: column.clone(),
-                        field,
-                        columns,
-                    });
-                }
-            }
+        if let Some((field, column)) = mapping.targets().find(|(_, c)| !columns.contains(c)) {
+            return Err(SourceError::MissingColumn {
+                column: column.clone(),
+                field,
+                columns,
+            });
         }
         let key = match &mapping.source_id {
             SourceKey::Row => Key::Row,

@@ -277,7 +277,7 @@ impl Ingester {
                         }
                         SourceKind::Csv => csv::ingest(source, fetcher, &mut lander).await,
                     },
-                    Err(e) => Err(IngestError::Client(e.to_string())),
+                    Err(e) => Err(IngestError::Client(etl_shared::error_chain(e))),
                 };
                 // A failed read drops what it queued since the last batch (the next run reads
                 // the source again); a whole read hands over its last batch. Either way the

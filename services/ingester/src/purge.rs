@@ -74,7 +74,7 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
     purged.rejects = tx
         .execute("DELETE FROM etl_rejects WHERE source = $1", &[&source])
         .await?;
-    let mut lease = 0;
+    let mut state_rows = 0;
     for state in [
         "DELETE FROM etl_source_leases WHERE source = $1",
         "DELETE FROM etl_source_state WHERE source = $1",
@@ -82,7 +82,7 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
         "DELETE FROM normalized_replay WHERE source = $1",
         "DELETE FROM etl_rejects_replay WHERE source = $1",
     ] {
-        lease += tx.execute(state, &[&source]).await?;
+        state_rows += tx.execute(state, &[&source]).await?;
     }
     purged.runs_kept = tx
         .query_one(
@@ -91,7 +91,7 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
         )
         .await?
         .get(0);
-    if purged == Purged::default() && lease == 0 {
+    if purged == Purged::default() && state_rows == 0 {
         return Err(PurgeError::Unknown(source.to_owned()));
     }
     tx.commit().await?;

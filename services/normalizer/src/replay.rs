@@ -316,23 +316,8 @@ async fn swap(
         &[&source],
     )
     .await?;
-    let rejects = match table {
-        RawTable::Api => {
-            "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
-             SELECT $2, 'normalize', j.source, j.source_id, j.raw_id, j.reason,
-                    convert_to(r.data::text, 'UTF8')
-             FROM etl_rejects_replay j JOIN raw_api_data r ON r.id = j.raw_id
-             WHERE j.source = $1"
-        }
-        RawTable::Csv => {
-            "INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
-             SELECT $2, 'normalize', j.source, j.source_id, j.raw_id, j.reason,
-                    convert_to(r.data::text, 'UTF8')
-             FROM etl_rejects_replay j JOIN raw_csv_data r ON r.id = j.raw_id
-             WHERE j.source = $1"
-        }
-    };
-    tx.execute(rejects, &[&source, &run_id]).await?;
+    tx.execute(table.sql().reject_replayed, &[&source, &run_id])
+        .await?;
     tx.execute(
         "UPDATE etl_checkpoint
          SET last_processed_id = $2, last_processed_at = now(), normalized_rows = $3,
