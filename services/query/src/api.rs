@@ -7,7 +7,7 @@ use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
-use crate::data::{self, DataPage, DataQuery};
+use crate::data::{self, Cursor, DataPage, DataQuery, Start};
 use crate::problem;
 use crate::reader::Reader;
 use crate::stats::{Stats, StatsCache};
@@ -91,6 +91,10 @@ impl Api {
     /// Records in a stable order (by `id`), optionally of one source and matching a search.
     /// `total` counts every matching record; for searches, counting stops at 1,000 and
     /// `total_exact` is then false.
+    ///
+    /// Two ways to page: by `page` number, or by following `next_cursor` (pass it back as
+    /// `cursor`, with the same filters). A page number costs its depth; a cursor costs the same
+    /// at any depth and never skips or repeats a record while records are inserted or updated.
     #[oai(
         path = "/data",
         method = "get",
@@ -118,6 +122,9 @@ impl Api {
         /// themselves.
         #[oai(validator(min_length = 1, max_length = 200))]
         search: Query<Option<String>>,
+        /// The `next_cursor` of the previous page; instead of `page`.
+        #[oai(validator(min_length = 1, max_length = 100))]
+        cursor: Query<Option<String>>,
     ) -> DataResponse {
         // Postgres text cannot hold NUL, so no record can match one: say so instead of letting
         // the database refuse the query.
@@ -129,8 +136,24 @@ impl Api {
                 )));
             }
         }
+        let start = match cursor.0.as_deref().map(Cursor::decode) {
+            None => Start::Page(page.0),
+            Some(Some(_)) if page.0 != 1 => {
+                return DataResponse::BadRequest(Json(Problem::invalid_parameter(
+                    "cursor",
+                    "give either page or cursor, not both",
+                )));
+            }
+            Some(Some(cursor)) => Start::After(cursor),
+            Some(None) => {
+                return DataResponse::BadRequest(Json(Problem::invalid_parameter(
+                    "cursor",
+                    "is not a next_cursor this API returned",
+                )));
+            }
+        };
         let query = DataQuery {
-            page: page.0,
+            start,
             page_size: page_size.0,
             source: source.0,
             search: search.0,

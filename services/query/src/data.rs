@@ -1,6 +1,11 @@
 //! `GET /data`: pages of `normalized_data`. One constant SQL statement per filter combination,
 //! every value a bind parameter, so each has a plan that uses its index: the primary key for
 //! plain pages, `(source, id)` for a source, the trigram indexes for searches.
+//!
+//! Pages come two ways through the same statements: by number (`OFFSET`, which walks every
+//! earlier row, so deep pages cost their depth) or by [`Cursor`] (`id > last seen`, one index
+//! descent at any depth). Ids never change and new records get larger ones, so a walk by cursor
+//! neither skips nor repeats a record while others are inserted or updated.
 
 use poem_openapi::Object;
 use time::OffsetDateTime;
@@ -46,25 +51,82 @@ pub struct DataPage {
     pub page_size: u32,
     /// Whether a later page has records.
     pub has_more: bool,
+    /// Pass as `cursor` to get the next page, at the cost of the first one at any depth, and
+    /// without skipping or repeating records inserted or updated meanwhile. Absent on the last
+    /// page.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
+}
+
+/// Where a walk by cursor stands: after which id, and which page of the walk comes next.
+/// Opaque to clients (base64url), so its form may change without breaking them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub after_id: i64,
+    pub page: u32,
+}
+
+impl Cursor {
+    const VERSION: &'static str = "v1";
+
+    pub fn encode(self) -> String {
+        use base64::Engine;
+        let plain = format!("{}.{}.{}", Self::VERSION, self.page, self.after_id);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+    }
+
+    /// `None` for anything [`Cursor::encode`] did not produce.
+    pub fn decode(text: &str) -> Option<Self> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        let plain = std::str::from_utf8(&bytes).ok()?;
+        let mut parts = plain.split('.');
+        if parts.next()? != Self::VERSION {
+            return None;
+        }
+        let page: u32 = parts.next()?.parse().ok()?;
+        let after_id: i64 = parts.next()?.parse().ok()?;
+        (parts.next().is_none() && page >= 2).then_some(Self { after_id, page })
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct DataQuery {
-    pub page: u32,
+    /// Where the page starts: a page number, or after a cursor's id.
+    pub start: Start,
     pub page_size: u32,
     pub source: Option<String>,
     pub search: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    Page(u32),
+    After(Cursor),
+}
+
 pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryError> {
     let limit = i64::from(query.page_size) + 1; // one extra row tells whether there is more
-    let offset = i64::from(query.page - 1) * i64::from(query.page_size);
+                                                // Ids start at 1: `id > 0` leaves a numbered page to its offset.
+    let (page_number, after_id, offset) = match query.start {
+        Start::Page(page) => (page, 0, i64::from(page - 1) * i64::from(query.page_size)),
+        Start::After(cursor) => (cursor.page, cursor.after_id, 0),
+    };
     let pattern = query.search.as_deref().map(like_pattern);
     let cap = SEARCH_COUNT_CAP + 1;
     let (int, text) = (Type::INT8, Type::TEXT);
     let (page, count) = match (&query.source, &pattern) {
         (None, None) => (
-            Statement::new(PAGE_ALL, vec![(&limit, int.clone()), (&offset, int)]),
+            Statement::new(
+                PAGE_ALL,
+                vec![
+                    (&limit, int.clone()),
+                    (&after_id, int.clone()),
+                    (&offset, int),
+                ],
+            ),
             Statement::new(COUNT_ALL, vec![]),
         ),
         (Some(source), None) => (
@@ -72,6 +134,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                 PAGE_SOURCE,
                 vec![
                     (&limit, int.clone()),
+                    (&after_id, int.clone()),
                     (&offset, int),
                     (source, text.clone()),
                 ],
@@ -83,6 +146,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                 PAGE_SEARCH,
                 vec![
                     (&limit, int.clone()),
+                    (&after_id, int.clone()),
                     (&offset, int.clone()),
                     (pattern, text.clone()),
                 ],
@@ -94,6 +158,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                 PAGE_SOURCE_SEARCH,
                 vec![
                     (&limit, int.clone()),
+                    (&after_id, int.clone()),
                     (&offset, int.clone()),
                     (source, text.clone()),
                     (pattern, text.clone()),
@@ -120,18 +185,29 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
         (counted, true)
     };
     let has_more = rows.len() as i64 > i64::from(query.page_size);
-    let data = rows
+    let data: Vec<DataRecord> = rows
         .iter()
         .take(query.page_size as usize)
         .map(record)
         .collect();
+    let next_cursor = match data.last() {
+        Some(last) if has_more => Some(
+            Cursor {
+                after_id: last.id,
+                page: page_number.saturating_add(1),
+            }
+            .encode(),
+        ),
+        _ => None,
+    };
     Ok(DataPage {
         data,
         total,
         total_exact,
-        page: query.page,
+        page: page_number,
         page_size: query.page_size,
         has_more,
+        next_cursor,
     })
 }
 
@@ -170,22 +246,23 @@ pub fn like_pattern(search: &str) -> String {
     pattern
 }
 
+/// `$1` the limit, `$2` the id a page starts after, `$3` the offset, then the filters'.
 macro_rules! page_sql {
-    ($where:literal) => {
+    ($filter:literal) => {
         concat!(
             "SELECT id, source, source_id, name, value, description, created_at, updated_at
-             FROM normalized_data ",
-            $where,
-            " ORDER BY id LIMIT $1 OFFSET $2"
+             FROM normalized_data WHERE id > $2",
+            $filter,
+            " ORDER BY id LIMIT $1 OFFSET $3"
         )
     };
 }
 
 const PAGE_ALL: &str = page_sql!("");
-const PAGE_SOURCE: &str = page_sql!("WHERE source = $3");
-const PAGE_SEARCH: &str = page_sql!("WHERE (name ILIKE $3 OR description ILIKE $3)");
+const PAGE_SOURCE: &str = page_sql!(" AND source = $4");
+const PAGE_SEARCH: &str = page_sql!(" AND (name ILIKE $4 OR description ILIKE $4)");
 const PAGE_SOURCE_SEARCH: &str =
-    page_sql!("WHERE source = $3 AND (name ILIKE $4 OR description ILIKE $4)");
+    page_sql!(" AND source = $4 AND (name ILIKE $5 OR description ILIKE $5)");
 
 /// Exact and O(sources): the normalizer keeps `normalized_rows` in the batch transaction.
 const COUNT_ALL: &str = "SELECT coalesce(sum(normalized_rows), 0)::bigint FROM etl_checkpoint";
@@ -204,6 +281,33 @@ mod tests {
     fn like_patterns_take_wildcards_and_backslashes_literally() {
         assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
         assert_eq!(like_pattern("plain"), "%plain%");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_anything_else_is_refused() {
+        let cursor = Cursor {
+            after_id: 9_000_000_001,
+            page: 50_005,
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
+        assert!(cursor
+            .encode()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        use base64::Engine;
+        let forged = |plain: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain);
+        for bad in [
+            String::new(),
+            "not base64!".into(),
+            forged("v2.2.10"),
+            forged("v1.1.10"), // page 1 has no cursor
+            forged("v1.2"),
+            forged("v1.2.10.3"),
+            forged("v1.2.ten"),
+            forged("v1.-2.10"),
+        ] {
+            assert_eq!(Cursor::decode(&bad), None, "{bad}");
+        }
     }
 
     const COLUMNS: &str = "id, source, source_id, name, value, description, created_at, updated_at";

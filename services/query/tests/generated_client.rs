@@ -1,5 +1,5 @@
 //! The Python client generated from the committed spec (by `cargo xtask test`, with
-//! openapi-python-client) pages through `/data`, reads `/stats` and gets a typed problem back
+//! openapi-python-client) pages through `/data` by number and by cursor, reads `/stats` and gets a typed problem back
 //! for a bad request, against the running service.
 
 use std::process::Command;
@@ -69,7 +69,7 @@ async fn the_generated_python_client_pages_through_data_and_reads_stats() {
     );
     assert_eq!(
         stdout.trim(),
-        "paged 23 records over 4 pages; stats total 23"
+        "paged 23 records over 4 pages, by cursor over 4; stats total 23"
     );
     shutdown.cancel();
 }

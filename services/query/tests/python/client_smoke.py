@@ -23,6 +23,24 @@ while True:
     page += 1
 assert len(seen) == expected == len(set(seen)), seen
 
+# The same walk by cursor: the generated client passes next_cursor back as cursor.
+walked, cursor, pages = [], None, 0
+while True:
+    if cursor is None:
+        result = list_data.sync(client=client, page_size=7)
+    else:
+        result = list_data.sync(client=client, page_size=7, cursor=cursor)
+    assert isinstance(result, DataPage), result
+    pages += 1
+    assert result.page == pages, (result.page, pages)
+    walked += [record.source_id for record in result.data]
+    if not result.has_more:
+        assert not isinstance(result.next_cursor, str), result.next_cursor
+        break
+    cursor = result.next_cursor
+    assert isinstance(cursor, str), result
+assert walked == seen, (walked, seen)
+
 stats = get_stats.sync(client=client)
 assert isinstance(stats, Stats), stats
 assert stats.total_records == expected, stats
@@ -31,4 +49,4 @@ bad = list_data.sync_detailed(client=client, page_size=101)
 assert bad.status_code == 400 and isinstance(bad.parsed, Problem), bad
 assert bad.parsed.code == "invalid_parameter" and bad.parsed.parameter == "page_size", bad.parsed
 
-print(f"paged {len(seen)} records over {page} pages; stats total {stats.total_records}")
+print(f"paged {len(seen)} records over {page} pages, by cursor over {pages}; stats total {stats.total_records}")
