@@ -288,6 +288,8 @@ pub struct TcpProxy {
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     /// While true, no byte moves either way, but every connection stays open.
     frozen: tokio::sync::watch::Sender<bool>,
+    /// Bytes passed on from clients to the server, over every connection so far.
+    to_server: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpProxy {
@@ -305,6 +307,8 @@ impl TcpProxy {
         let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (accept_up, accept_links) = (up.clone(), links.clone());
         let (frozen, thawed) = tokio::sync::watch::channel(false);
+        let to_server = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = to_server.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 // Checked and registered under the lock `cut` takes, so no link accepted as the
@@ -314,13 +318,14 @@ impl TcpProxy {
                     continue; // dropped: the connection is closed at once
                 }
                 let thawed = thawed.clone();
+                let counted = counted.clone();
                 let link = tokio::spawn(async move {
                     if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
                         let (from_client, to_client) = inbound.into_split();
                         let (from_server, to_server) = outbound.into_split();
                         tokio::join!(
-                            pump(from_client, to_server, thawed.clone()),
-                            pump(from_server, to_client, thawed)
+                            pump(from_client, to_server, thawed.clone(), Some(counted)),
+                            pump(from_server, to_client, thawed, None)
                         );
                     }
                 });
@@ -332,7 +337,13 @@ impl TcpProxy {
             up,
             links,
             frozen,
+            to_server,
         }
+    }
+
+    /// Bytes clients have sent the server through this proxy so far.
+    pub fn bytes_to_server(&self) -> u64 {
+        self.to_server.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops every byte in both directions without closing anything, as a network partition
@@ -460,6 +471,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
+    counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -476,6 +488,9 @@ async fn pump(
             || to.write_all(&buf[..n]).await.is_err()
         {
             break;
+        }
+        if let Some(counted) = &counted {
+            counted.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
         }
     }
     let _ = to.shutdown().await;

@@ -74,6 +74,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "changed_at",
                 "trace_context",
                 "deleted_at",
+                "fingerprint",
             ],
         ),
         (
@@ -88,6 +89,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "changed_at",
                 "trace_context",
                 "deleted_at",
+                "fingerprint",
             ],
         ),
         (

@@ -1,5 +1,5 @@
-//! Landing semantics: re-ingesting unchanged data writes nothing and wakes nobody, a changed
-//! record updates exactly its row, and concurrent ingests neither lose nor duplicate rows nor
+//! Landing semantics: re-ingesting unchanged data writes nothing, wakes nobody and sends only
+//! ids and fingerprints, a changed record updates exactly its row, and concurrent ingests neither lose nor duplicate rows nor
 //! let change ids become visible out of order.
 
 mod support;
@@ -7,10 +7,13 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use etl_ingester::Ingester;
+use etl_shared::config::{DatabaseSettings, Env};
 use etl_shared::RAW_READY_CHANNEL;
-use etl_tests::{Listener, SourceToml, TestDb, TestServer};
+use etl_tests::{Listener, SourceToml, TcpProxy, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
+use tokio_util::sync::CancellationToken;
 
 /// A CSV server whose body the test can change between runs.
 async fn mutable_csv(initial: String) -> (TestServer, Arc<Mutex<String>>) {
@@ -77,6 +80,128 @@ async fn reingesting_unchanged_data_writes_nothing_and_sends_no_notification() {
     assert_eq!(
         (run.processed, run.inserted, run.updated, run.unchanged),
         (100, 0, 0, 100)
+    );
+}
+
+/// `n` rows, each with about 1 KiB of notes.
+fn wide_rows(n: u64) -> String {
+    let mut csv = String::from("id,name,value,notes\n");
+    let notes = "n".repeat(1000);
+    for i in 1..=n {
+        csv.push_str(&format!("{i},item {i},{i}.5,{notes} {i}\n"));
+    }
+    csv
+}
+
+/// An ingester whose every database byte goes through `proxy`, which counts them.
+fn ingester_through(db: &TestDb, proxy: &TcpProxy, sources_toml: &str) -> Ingester {
+    let mut settings = settings(db, sources_toml);
+    let url = proxy.url_for(&db.url);
+    settings.database =
+        DatabaseSettings::from_env(&Env::from_pairs([("DATABASE_URL", url)])).unwrap();
+    let pool = etl_shared::db::pool(&settings.database, etl_shared::db::Needs::Session).unwrap();
+    Ingester::new(&settings, pool, CancellationToken::new())
+}
+
+/// Bytes `run` sent the database.
+async fn bytes_sent<F: std::future::Future>(proxy: &TcpProxy, run: F) -> (u64, F::Output) {
+    let before = proxy.bytes_to_server();
+    let output = run.await;
+    (proxy.bytes_to_server() - before, output)
+}
+
+async fn fingerprints(db: &TestDb) -> Vec<(String, i64, Option<Vec<u8>>)> {
+    db.client()
+        .await
+        .query(
+            "SELECT source_id, change_id, fingerprint FROM raw_csv_data ORDER BY source_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unchanged_record_costs_its_id_and_fingerprint_on_the_wire_not_its_data() {
+    let db = TestDb::new().await;
+    let (server, body) = mutable_csv(wide_rows(2_000)).await;
+    let proxy = TcpProxy::to_database(&db.url).await;
+    let ingester = ingester_through(&db, &proxy, &items_source(&server.url("/data.csv")));
+
+    let (first_bytes, first) = bytes_sent(&proxy, ingester.run_source("items")).await;
+    let (again_bytes, again) = bytes_sent(&proxy, ingester.run_source("items")).await;
+    *body.lock().unwrap() = wide_rows(2_000).replacen("7,item 7,", "7,renamed,", 1);
+    let (changed_bytes, changed) = bytes_sent(&proxy, ingester.run_source("items")).await;
+
+    assert!(
+        first_bytes > 2_000 * 1_000,
+        "the first run sends the data: {first_bytes} bytes"
+    );
+    let run = run_row(&db, again.unwrap().run_id).await;
+    assert_eq!((run.inserted, run.updated, run.unchanged), (0, 0, 2_000));
+    assert!(
+        again_bytes * 20 < first_bytes,
+        "an unchanged re-run sends ids and fingerprints only: {again_bytes} bytes, against {first_bytes}"
+    );
+    let run = run_row(&db, changed.unwrap().run_id).await;
+    assert_eq!((run.inserted, run.updated, run.unchanged), (0, 1, 1_999));
+    assert!(
+        changed_bytes * 20 < first_bytes && changed_bytes > again_bytes + 1_000,
+        "one changed record is sent whole, the rest as fingerprints: {changed_bytes} bytes"
+    );
+    let stored = db
+        .client()
+        .await
+        .query_one(
+            "SELECT data->>'name' FROM raw_csv_data WHERE source_id = '7'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.get::<_, String>(0), "renamed");
+    assert!(first.unwrap().error.is_none());
+}
+
+#[tokio::test]
+async fn rows_landed_before_fingerprints_get_one_on_their_next_run_without_a_change() {
+    let db = TestDb::new().await;
+    let (server, _) = mutable_csv(wide_rows(300)).await;
+    let proxy = TcpProxy::to_database(&db.url).await;
+    let ingester = ingester_through(&db, &proxy, &items_source(&server.url("/data.csv")));
+    let (first_bytes, _) = bytes_sent(&proxy, ingester.run_source("items")).await;
+    let landed = fingerprints(&db).await;
+    assert!(landed
+        .iter()
+        .all(|(_, _, f)| f.as_ref().is_some_and(|f| f.len() == 16)));
+    // As rows landed by a release before fingerprints are.
+    db.client()
+        .await
+        .batch_execute("UPDATE raw_csv_data SET fingerprint = NULL")
+        .await
+        .unwrap();
+    let mut listener = Listener::start(&db.url, RAW_READY_CHANNEL).await;
+
+    let (refill_bytes, refill) = bytes_sent(&proxy, ingester.run_source("items")).await;
+    let (after_bytes, _) = bytes_sent(&proxy, ingester.run_source("items")).await;
+
+    let run = run_row(&db, refill.unwrap().run_id).await;
+    assert_eq!((run.inserted, run.updated, run.unchanged), (0, 0, 300));
+    assert_eq!(
+        fingerprints(&db).await,
+        landed,
+        "the same fingerprints, no new change ids"
+    );
+    assert!(listener.drain().await.is_empty(), "nothing to normalize");
+    assert!(
+        refill_bytes > first_bytes / 2,
+        "sent whole once: {refill_bytes}"
+    );
+    assert!(
+        after_bytes * 10 < first_bytes,
+        "then as fingerprints: {after_bytes}"
     );
 }
 
