@@ -16,14 +16,47 @@ pub struct HttpLoad {
 }
 
 pub async fn wrk(url: &str, connections: u32, seconds: u32) -> Result<HttpLoad> {
+    run_wrk(&[url.to_owned()], connections, seconds).await
+}
+
+/// A mix: each connection's requests cycle through `paths` (relative to `base`), so every path
+/// gets an equal share of the requests.
+pub async fn wrk_mix(
+    base: &str,
+    paths: &[String],
+    script: &Path,
+    connections: u32,
+    seconds: u32,
+) -> Result<HttpLoad> {
+    let quoted: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+    std::fs::write(
+        script,
+        format!(
+            "local paths = {{{}}}\nlocal n = 0\n\
+             request = function()\n  n = n + 1\n  return wrk.format(nil, paths[(n % #paths) + 1])\nend\n",
+            quoted.join(", ")
+        ),
+    )?;
+    let script = script.to_str().context("a UTF-8 script path")?;
+    run_wrk(
+        &["-s".into(), script.into(), base.into()],
+        connections,
+        seconds,
+    )
+    .await
+}
+
+async fn run_wrk(args: &[String], connections: u32, seconds: u32) -> Result<HttpLoad> {
     let output = Command::new("wrk")
         .args([
             "-t1",
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
+            "--timeout",
+            "10s",
             "--latency",
-            url,
         ])
+        .args(args)
         .output()
         .await
         .context("wrk is needed for the query benchmark (Debian: apt-get install wrk)")?;

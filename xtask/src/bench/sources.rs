@@ -34,7 +34,17 @@ fn description_of(i: u64) -> String {
 
 /// Writes (once per size) a CSV with a header and `rows` rows; returns its path.
 pub fn csv_file(dir: &Path, rows: u64) -> Result<PathBuf> {
-    let path = dir.join(format!("items-{rows}.v1.csv"));
+    write_csv(dir, rows, 1)
+}
+
+/// The same rows as [`csv_file`]'s, each with a new name: what a source's daily refresh that
+/// changes every record serves.
+pub fn refreshed_csv_file(dir: &Path, rows: u64) -> Result<PathBuf> {
+    write_csv(dir, rows, 2)
+}
+
+fn write_csv(dir: &Path, rows: u64, version: u32) -> Result<PathBuf> {
+    let path = dir.join(format!("items-{rows}.v{version}.csv"));
     if path.exists() {
         return Ok(path);
     }
@@ -43,9 +53,10 @@ pub fn csv_file(dir: &Path, rows: u64) -> Result<PathBuf> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
     writeln!(out, "id,name,value,description")?;
     for i in 1..=rows {
+        let suffix = if version == 1 { "" } else { " refreshed" };
         writeln!(
             out,
-            "{i},item {i},{:.4},\"{}\"",
+            "{i},item {i}{suffix},{:.4},\"{}\"",
             value_of(i),
             description_of(i)
         )?;
@@ -80,6 +91,9 @@ struct PageQuery {
 
 struct Served {
     files: Vec<(String, bytes::Bytes)>,
+    /// What `GET /files/<name>` serves instead once [`DataServer::refresh`] is called.
+    refreshed: Vec<(String, bytes::Bytes)>,
+    is_refreshed: std::sync::atomic::AtomicBool,
     /// Every REST page, rendered up front so the benchmark measures the ingester, not this
     /// server's JSON encoding; the last one is the empty page after the end.
     pages: Vec<bytes::Bytes>,
@@ -99,7 +113,15 @@ fn csv_file_endpoint(
     poem::web::Path(name): poem::web::Path<String>,
     Data(served): Data<&Arc<Served>>,
 ) -> Response {
-    match served.files.iter().find(|(n, _)| *n == name) {
+    let refreshed = served
+        .is_refreshed
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let files = if refreshed {
+        served.refreshed.iter().chain(&served.files)
+    } else {
+        [].iter().chain(&served.files)
+    };
+    match files.into_iter().find(|(n, _)| *n == name) {
         Some((_, bytes)) => Response::builder()
             .content_type("text/csv")
             .body(bytes.clone()),
@@ -109,19 +131,50 @@ fn csv_file_endpoint(
     }
 }
 
+/// The benchmark's source server.
+pub struct DataServer {
+    pub addr: SocketAddr,
+    served: Arc<Served>,
+}
+
+impl DataServer {
+    /// From now on, each file given a refreshed version serves that version at its old URL.
+    pub fn refresh(&self) {
+        self.served
+            .is_refreshed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn file_name(path: &Path) -> Result<String> {
+    Ok(path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a CSV file name")?
+        .to_owned())
+}
+
+fn read(path: &Path) -> Result<bytes::Bytes> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes::Bytes::from(bytes))
+}
+
 /// Serves `GET /files/<name>` for each CSV (held in memory, so disk reads are not measured) and
-/// `GET /api/items?page=N` with `rest_items` items in pages of [`REST_PAGE_SIZE`].
-pub async fn serve(csv_files: &[PathBuf], rest_items: u64) -> Result<SocketAddr> {
+/// `GET /api/items?page=N` with `rest_items` items in pages of [`REST_PAGE_SIZE`]. `refreshed`
+/// pairs a file with the version it serves after [`DataServer::refresh`].
+pub async fn serve(
+    csv_files: &[PathBuf],
+    refreshed: &[(PathBuf, PathBuf)],
+    rest_items: u64,
+) -> Result<DataServer> {
     let mut files = Vec::new();
     for path in csv_files {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("a CSV file name")?
-            .to_owned();
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        files.push((name, bytes::Bytes::from(bytes)));
+        files.push((file_name(path)?, read(path)?));
     }
+    let refreshed = refreshed
+        .iter()
+        .map(|(old, new)| Ok((file_name(old)?, read(new)?)))
+        .collect::<Result<Vec<_>>>()?;
     let page_count = rest_items.div_ceil(REST_PAGE_SIZE) + 1;
     let pages = (1..=page_count)
         .map(|page| {
@@ -129,16 +182,21 @@ pub async fn serve(csv_files: &[PathBuf], rest_items: u64) -> Result<SocketAddr>
             Ok(bytes::Bytes::from(page))
         })
         .collect::<Result<_>>()?;
-    let served = Arc::new(Served { files, pages });
+    let served = Arc::new(Served {
+        files,
+        refreshed,
+        is_refreshed: std::sync::atomic::AtomicBool::new(false),
+        pages,
+    });
     let app = Route::new()
         .at("/api/items", get(api_page))
         .at("/files/:name", get(csv_file_endpoint))
-        .data(served);
+        .data(served.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)?;
     tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
-    Ok(addr)
+    Ok(DataServer { addr, served })
 }
 
 /// The sources file for the services: `csv_sources` as (source name, file) and, when named, the
