@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod metrics;
 pub mod migrate;
+pub mod pacing;
 pub mod problem;
 pub mod raw;
 pub mod runs;

@@ -137,6 +137,7 @@ pub struct PipelineMetrics {
     runs: Family<RunLabels, Counter>,
     run_duration: Family<SourceLabels, Histogram>,
     batch_duration: Family<SourceLabels, Histogram>,
+    yielded: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -182,6 +183,14 @@ impl PipelineMetrics {
             format!("Duration of one {what} batch transaction"),
             batch_duration.clone(),
         );
+        let yielded = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            format!("{prefix}_yield_seconds"),
+            format!(
+                "Time {what} batches paused because the query service was busy (writers yield to readers)"
+            ),
+            yielded.clone(),
+        );
         let pool = PoolGauges::default();
         pool.register(&mut registry);
         Self {
@@ -193,6 +202,14 @@ impl PipelineMetrics {
             runs,
             run_duration,
             batch_duration,
+            yielded,
+        }
+    }
+
+    /// Counts a pause of [`crate::pacing::yield_to_readers`].
+    pub fn record_yield(&self, paused: std::time::Duration) {
+        if !paused.is_zero() {
+            self.yielded.inc_by(paused.as_secs_f64());
         }
     }
 

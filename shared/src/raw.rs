@@ -76,11 +76,20 @@ macro_rules! checkpoint_of_1 {
 macro_rules! raw_statements {
     ($table:literal) => {
         RawStatements {
+            // One index probe per key, whatever the planner knows: a join here may become a
+            // hash join over the whole raw table when its statistics are stale (as while a
+            // first load fills it), which made each batch scan every row landed before it.
+            // A scalar subquery in the select list is always run per row.
             changed_keys: concat!(
-                "SELECT k.position FROM raw_keys k
-                 LEFT JOIN ", $table, " r ON r.source = $1 AND r.source_id = k.source_id
-                 WHERE r.fingerprint IS DISTINCT FROM k.fingerprint OR r.deleted_at IS NOT NULL
-                 ORDER BY k.position"
+                "SELECT position FROM (
+                     SELECT k.position, k.fingerprint,
+                            (SELECT r.fingerprint FROM ", $table, " r
+                             WHERE r.source = $1 AND r.source_id = k.source_id
+                               AND r.deleted_at IS NULL) AS held
+                     FROM raw_keys k
+                 ) probed
+                 WHERE held IS DISTINCT FROM fingerprint
+                 ORDER BY position"
             ),
             upsert_staged: concat!(
                 "WITH upserted AS (

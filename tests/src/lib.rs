@@ -184,6 +184,61 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// A backend of the query service (by its `application_name`) in the middle of a statement, as
+/// under API load: what the pipeline's writers yield to. Cancelled when dropped.
+pub struct BusyReader {
+    cancel: tokio_postgres::CancelToken,
+    statement: tokio::task::JoinHandle<()>,
+}
+
+impl BusyReader {
+    pub async fn start(url: &str) -> Self {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let client = connect(&format!("{url}{separator}application_name=etl-query")).await;
+        let cancel = client.cancel_token();
+        let statement = tokio::spawn(async move {
+            let _ = client.batch_execute("SELECT pg_sleep(120)").await;
+        });
+        let watcher = connect(url).await;
+        wait_for(
+            "the reader's statement to run",
+            Duration::from_secs(10),
+            || async {
+                let row = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                     AND application_name = 'etl-query' AND state = 'active'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                (row.get::<_, i64>(0) > 0).then_some(())
+            },
+        )
+        .await;
+        Self { cancel, statement }
+    }
+}
+
+impl Drop for BusyReader {
+    fn drop(&mut self) {
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            let _ = cancel.cancel_query(NoTls).await;
+        });
+        self.statement.abort();
+    }
+}
+
+/// What a Prometheus counter reads in `exposition` (0 when absent).
+pub fn counter_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A quoted SQL identifier (names here are generated, but quoting keeps them exact).
 fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

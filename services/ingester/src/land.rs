@@ -375,6 +375,9 @@ impl BatchWriter<'_> {
         match self.write(&mut client, &records, &rejects).await {
             Ok((inserted, updated)) => {
                 self.account(records.len(), rejects.len(), inserted, updated, started);
+                let paused =
+                    etl_shared::pacing::yield_to_readers(&**client, started.elapsed()).await;
+                self.metrics.record_yield(paused);
                 Ok(())
             }
             Err(WriteError::Db(e)) if is_record_error(&e) && !records.is_empty() => {

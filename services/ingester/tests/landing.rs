@@ -10,7 +10,7 @@ use std::time::Duration;
 use etl_ingester::Ingester;
 use etl_shared::config::{DatabaseSettings, Env};
 use etl_shared::RAW_READY_CHANNEL;
-use etl_tests::{Listener, SourceToml, TcpProxy, TestDb, TestServer};
+use etl_tests::{counter_value, BusyReader, Listener, SourceToml, TcpProxy, TestDb, TestServer};
 use poem::{endpoint::make_sync, Request, Response, Route};
 use support::*;
 use tokio_util::sync::CancellationToken;
@@ -203,6 +203,29 @@ async fn rows_landed_before_fingerprints_get_one_on_their_next_run_without_a_cha
         after_bytes * 10 < first_bytes,
         "then as fingerprints: {after_bytes}"
     );
+}
+
+#[tokio::test]
+async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle() {
+    const YIELD: &str = "etl_ingest_yield_seconds_total";
+    let db = TestDb::new().await;
+    let (server, body) = mutable_csv(rows(6_000, "item")).await;
+    let ingester = ingester(&db, &items_source(&server.url("/data.csv")));
+    ingester.run_source("items").await.unwrap();
+    assert_eq!(counter_value(&ingester.metrics().encode(), YIELD), 0.0);
+
+    let reader = BusyReader::start(&db.url).await;
+    *body.lock().unwrap() = rows(6_000, "renamed");
+    let busy = ingester.run_source("items").await.unwrap();
+    drop(reader);
+
+    let run = run_row(&db, busy.run_id).await;
+    assert_eq!(
+        (run.updated, run.error),
+        (6_000, None),
+        "paced, not stopped"
+    );
+    assert!(counter_value(&ingester.metrics().encode(), YIELD) > 0.0);
 }
 
 #[tokio::test]

@@ -291,6 +291,10 @@ impl Normalizer {
                         &counts,
                         batch_started.elapsed().as_secs_f64(),
                     );
+                    let paused =
+                        etl_shared::pacing::yield_to_readers(&**client, batch_started.elapsed())
+                            .await;
+                    inner.metrics.record_yield(paused);
                 }
                 Ok(BatchOutcome::Busy) => {
                     busy = true;
@@ -354,6 +358,9 @@ impl Normalizer {
                         },
                         started.elapsed().as_secs_f64(),
                     );
+                    let paused =
+                        etl_shared::pacing::yield_to_readers(&**client, started.elapsed()).await;
+                    inner.metrics.record_yield(paused);
                 }
                 Ok(replay::ReplayOutcome::Swapped(swapped)) => {
                     counts = swapped;

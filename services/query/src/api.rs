@@ -122,8 +122,11 @@ impl Api {
         /// themselves.
         #[oai(validator(min_length = 1, max_length = 200))]
         search: Query<Option<String>>,
-        /// The `next_cursor` of the previous page; instead of `page`.
-        #[oai(validator(min_length = 1, max_length = 100))]
+        /// The `next_cursor` of the previous page, to walk by cursor; `page` is then ignored.
+        #[oai(validator(
+            max_length = 32,
+            pattern = r"^v1\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})$"
+        ))]
         cursor: Query<Option<String>>,
     ) -> DataResponse {
         // Postgres text cannot hold NUL, so no record can match one: say so instead of letting
@@ -138,13 +141,8 @@ impl Api {
         }
         let start = match cursor.0.as_deref().map(Cursor::decode) {
             None => Start::Page(page.0),
-            Some(Some(_)) if page.0 != 1 => {
-                return DataResponse::BadRequest(Json(Problem::invalid_parameter(
-                    "cursor",
-                    "give either page or cursor, not both",
-                )));
-            }
             Some(Some(cursor)) => Start::After(cursor),
+            // The spec's pattern lets only decodable cursors through.
             Some(None) => {
                 return DataResponse::BadRequest(Json(Problem::invalid_parameter(
                     "cursor",

@@ -59,36 +59,41 @@ pub struct DataPage {
 }
 
 /// Where a walk by cursor stands: after which id, and which page of the walk comes next.
-/// Opaque to clients (base64url), so its form may change without breaking them.
+/// Clients treat it as opaque; its form is `v1.<page>.<after id>`, which [`CURSOR_PATTERN`]
+/// describes exactly, so every cursor the spec allows is one this API can follow (a cursor a
+/// client made up just starts after some id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub after_id: i64,
     pub page: u32,
 }
 
-impl Cursor {
-    const VERSION: &'static str = "v1";
+/// Every [`Cursor::encode`] output and nothing else: page 1–999,999,999 and an id of at most
+/// 18 digits (both fit their types, so any match decodes).
+pub const CURSOR_PATTERN: &str = r"^v1\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})$";
 
+impl Cursor {
     pub fn encode(self) -> String {
-        use base64::Engine;
-        let plain = format!("{}.{}.{}", Self::VERSION, self.page, self.after_id);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+        format!("v1.{}.{}", self.page, self.after_id)
     }
 
-    /// `None` for anything [`Cursor::encode`] did not produce.
+    /// `None` for anything [`CURSOR_PATTERN`] does not match.
     pub fn decode(text: &str) -> Option<Self> {
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text)
-            .ok()?;
-        let plain = std::str::from_utf8(&bytes).ok()?;
-        let mut parts = plain.split('.');
-        if parts.next()? != Self::VERSION {
+        let rest = text.strip_prefix("v1.")?;
+        let (page, after_id) = rest.split_once('.')?;
+        let canonical = |digits: &str, max: usize| {
+            !digits.is_empty()
+                && digits.len() <= max
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && (digits == "0" || !digits.starts_with('0'))
+        };
+        if !canonical(page, 9) || !canonical(after_id, 18) || page == "0" {
             return None;
         }
-        let page: u32 = parts.next()?.parse().ok()?;
-        let after_id: i64 = parts.next()?.parse().ok()?;
-        (parts.next().is_none() && page >= 2).then_some(Self { after_id, page })
+        Some(Self {
+            after_id: after_id.parse().ok()?,
+            page: page.parse().ok()?,
+        })
     }
 }
 
@@ -142,7 +147,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
             Statement::new(COUNT_SOURCE, vec![(source, text)]),
         ),
         (None, Some(pattern)) => (
-            Statement::new(
+            Statement::per_values(
                 PAGE_SEARCH,
                 vec![
                     (&limit, int.clone()),
@@ -151,10 +156,10 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                     (pattern, text.clone()),
                 ],
             ),
-            Statement::new(COUNT_SEARCH, vec![(pattern, text), (&cap, int)]),
+            Statement::per_values(COUNT_SEARCH, vec![(pattern, text), (&cap, int)]),
         ),
         (Some(source), Some(pattern)) => (
-            Statement::new(
+            Statement::per_values(
                 PAGE_SOURCE_SEARCH,
                 vec![
                     (&limit, int.clone()),
@@ -164,7 +169,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
                     (pattern, text.clone()),
                 ],
             ),
-            Statement::new(
+            Statement::per_values(
                 COUNT_SOURCE_SEARCH,
                 vec![(source, text.clone()), (pattern, text), (&cap, int)],
             ),
@@ -286,27 +291,78 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_anything_else_is_refused() {
         let cursor = Cursor {
-            after_id: 9_000_000_001,
-            page: 50_005,
+            after_id: 900_000_000_000_000_001,
+            page: 999_999_999,
         };
         assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
-        assert!(cursor
-            .encode()
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        use base64::Engine;
-        let forged = |plain: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain);
+        let first = Cursor {
+            after_id: 0,
+            page: 1,
+        };
+        assert_eq!(Cursor::decode("v1.1.0"), Some(first));
         for bad in [
-            String::new(),
-            "not base64!".into(),
-            forged("v2.2.10"),
-            forged("v1.1.10"), // page 1 has no cursor
-            forged("v1.2"),
-            forged("v1.2.10.3"),
-            forged("v1.2.ten"),
-            forged("v1.-2.10"),
+            "",
+            "v1",
+            "v1.",
+            "v1.2",
+            "v1.2.",
+            "v2.2.10",
+            "v1.0.10",
+            "v1.02.10",
+            "v1.2.010",
+            "v1.2.ten",
+            "v1.-2.10",
+            "v1.2.10.3",
+            "v1.1234567890.1",
+            "v1.2.1234567890123456789",
+            " v1.2.10",
+            "v1.2.10 ",
+            "v1.+2.10",
         ] {
-            assert_eq!(Cursor::decode(&bad), None, "{bad}");
+            assert_eq!(Cursor::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    /// The pattern the spec publishes and the decoder agree: what one accepts, so does the other.
+    #[test]
+    fn the_published_pattern_describes_exactly_what_decodes() {
+        let matches = |text: &str| {
+            // The pattern, by hand: v1.<1-9 then up to 8 digits>.<0, or 1-9 then up to 17>.
+            let Some(rest) = text.strip_prefix("v1.") else {
+                return false;
+            };
+            let Some((page, id)) = rest.split_once('.') else {
+                return false;
+            };
+            let digits = |d: &str, max: usize| {
+                !d.is_empty() && d.len() <= max && d.bytes().all(|b| b.is_ascii_digit())
+            };
+            digits(page, 9)
+                && !page.starts_with('0')
+                && digits(id, 18)
+                && (id == "0" || !id.starts_with('0'))
+        };
+        // The attribute on the parameter cannot name the constant: the committed spec
+        // (checked against the served one by a test) must carry the same text.
+        let spec: serde_json::Value =
+            serde_json::from_str(include_str!("../openapi.json")).unwrap();
+        let cursor = spec["paths"]["/data"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "cursor")
+            .unwrap();
+        assert_eq!(cursor["schema"]["pattern"], CURSOR_PATTERN);
+        for text in [
+            "v1.1.0",
+            "v1.2.10",
+            "v1.999999999.999999999999999999",
+            "v1.0.1",
+            "v1.1.01",
+            "v1.1.",
+            "v1.1234567890.1",
+        ] {
+            assert_eq!(matches(text), Cursor::decode(text).is_some(), "{text}");
         }
     }
 
