@@ -237,19 +237,32 @@ impl Written {
     }
 }
 
+/// Whether [`write`] asks Postgres which records it already holds before sending them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Ids and fingerprints first, then only the records that differ: for data that is mostly
+    /// unchanged (a re-ingest).
+    Fingerprints,
+    /// Every record whole at once: for data that is mostly new (a first load), where a probe
+    /// would find nothing to spare. The result is the same either way.
+    Skip,
+}
+
 /// Writes `(source_id, data)` records of `source` into `table`, the one way every raw writer
-/// must. Under the source's write lock: each record's id and [`fingerprint`] go first (binary
-/// `COPY` into `raw_keys`), and only the records that are new, tombstoned or fingerprinted
-/// otherwise are sent whole (binary `COPY` into `raw_staging`) for one upsert, which leaves
-/// records with equal data untouched and gives changed ones a new change id. An unchanged record
-/// thus costs its id and 16 bytes on the wire, and no jsonb parse. Nothing is visible before
-/// `tx` commits; follow with [`notify`] when something changed.
+/// must. Under the source's write lock, with [`Probe::Fingerprints`]: each record's id and
+/// [`fingerprint`] go first (binary `COPY` into `raw_keys`), and only the records that are new,
+/// tombstoned or fingerprinted otherwise are sent whole (binary `COPY` into `raw_staging`) for
+/// one upsert, which leaves records with equal data untouched and gives changed ones a new
+/// change id. An unchanged record thus costs its id and 16 bytes on the wire, and no jsonb
+/// parse. With [`Probe::Skip`], every record is sent whole to the same upsert. Nothing is
+/// visible before `tx` commits; follow with [`notify`] when something changed.
 pub async fn write<R: Landable>(
     tx: &Transaction<'_>,
     table: RawTable,
     source: &str,
     records: &[R],
     trace_context: Option<&str>,
+    probe: Probe,
 ) -> Result<Written, tokio_postgres::Error> {
     // Per session, emptied at every commit: no catalog churn per batch.
     tx.batch_execute(
@@ -263,30 +276,41 @@ pub async fn write<R: Landable>(
     )
     .await?;
     let fingerprints: Vec<Fingerprint> = records.iter().map(|r| fingerprint(r.data())).collect();
-    let mut keys = CopyStream::start(
-        tx,
-        "COPY raw_keys (position, source_id, fingerprint) FROM STDIN BINARY",
-    )
-    .await?;
-    for (position, (record, fingerprint)) in records.iter().zip(&fingerprints).enumerate() {
-        let id = record.source_id().as_bytes();
-        keys.put(&3i16.to_be_bytes()).await?;
-        keys.put(&4i32.to_be_bytes()).await?;
-        keys.put(&field_length(position).to_be_bytes()).await?;
-        keys.put(&field_length(id.len()).to_be_bytes()).await?;
-        keys.put(id).await?;
-        keys.put(&field_length(fingerprint.len()).to_be_bytes())
+    let to_send: Vec<usize> = match probe {
+        Probe::Skip => {
+            lock_source(tx, source).await?;
+            (0..records.len()).collect()
+        }
+        Probe::Fingerprints => {
+            let mut keys = CopyStream::start(
+                tx,
+                "COPY raw_keys (position, source_id, fingerprint) FROM STDIN BINARY",
+            )
             .await?;
-        keys.put(fingerprint).await?;
-    }
-    keys.finish().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-        &[&RAW_WRITE_LOCK_CLASS, &source],
-    )
-    .await?;
-    let changed = tx.query(table.sql().changed_keys, &[&source]).await?;
-    if changed.is_empty() {
+            for (position, (record, fingerprint)) in records.iter().zip(&fingerprints).enumerate() {
+                let id = record.source_id().as_bytes();
+                keys.put(&3i16.to_be_bytes()).await?;
+                keys.put(&4i32.to_be_bytes()).await?;
+                keys.put(&field_length(position).to_be_bytes()).await?;
+                keys.put(&field_length(id.len()).to_be_bytes()).await?;
+                keys.put(id).await?;
+                keys.put(&field_length(fingerprint.len()).to_be_bytes())
+                    .await?;
+                keys.put(fingerprint).await?;
+            }
+            keys.finish().await?;
+            lock_source(tx, source).await?;
+            let changed = tx.query(table.sql().changed_keys, &[&source]).await?;
+            changed
+                .iter()
+                .map(|row| {
+                    let position: i32 = row.get(0);
+                    usize::try_from(position).expect("positions are what was sent")
+                })
+                .collect()
+        }
+    };
+    if to_send.is_empty() {
         return Ok(Written::default());
     }
     let mut staging = CopyStream::start(
@@ -294,9 +318,7 @@ pub async fn write<R: Landable>(
         "COPY raw_staging (source_id, data, fingerprint) FROM STDIN BINARY",
     )
     .await?;
-    for row in &changed {
-        let position: i32 = row.get(0);
-        let position = usize::try_from(position).expect("positions are what was sent");
+    for &position in &to_send {
         let (record, fingerprint) = (&records[position], &fingerprints[position]);
         let (id, data) = (record.source_id().as_bytes(), record.data().0.as_bytes());
         staging.put(&3i16.to_be_bytes()).await?; // fields in the row
@@ -320,11 +342,21 @@ pub async fn write<R: Landable>(
         inserted: row.get(0),
         updated: row.get(1),
     };
-    if written.inserted + written.updated < changed.len() as i64 {
+    if written.inserted + written.updated < to_send.len() as i64 {
         tx.execute(table.sql().refresh_fingerprints, &[&source])
             .await?;
     }
     Ok(written)
+}
+
+/// Takes the source's write lock (see [`RAW_WRITE_LOCK_CLASS`]) until `tx` ends.
+async fn lock_source(tx: &Transaction<'_>, source: &str) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&RAW_WRITE_LOCK_CLASS, &source],
+    )
+    .await?;
+    Ok(())
 }
 
 /// What identifies a record's data: the first 16 bytes of the SHA-256 of its JSON text. Kept
@@ -399,11 +431,13 @@ impl CopyStream {
 }
 
 /// Notes, in the transaction that just [`write`]s a batch, that snapshot run `run_id` has seen
-/// the batch's ids (what [`tombstone_unseen`] spares).
+/// the batch's ids (what [`tombstone_unseen`] spares): those probed, and those sent whole.
 pub async fn mark_seen(tx: &Transaction<'_>, run_id: i64) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "INSERT INTO etl_run_seen (run_id, source_id)
-         SELECT $1, source_id FROM raw_keys ON CONFLICT DO NOTHING",
+         SELECT $1, source_id
+         FROM (SELECT source_id FROM raw_keys UNION SELECT source_id FROM raw_staging) seen
+         ON CONFLICT DO NOTHING",
         &[&run_id],
     )
     .await?;

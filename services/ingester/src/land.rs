@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use etl_shared::metrics::PipelineMetrics;
-use etl_shared::raw::{self, RawJson, RawTable, Written, RAW_READY_CHANNEL};
+use etl_shared::raw::{self, Probe, RawJson, RawTable, Written, RAW_READY_CHANNEL};
 use etl_shared::runs::RunCounts;
 use etl_shared::sources::SourceKind;
 use etl_shared::Pool;
@@ -144,6 +144,21 @@ pub struct BatchWriter<'a> {
     batches: tokio::sync::mpsc::Receiver<Batch>,
     counts: RunCounts,
     metrics: &'a PipelineMetrics,
+    probe: Probe,
+}
+
+/// Whether the batch after one of `records` that [`raw::write`] reported as `written` should
+/// probe fingerprints first: only while at least a tenth of the records turn out unchanged.
+/// A first load or a full refresh then sends each record once, as it must, without paying for
+/// a probe that spares nothing; a re-ingest sends ids and fingerprints. Either way the write
+/// reports what was unchanged, so the choice follows the data batch by batch.
+fn next_probe(records: usize, written: Written) -> Probe {
+    let unchanged = records as i64 - written.inserted - written.updated;
+    if unchanged * 10 >= records as i64 {
+        Probe::Fingerprints
+    } else {
+        Probe::Skip
+    }
 }
 
 /// A reader and a writer for one run, joined by a one-batch queue: memory stays bounded (a batch
@@ -178,6 +193,7 @@ pub fn pipeline<'a>(
         batches: receiver,
         counts: RunCounts::default(),
         metrics,
+        probe: Probe::Fingerprints,
     };
     (lander, writer)
 }
@@ -372,8 +388,12 @@ impl BatchWriter<'_> {
             WriteError::LeaseLost => LandError::LeaseLost,
         };
         let mut client = self.pool.get().await?;
-        match self.write(&mut client, &records, &rejects).await {
+        match self
+            .write(&mut client, &records, &rejects, self.probe)
+            .await
+        {
             Ok((inserted, updated)) => {
+                self.probe = next_probe(records.len(), Written { inserted, updated });
                 self.account(records.len(), rejects.len(), inserted, updated, started);
                 let paused =
                     etl_shared::pacing::yield_to_readers(&**client, started.elapsed()).await;
@@ -385,7 +405,7 @@ impl BatchWriter<'_> {
                 for record in records {
                     let one = std::time::Instant::now();
                     match self
-                        .write(&mut client, std::slice::from_ref(&record), &[])
+                        .write(&mut client, std::slice::from_ref(&record), &[], Probe::Skip)
                         .await
                     {
                         Ok((inserted, updated)) => self.account(1, 0, inserted, updated, one),
@@ -397,7 +417,9 @@ impl BatchWriter<'_> {
                         Err(e) => return Err(db(e)),
                     }
                 }
-                self.write(&mut client, &[], &rejects).await.map_err(db)?;
+                self.write(&mut client, &[], &rejects, Probe::Skip)
+                    .await
+                    .map_err(db)?;
                 self.account(0, rejects.len(), 0, 0, started);
                 Ok(())
             }
@@ -412,6 +434,7 @@ impl BatchWriter<'_> {
         client: &mut Client,
         records: &[RawRecord],
         rejects: &[Reject],
+        probe: Probe,
     ) -> Result<(i64, i64), WriteError> {
         let tx = client.transaction().await?;
         if !crate::lease::still_held(&tx, self.source, self.run_id).await? {
@@ -428,6 +451,7 @@ impl BatchWriter<'_> {
                 self.source,
                 records,
                 trace_context.as_deref(),
+                probe,
             )
             .await?;
             if self.snapshot {
@@ -558,7 +582,17 @@ fn has_nul_escape(json: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::has_nul_escape;
+    use super::{has_nul_escape, next_probe, Probe, Written};
+
+    #[test]
+    fn batches_probe_while_a_tenth_or_more_of_the_records_are_unchanged() {
+        let written = |inserted, updated| Written { inserted, updated };
+        assert_eq!(next_probe(5_000, written(0, 0)), Probe::Fingerprints);
+        assert_eq!(next_probe(5_000, written(4_500, 0)), Probe::Fingerprints);
+        assert_eq!(next_probe(5_000, written(4_000, 501)), Probe::Skip);
+        assert_eq!(next_probe(5_000, written(5_000, 0)), Probe::Skip);
+        assert_eq!(next_probe(5_000, written(0, 5_000)), Probe::Skip);
+    }
 
     #[test]
     fn nul_escapes_are_told_apart_from_escaped_backslashes() {

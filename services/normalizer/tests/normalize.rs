@@ -358,9 +358,16 @@ async fn a_raw_transaction_that_took_its_position_earlier_but_commits_later_is_n
         "slow".to_owned(),
         RawJson(json!({"id": "slow", "name": "s", "value": "1", "note": ""}).to_string()),
     );
-    raw::write(&tx, RawTable::Csv, "csv", &[slow_row], None)
-        .await
-        .unwrap();
+    raw::write(
+        &tx,
+        RawTable::Csv,
+        "csv",
+        &[slow_row],
+        None,
+        raw::Probe::Fingerprints,
+    )
+    .await
+    .unwrap();
     let early: i64 = tx
         .query_one(
             "SELECT change_id FROM raw_csv_data WHERE source = 'csv' AND source_id = 'slow'",

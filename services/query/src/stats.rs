@@ -3,7 +3,9 @@
 //! (one repeatable-read transaction) is computed at most once per `max_age` and shared by every
 //! request. When it is older, the next request starts a refresh in the background and is
 //! answered with the previous snapshot (its `generated_at` says how old), so no request waits
-//! for the aggregates except the very first.
+//! for the aggregates except the very first. And however `max_age` is set, a refresh comes at
+//! most once per ten times the last one took, so the aggregates take at most a tenth of a core
+//! from the requests however large the tables grow.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +24,8 @@ use crate::reader::{Reader, Snapshot, Statement};
 pub struct Stats {
     /// When these figures were computed.
     pub generated_at: OffsetDateTime,
-    /// They are recomputed when older than this.
+    /// They are recomputed when older than this: `QUERY_STATS_MAX_AGE_SECS`, or ten times
+    /// what computing them took if that is longer.
     pub max_age_seconds: u32,
     /// Normalized records over all sources.
     pub total_records: i64,
@@ -114,13 +117,16 @@ pub struct RunInfo {
 }
 
 /// The last computed [`Stats`], shared by requests; refreshed in the background once older
-/// than `max_age`.
+/// than their max age.
 #[derive(Clone)]
 pub struct StatsCache {
     max_age: Duration,
     cached: Arc<Mutex<Option<(Instant, Stats)>>>,
     refreshing: Arc<AtomicBool>,
 }
+
+/// A refresh comes at most once per this many times the last one took.
+const COST_FACTOR: u32 = 10;
 
 impl StatsCache {
     pub fn new(max_age: Duration) -> Self {
@@ -134,12 +140,14 @@ impl StatsCache {
     pub async fn get(&self, reader: &Reader) -> Result<Stats, QueryError> {
         let mut cached = self.cached.lock().await;
         match cached.as_ref() {
-            Some((at, stats)) if at.elapsed() < self.max_age => Ok(stats.clone()),
+            Some((at, stats)) if at.elapsed().as_secs_f64() < stats.max_age_seconds as f64 => {
+                Ok(stats.clone())
+            }
             Some((_, stale)) => {
                 if !self.refreshing.swap(true, Ordering::SeqCst) {
                     let (cache, reader) = (self.clone(), reader.clone());
                     tokio::spawn(async move {
-                        match compute(&reader, cache.max_age).await {
+                        match cache.compute(&reader).await {
                             Ok(fresh) => *cache.cached.lock().await = Some((Instant::now(), fresh)),
                             Err(e) => tracing::warn!(error = %e, "could not refresh /stats"),
                         }
@@ -149,22 +157,48 @@ impl StatsCache {
                 Ok(stale.clone())
             }
             None => {
-                let stats = compute(reader, self.max_age).await?;
+                let stats = self.compute(reader).await?;
                 *cached = Some((Instant::now(), stats.clone()));
                 Ok(stats)
             }
         }
     }
+
+    async fn compute(&self, reader: &Reader) -> Result<Stats, QueryError> {
+        let started = Instant::now();
+        let mut stats = compute(reader).await?;
+        stats.max_age_seconds = max_age_after(self.max_age, started.elapsed());
+        Ok(stats)
+    }
 }
 
-async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError> {
-    // One snapshot for all five, sent together.
-    let statements = [NORMALIZED, RAW, REJECTS, CHECKPOINTS, LATEST_RUNS, REPLAYS]
-        .map(|sql| Statement::new(sql, vec![]));
+/// Whole seconds: the configured age, or [`COST_FACTOR`] times `took` if longer (0 stays 0:
+/// always recomputed, as tests ask).
+fn max_age_after(configured: Duration, took: Duration) -> u32 {
+    if configured.is_zero() {
+        return 0;
+    }
+    configured.max(took * COST_FACTOR).as_secs_f64().ceil() as u32
+}
+
+/// The figures, with `max_age_seconds` left for the cache to fill in.
+async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
+    // One snapshot for all of them, sent together.
+    let statements = [
+        BACKGROUND,
+        NORMALIZED,
+        RAW,
+        REJECTS,
+        CHECKPOINTS,
+        LATEST_RUNS,
+        REPLAYS,
+    ]
+    .map(|sql| Statement::new(sql, vec![]));
     let mut answers = reader
         .read(Snapshot::Shared, &statements)
         .await?
-        .into_iter();
+        .into_iter()
+        .skip(1);
     let mut next = || answers.next().unwrap_or_default();
     let (normalized, raw, rejects, checkpoints, latest_runs, replays) =
         (next(), next(), next(), next(), next(), next());
@@ -229,7 +263,7 @@ async fn compute(reader: &Reader, max_age: Duration) -> Result<Stats, QueryError
     let sources: Vec<SourceStats> = sources.into_values().collect();
     Ok(Stats {
         generated_at: OffsetDateTime::now_utc(),
-        max_age_seconds: max_age.as_secs() as u32,
+        max_age_seconds: 0,
         total_records: sources.iter().map(|s| s.records).sum(),
         sources,
     })
@@ -252,6 +286,13 @@ fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut Sour
         replay: None,
     })
 }
+
+/// For the rest of the transaction: shown as `etl-query-stats` in `pg_stat_activity`, so the
+/// pipeline's writers, which yield to the API's readers (`etl_shared::pacing`), do not yield to
+/// this background job; and on one core, as its full scans would otherwise take every core
+/// (parallel workers) from the requests for a second or two every few seconds.
+const BACKGROUND: &str = "SELECT set_config('application_name', 'etl-query-stats', true),
+    set_config('max_parallel_workers_per_gather', '0', true)";
 
 const NORMALIZED: &str = "SELECT source, count(*), min(value), max(value), avg(value)
     FROM normalized_data GROUP BY source";
@@ -278,3 +319,16 @@ const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,
         + (SELECT count(*) FROM raw_csv_data r WHERE r.source = p.source AND r.change_id > p.position),
         p.error
     FROM etl_replays p";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_max_age_grows_with_what_a_refresh_costs() {
+        let five = Duration::from_secs(5);
+        assert_eq!(max_age_after(five, Duration::from_millis(200)), 5);
+        assert_eq!(max_age_after(five, Duration::from_millis(1_250)), 13);
+        assert_eq!(max_age_after(Duration::ZERO, Duration::from_secs(3)), 0);
+    }
+}

@@ -604,6 +604,7 @@ async fn freshness(
             CSV,
             &[(id.clone(), RawJson(data.to_string()))],
             None,
+            raw::Probe::Skip,
         )
         .await?;
         raw::notify(&tx, CSV).await?;

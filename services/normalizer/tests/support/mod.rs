@@ -117,7 +117,7 @@ pub async fn write_raw_json(
         })
         .collect();
     let tx = client.transaction().await.unwrap();
-    raw::write(&tx, table, source, &records, None)
+    raw::write(&tx, table, source, &records, None, raw::Probe::Fingerprints)
         .await
         .unwrap();
     if notify {
