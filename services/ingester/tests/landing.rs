@@ -214,10 +214,13 @@ async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle(
     ingester.run_source("items").await.unwrap();
     assert_eq!(counter_value(&ingester.metrics().encode(), YIELD), 0.0);
 
-    let reader = BusyReader::start(&db.url).await;
+    let readers = (
+        BusyReader::start(&db.url).await,
+        BusyReader::start(&db.url).await,
+    );
     *body.lock().unwrap() = rows(6_000, "renamed");
     let busy = ingester.run_source("items").await.unwrap();
-    drop(reader);
+    drop(readers);
 
     let run = run_row(&db, busy.run_id).await;
     assert_eq!(

@@ -1,5 +1,6 @@
-//! Writers yield to readers: while a query-service backend is running a statement, each
-//! normalize batch is followed by a pause as long as the batch; while the API is idle, none.
+//! Writers yield to readers: while two or more query-service backends are running statements,
+//! each normalize batch is followed by a pause as long as the batch; while the API is idle or
+//! only polled, none.
 
 mod support;
 
@@ -10,7 +11,7 @@ use support::*;
 const YIELD: &str = "etl_normalize_yield_seconds_total";
 
 #[tokio::test]
-async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle() {
+async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle_or_polled() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
     let mut settings = settings(&db, &sources_toml(&[]));
@@ -26,17 +27,18 @@ async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle(
         "nobody reading: no pause"
     );
 
-    let reader = BusyReader::start(&db.url).await;
-    write_raw(
-        &mut client,
-        RawTable::Api,
-        "api",
-        &api_items(31..=60),
-        false,
-    )
-    .await;
+    // One request at a time is a client polling: no pause either.
+    let poller = BusyReader::start(&db.url).await;
+    let more = api_items(31..=45);
+    write_raw(&mut client, RawTable::Api, "api", &more, false).await;
+    normalizer.run_source("api").await.unwrap();
+    assert_eq!(counter_value(&normalizer.metrics().encode(), YIELD), 0.0);
+
+    let second = BusyReader::start(&db.url).await;
+    let more = api_items(46..=75);
+    write_raw(&mut client, RawTable::Api, "api", &more, false).await;
     let busy = normalizer.run_source("api").await.unwrap();
-    drop(reader);
+    drop((poller, second));
 
     assert_eq!(
         busy.summary.unwrap().counts.processed,
