@@ -314,6 +314,9 @@ impl Normalizer {
             run.discard().await?;
             return Ok(RunOutcome { busy, ..idle });
         }
+        if total.inserted + total.updated + total.deleted > 0 && !busy {
+            batch::clean_search_pending_lists(&client).await;
+        }
         drop(client);
         let summary = run.end(&inner.metrics, total, error).await?;
         Ok(RunOutcome {

@@ -1,6 +1,6 @@
 //! Writers yield to readers: while two or more query-service backends are running statements,
 //! each normalize batch is followed by a pause as long as the batch; while the API is idle or
-//! only polled, none.
+//! only polled, none. And a run that changed rows leaves the search indexes nothing pending.
 
 mod support;
 
@@ -50,4 +50,48 @@ async fn batches_pause_while_the_query_service_is_busy_and_not_while_it_is_idle_
         "batches paused for the busy reader:\n{}",
         normalizer.metrics().encode()
     );
+}
+
+/// Pages the search index `index` holds in its pending list (cleaning them; 0 when empty).
+async fn pending_pages(client: &tokio_postgres::Client, index: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT gin_clean_pending_list($1::text::regclass)",
+            &[&index],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_run_that_changed_rows_leaves_the_search_indexes_nothing_pending() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let settings = settings(&db, &sources_toml(&[]));
+    let normalizer = normalizer(&settings, None);
+    const INDEXES: [&str; 2] = [
+        "normalized_data_name_trgm_idx",
+        "normalized_data_description_trgm_idx",
+    ];
+    // As any writer leaves them: new entries wait in the pending lists.
+    client
+        .batch_execute(
+            "INSERT INTO normalized_data (source, source_id, name, value, description)
+             SELECT 'other', g::text, 'other ' || g, g, 'about ' || g
+             FROM generate_series(1, 200) g",
+        )
+        .await
+        .unwrap();
+    for index in INDEXES {
+        assert!(pending_pages(&client, index).await > 0, "{index}");
+    }
+
+    let items = api_items(1..=200);
+    write_raw(&mut client, RawTable::Api, "api", &items, false).await;
+    normalizer.run_source("api").await.unwrap();
+
+    for index in INDEXES {
+        assert_eq!(pending_pages(&client, index).await, 0, "{index}");
+    }
 }

@@ -283,7 +283,7 @@ async fn stages(
     // The bulk ceiling: the same upsert into the normalized shape without its search indexes,
     // then both built in bulk (what a bulk normalize path could reach at best).
     db.batch_execute(
-        "CREATE TABLE ceiling_bulk (LIKE normalized_data INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+        "CREATE TABLE ceiling_bulk (LIKE normalized_data INCLUDING ALL EXCLUDING INDEXES);
          ALTER TABLE ceiling_bulk ADD PRIMARY KEY (id), ADD UNIQUE (source, source_id);",
     )
     .await?;
