@@ -208,9 +208,7 @@ impl PipelineMetrics {
 
     /// Counts a pause of [`crate::pacing::yield_to_readers`].
     pub fn record_yield(&self, paused: std::time::Duration) {
-        if !paused.is_zero() {
-            self.yielded.inc_by(paused.as_secs_f64());
-        }
+        self.yielded.inc_by(paused.as_secs_f64());
     }
 
     /// Adds a service-specific metric to the same exposition.

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
+use crate::metrics::PipelineMetrics;
+
 /// The query service's `application_name`.
 pub const READER_APPLICATION: &str = "etl-query";
 
@@ -47,9 +49,14 @@ pub fn pause_after(batch: Duration, busy: i64) -> Duration {
     }
 }
 
-/// Pauses after a batch that took `batch` while the query service is busy; an error reading
-/// the activity costs no pause (the next statement will meet the same database anyway).
-pub async fn yield_to_readers(client: &impl GenericClient, batch: Duration) -> Duration {
+/// Pauses after a batch that took `batch` while the query service is busy, and counts the
+/// pause in `metrics`; an error reading the activity costs no pause (the next statement will
+/// meet the same database anyway).
+pub async fn yield_to_readers(
+    client: &impl GenericClient,
+    batch: Duration,
+    metrics: &PipelineMetrics,
+) {
     let busy = match busy_readers(client).await {
         Ok(busy) => busy,
         Err(e) => {
@@ -60,8 +67,8 @@ pub async fn yield_to_readers(client: &impl GenericClient, batch: Duration) -> D
     let pause = pause_after(batch, busy);
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
+        metrics.record_yield(pause);
     }
-    pause
 }
 
 #[cfg(test)]

@@ -288,15 +288,11 @@ pub async fn write<R: Landable>(
             )
             .await?;
             for (position, (record, fingerprint)) in records.iter().zip(&fingerprints).enumerate() {
-                let id = record.source_id().as_bytes();
-                keys.put(&3i16.to_be_bytes()).await?;
-                keys.put(&4i32.to_be_bytes()).await?;
-                keys.put(&field_length(position).to_be_bytes()).await?;
-                keys.put(&field_length(id.len()).to_be_bytes()).await?;
-                keys.put(id).await?;
-                keys.put(&field_length(fingerprint.len()).to_be_bytes())
-                    .await?;
-                keys.put(fingerprint).await?;
+                let position = i32::try_from(position).expect("a batch is far under 2^31 rows");
+                keys.put(&3i16.to_be_bytes()).await?; // fields in the row
+                keys.field(&[&position.to_be_bytes()]).await?;
+                keys.field(&[record.source_id().as_bytes()]).await?;
+                keys.field(&[fingerprint]).await?;
             }
             keys.finish().await?;
             lock_source(tx, source).await?;
@@ -319,20 +315,12 @@ pub async fn write<R: Landable>(
     )
     .await?;
     for &position in &to_send {
-        let (record, fingerprint) = (&records[position], &fingerprints[position]);
-        let (id, data) = (record.source_id().as_bytes(), record.data().0.as_bytes());
+        let record = &records[position];
         staging.put(&3i16.to_be_bytes()).await?; // fields in the row
-        staging.put(&field_length(id.len()).to_be_bytes()).await?;
-        staging.put(id).await?;
-        staging
-            .put(&field_length(1 + data.len()).to_be_bytes())
-            .await?;
-        staging.put(&[1]).await?; // jsonb binary format version
-        staging.put(data).await?;
-        staging
-            .put(&field_length(fingerprint.len()).to_be_bytes())
-            .await?;
-        staging.put(fingerprint).await?;
+        staging.field(&[record.source_id().as_bytes()]).await?;
+        // jsonb's binary format: a version byte, then the text.
+        staging.field(&[&[1], record.data().0.as_bytes()]).await?;
+        staging.field(&[&fingerprints[position]]).await?;
     }
     staging.finish().await?;
     let row = tx
@@ -415,6 +403,16 @@ impl CopyStream {
                 self.sink.feed(chunk).await?;
                 self.buffer.reserve(COPY_CHUNK_BYTES);
             }
+        }
+        Ok(())
+    }
+
+    /// One field of a row: its length, then its bytes (the `parts` one after the other).
+    async fn field(&mut self, parts: &[&[u8]]) -> Result<(), tokio_postgres::Error> {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        self.put(&field_length(len).to_be_bytes()).await?;
+        for part in parts {
+            self.put(part).await?;
         }
         Ok(())
     }

@@ -194,25 +194,31 @@ pub struct BusyReader {
 impl BusyReader {
     pub async fn start(url: &str) -> Self {
         let separator = if url.contains('?') { '&' } else { '?' };
-        let client = connect(&format!("{url}{separator}application_name=etl-query")).await;
+        let application = etl_shared::pacing::READER_APPLICATION;
+        let client = connect(&format!("{url}{separator}application_name={application}")).await;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
         let cancel = client.cancel_token();
         let statement = tokio::spawn(async move {
             let _ = client.batch_execute("SELECT pg_sleep(120)").await;
         });
+        // This reader's own backend, so a second reader does not pass on the first one's.
         let watcher = connect(url).await;
         wait_for(
             "the reader's statement to run",
             Duration::from_secs(10),
             || async {
                 let row = watcher
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-                     AND application_name = 'etl-query' AND state = 'active'",
-                        &[],
+                    .query_opt(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                        &[&pid],
                     )
                     .await
                     .unwrap();
-                (row.get::<_, i64>(0) > 0).then_some(())
+                row.map(|_| ())
             },
         )
         .await;

@@ -395,9 +395,8 @@ impl BatchWriter<'_> {
             Ok((inserted, updated)) => {
                 self.probe = next_probe(records.len(), Written { inserted, updated });
                 self.account(records.len(), rejects.len(), inserted, updated, started);
-                let paused =
-                    etl_shared::pacing::yield_to_readers(&**client, started.elapsed()).await;
-                self.metrics.record_yield(paused);
+                etl_shared::pacing::yield_to_readers(&**client, started.elapsed(), self.metrics)
+                    .await;
                 Ok(())
             }
             Err(WriteError::Db(e)) if is_record_error(&e) && !records.is_empty() => {

@@ -291,10 +291,12 @@ impl Normalizer {
                         &counts,
                         batch_started.elapsed().as_secs_f64(),
                     );
-                    let paused =
-                        etl_shared::pacing::yield_to_readers(&**client, batch_started.elapsed())
-                            .await;
-                    inner.metrics.record_yield(paused);
+                    etl_shared::pacing::yield_to_readers(
+                        &**client,
+                        batch_started.elapsed(),
+                        &inner.metrics,
+                    )
+                    .await;
                 }
                 Ok(BatchOutcome::Busy) => {
                     busy = true;
@@ -361,9 +363,12 @@ impl Normalizer {
                         },
                         started.elapsed().as_secs_f64(),
                     );
-                    let paused =
-                        etl_shared::pacing::yield_to_readers(&**client, started.elapsed()).await;
-                    inner.metrics.record_yield(paused);
+                    etl_shared::pacing::yield_to_readers(
+                        &**client,
+                        started.elapsed(),
+                        &inner.metrics,
+                    )
+                    .await;
                 }
                 Ok(replay::ReplayOutcome::Swapped(swapped)) => {
                     counts = swapped;

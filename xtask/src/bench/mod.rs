@@ -266,15 +266,7 @@ async fn stages(
     let copy_s = started.elapsed().as_secs_f64();
     let copy_rate = rate(n, copy_s);
     let started = Instant::now();
-    let upserted = db
-        .execute(
-            "INSERT INTO ceiling_normalized (source, source_id, name, value, description)
-             SELECT 'csv', id::text, name, value, description FROM typed_rows
-             ON CONFLICT (source, source_id) DO UPDATE SET name = EXCLUDED.name,
-                 value = EXCLUDED.value, description = EXCLUDED.description, updated_at = now()",
-            &[],
-        )
-        .await?;
+    let upserted = ceiling_upsert(&db, "ceiling_normalized").await?;
     let upsert_rate = rate(upserted, started.elapsed().as_secs_f64());
     ensure!(
         upserted == n,
@@ -288,14 +280,7 @@ async fn stages(
     )
     .await?;
     let started = Instant::now();
-    db.execute(
-        "INSERT INTO ceiling_bulk (source, source_id, name, value, description)
-         SELECT 'csv', id::text, name, value, description FROM typed_rows
-         ON CONFLICT (source, source_id) DO UPDATE SET name = EXCLUDED.name,
-             value = EXCLUDED.value, description = EXCLUDED.description, updated_at = now()",
-        &[],
-    )
-    .await?;
+    ceiling_upsert(&db, "ceiling_bulk").await?;
     db.batch_execute(
         "CREATE INDEX ON ceiling_bulk USING gin (name gin_trgm_ops);
          CREATE INDEX ON ceiling_bulk USING gin (description gin_trgm_ops);",
@@ -368,13 +353,7 @@ async fn stages(
     );
     loop {
         normalizer.check_alive()?;
-        let left: i64 = db
-            .query_one(
-                "SELECT count(*) FROM etl_pending WHERE pending_changes > 0",
-                &[],
-            )
-            .await?
-            .get(0);
+        let left = sources_pending(&db).await?;
         if left == 0 {
             break;
         }
@@ -498,6 +477,33 @@ async fn stages(
         ingest_kib: first.peak_kib,
         tenth_kib: tenth.peak_kib,
     })
+}
+
+/// The normalizer's upsert done by Postgres alone: the typed rows into `table`, of the
+/// normalized shape, in one statement. Returns the rows written.
+async fn ceiling_upsert(db: &Client, table: &str) -> Result<u64> {
+    Ok(db
+        .execute(
+            &format!(
+                "INSERT INTO {table} (source, source_id, name, value, description)
+                 SELECT 'csv', id::text, name, value, description FROM typed_rows
+                 ON CONFLICT (source, source_id) DO UPDATE SET name = EXCLUDED.name,
+                     value = EXCLUDED.value, description = EXCLUDED.description, updated_at = now()"
+            ),
+            &[],
+        )
+        .await?)
+}
+
+/// How many sources have raw changes the normalizer has not applied yet.
+async fn sources_pending(db: &Client) -> Result<i64> {
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM etl_pending WHERE pending_changes > 0",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 async fn copy_file(db: &Client, path: &Path) -> Result<()> {
@@ -830,13 +836,7 @@ async fn mix_under_writes(
             "the mix under writes: {} errors",
             load.errors
         );
-        let pending: i64 = db
-            .query_one(
-                "SELECT count(*) FROM etl_pending WHERE pending_changes > 0",
-                &[],
-            )
-            .await?
-            .get(0);
+        let pending = sources_pending(db).await?;
         let done = refresh.is_finished() && pending == 0;
         // A window in which the load ended still saw writes for part of it.
         windows.push(load);
