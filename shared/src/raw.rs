@@ -63,6 +63,8 @@ pub struct RawStatements {
     pub has_pending: &'static str,
     /// How many changes of `$1` are after its checkpoint (an index range).
     pub count_pending: &'static str,
+    /// As `count_pending`, counting at most `$2` (so asking "at least $2?" costs at most that).
+    pub count_pending_upto: &'static str,
 }
 
 /// The checkpoint of source `$1` (0 before its first batch).
@@ -171,6 +173,10 @@ macro_rules! raw_statements {
             count_pending: concat!(
                 "SELECT count(*) FROM ", $table, " r
                  WHERE r.source = $1 AND r.change_id > ", checkpoint_of_1!()
+            ),
+            count_pending_upto: concat!(
+                "SELECT count(*) FROM (SELECT 1 FROM ", $table, " r
+                 WHERE r.source = $1 AND r.change_id > ", checkpoint_of_1!(), " LIMIT $2) capped"
             ),
         }
     };

@@ -15,7 +15,8 @@ async fn query_service(db: &TestDb) -> (ServiceProcess, String) {
     db.client()
         .await
         .batch_execute(
-            "INSERT INTO normalized_data (source, source_id, name, value, description)
+            "SELECT etl_ensure_partition('even'), etl_ensure_partition('odd');
+             INSERT INTO normalized_data (source, source_id, name, value, description)
              SELECT CASE WHEN g % 2 = 0 THEN 'even' ELSE 'odd' END, g::text, 'item ' || g, g / 3.0,
                     CASE WHEN g % 5 = 0 THEN NULL ELSE 'about item ' || g END
              FROM generate_series(1, 250) g;

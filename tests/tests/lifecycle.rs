@@ -610,7 +610,7 @@ async fn a_mapping_change_is_replayed_and_readers_see_only_whole_versions() {
     let client = stack.db.client().await;
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM etl_replays), (SELECT count(*) FROM normalized_replay),
+            "SELECT (SELECT count(*) FROM etl_replays), (SELECT count(*) FROM normalized_build),
                     (SELECT records_processed FROM etl_runs WHERE service = 'normalizer'
                      ORDER BY id DESC LIMIT 1)",
             &[],
@@ -666,6 +666,7 @@ async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
     )
     .unwrap();
     let replay = &stats["sources"][0]["replay"];
+    assert_eq!(replay["reason"], "mapping", "{stats}");
     assert!(replay["processed"].as_i64().unwrap() > 0, "{stats}");
     assert!(replay["remaining"].as_i64().unwrap() > 0, "{stats}");
     normalizer.signal("-KILL").await;
@@ -686,7 +687,7 @@ async fn a_replay_killed_midway_leaves_the_old_version_served_and_resumes() {
     );
     let left: i64 = client
         .query_one(
-            "SELECT (SELECT count(*) FROM etl_replays) + (SELECT count(*) FROM normalized_replay)",
+            "SELECT (SELECT count(*) FROM etl_replays) + (SELECT count(*) FROM normalized_build)",
             &[],
         )
         .await

@@ -61,7 +61,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
     let client = db.client().await;
 
-    let expected: [(&str, &[&str]); 12] = [
+    let expected: [(&str, &[&str]); 13] = [
         (
             "raw_api_data",
             &[
@@ -181,12 +181,23 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "processed",
                 "started_at",
                 "error",
+                "reason",
             ],
         ),
         (
-            "normalized_replay",
-            &["source", "source_id", "name", "value", "description"],
+            "normalized_build",
+            &[
+                "id",
+                "source",
+                "source_id",
+                "name",
+                "value",
+                "description",
+                "created_at",
+                "updated_at",
+            ],
         ),
+        ("etl_partitions", &["source", "role", "relid"]),
         (
             "etl_rejects_replay",
             &["source", "source_id", "raw_id", "reason"],
@@ -239,7 +250,8 @@ async fn normalized_values_may_repeat_but_must_be_finite_and_named() {
 
     client
         .batch_execute(
-            "INSERT INTO normalized_data (source, source_id, name, value)
+            "SELECT etl_ensure_partition('s');
+             INSERT INTO normalized_data (source, source_id, name, value)
              VALUES ('s', '1', 'one', 42), ('s', '2', 'two', 42)",
         )
         .await
@@ -443,4 +455,92 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_and_apply_once()
             .get(0);
         assert!(exists, "{table} missing");
     }
+}
+
+/// Applies the migration files of `versions`, as plain SQL (from 1: what a database of an
+/// earlier release holds).
+async fn migrate_files(client: &Client, versions: std::ops::RangeInclusive<u32>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let mut files: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?;
+            let version = name.strip_prefix('V')?.split("__").next()?.parse().ok()?;
+            Some((version, path))
+        })
+        .filter(|(version, _)| versions.contains(version))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), versions.count(), "{files:?}");
+    for (_, path) in files {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+    }
+}
+
+#[tokio::test]
+async fn upgrading_to_one_partition_per_source_keeps_every_record_and_its_id() {
+    let db = TestDb::empty().await;
+    let client = db.client().await;
+    migrate_files(&client, 1..=10).await;
+    client
+        .batch_execute(
+            "INSERT INTO normalized_data (source, source_id, name, value, description)
+             SELECT CASE WHEN g % 3 = 0 THEN 'a' ELSE 'b''s' END, g::text, 'item ' || g, g,
+                    CASE WHEN g % 2 = 0 THEN 'even' END
+             FROM generate_series(1, 300) g;
+             DELETE FROM normalized_data WHERE id % 7 = 0;",
+        )
+        .await
+        .unwrap();
+    let records = "SELECT id, source, source_id, name, value, description, created_at, updated_at
+                   FROM normalized_data ORDER BY id";
+    let snapshot = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {} {} {:?} {:?} {:?}",
+                    r.get::<_, i64>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, f64>(4),
+                    r.get::<_, Option<String>>(5),
+                    r.get::<_, std::time::SystemTime>(6),
+                    r.get::<_, std::time::SystemTime>(7),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = snapshot(client.query(records, &[]).await.unwrap());
+
+    migrate_files(&client, 11..=11).await;
+
+    assert_eq!(snapshot(client.query(records, &[]).await.unwrap()), before);
+    let partitions: Vec<(String, i64)> = client
+        .query(
+            "SELECT p.source, (SELECT count(*) FROM normalized_data n WHERE n.source = p.source)
+             FROM etl_partitions p WHERE p.role = 'live' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(partitions, [("a".into(), 86), ("b's".into(), 172)]);
+    let new_id: i64 = client
+        .query_one(
+            "INSERT INTO normalized_data (source, source_id, name, value)
+             VALUES ('a', 'new', 'new', 0) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(new_id, 301, "ids go on after the last one V10 gave");
 }

@@ -16,7 +16,8 @@ async fn seed(db: &TestDb) {
     db.client()
         .await
         .batch_execute(
-            "INSERT INTO normalized_data (source, source_id, name, value)
+            "SELECT etl_ensure_partition('even'), etl_ensure_partition('odd');
+             INSERT INTO normalized_data (source, source_id, name, value)
                  SELECT CASE WHEN i % 2 = 0 THEN 'even' ELSE 'odd' END, i::text, 'item ' || i, i
                  FROM generate_series(1, 100) i;
              INSERT INTO etl_checkpoint (source, normalized_rows)

@@ -79,11 +79,16 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
         "DELETE FROM etl_source_leases WHERE source = $1",
         "DELETE FROM etl_source_state WHERE source = $1",
         "DELETE FROM etl_replays WHERE source = $1",
-        "DELETE FROM normalized_replay WHERE source = $1",
         "DELETE FROM etl_rejects_replay WHERE source = $1",
     ] {
         state_rows += tx.execute(state, &[&source]).await?;
     }
+    // A version being built (a replay or the bulk path) goes with its table.
+    let built: bool = tx
+        .query_one("SELECT etl_drop_build($1)", &[&source])
+        .await?
+        .get(0);
+    state_rows += u64::from(built);
     purged.runs_kept = tx
         .query_one(
             "SELECT count(*) FROM etl_runs WHERE source = $1",

@@ -96,6 +96,32 @@ pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }
 
+/// Whether `source`'s backlog should take the bulk path (a replay, see
+/// [`replay`](crate::replay)): at least `min_rows` raw changes pending, and at least half as
+/// many as the rows the source serves. Rebuilding every row apart, with the search indexes
+/// built once at the end, then costs less than applying the changes one by one through those
+/// indexes (which ran at about 40% of the bulk rate). Counts at most what it needs to know.
+pub async fn wants_bulk(
+    client: &Client,
+    source: &Source,
+    min_rows: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let served: i64 = client
+        .query_opt(
+            "SELECT normalized_rows FROM etl_checkpoint WHERE source = $1",
+            &[&source.name],
+        )
+        .await?
+        .map_or(0, |row| row.get(0));
+    let needed = min_rows.max((served + 1) / 2);
+    let sql = RawTable::of(source.kind).sql().count_pending_upto;
+    let pending: i64 = client
+        .query_one(sql, &[&source.name, &needed])
+        .await?
+        .get(0);
+    Ok(pending >= needed)
+}
+
 /// How many rows to ask for next: as many as fit in [`BATCH_BYTES`] at the last batch's bytes
 /// per row, within 1 and `batch_size`. Postgres measures every row it considers, so asking for
 /// far more rows than the byte bound lets through would make it read (and detoast) them all
@@ -120,7 +146,7 @@ pub async fn process_batch(
     let table = RawTable::of(source.kind);
     ensure_checkpoint(client, &source.name).await?;
     let tx = client.transaction().await?;
-    let Some(checkpoint) = claim(&tx, &source.name).await? else {
+    let Some(checkpoint) = claim_unless_replaying(&tx, &source.name).await? else {
         return Ok(BatchOutcome::Busy);
     };
     let rows = read(&tx, table, &source.name, paths, checkpoint, batch_size).await?;
@@ -143,15 +169,37 @@ pub async fn process_batch(
     })
 }
 
-/// The source's checkpoint row exists (committed on its own, so replicas can lock it).
+/// The source's checkpoint row and its partition of normalized_data exist (committed on their
+/// own, so replicas can lock the row and write the partition).
 async fn ensure_checkpoint(client: &Client, source: &str) -> Result<(), tokio_postgres::Error> {
     client
-        .execute(
-            "INSERT INTO etl_checkpoint (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
+        .query(
+            "WITH c AS (
+                 INSERT INTO etl_checkpoint (source) VALUES ($1) ON CONFLICT (source) DO NOTHING
+             )
+             SELECT etl_ensure_partition($1)",
             &[&source],
         )
         .await?;
     Ok(())
+}
+
+/// As [`claim`], and `None` too when a replay of the source is under way: the replay has the
+/// source from then on (it builds from the served version as it was when it began, which is
+/// therefore left alone), and the caller's next run will be the replay's.
+async fn claim_unless_replaying(
+    tx: &Transaction<'_>,
+    source: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    Ok(tx
+        .query_opt(
+            "SELECT c.last_processed_id FROM etl_checkpoint c
+             WHERE c.source = $1 AND NOT EXISTS (SELECT 1 FROM etl_replays r WHERE r.source = $1)
+             FOR UPDATE OF c SKIP LOCKED",
+            &[&source],
+        )
+        .await?
+        .map(|row| row.get(0)))
 }
 
 /// Locks the source's checkpoint for this transaction and returns it; `None` when another
@@ -474,8 +522,12 @@ fn check_csv_columns(
 }
 
 /// Writes only what changed: an unchanged record is not touched, and `updated_at` moves only
-/// when name, value or description really changed. Returns (inserted, updated).
-const UPSERT_NORMALIZED: &str = "WITH upserted AS (
+/// when name, value or description really changed. Returns (inserted, updated): the records
+/// that did not exist before (counted in the statement's snapshot, which the insert does not
+/// change; `xmax` cannot tell on a partitioned table), and the rest of those written.
+const UPSERT_NORMALIZED: &str = "WITH existing AS (
+        SELECT count(*) AS records FROM normalized_data WHERE source = $1 AND source_id = ANY($2)
+    ), upserted AS (
         INSERT INTO normalized_data AS n (source, source_id, name, value, description)
         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::float8[], $5::text[])
         ON CONFLICT (source, source_id) DO UPDATE
@@ -483,22 +535,29 @@ const UPSERT_NORMALIZED: &str = "WITH upserted AS (
                 description = EXCLUDED.description, updated_at = now()
             WHERE (n.name, n.value, n.description)
                 IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.value, EXCLUDED.description)
-        RETURNING (n.xmax = 0) AS inserted
+        RETURNING 1
+    ), inserted AS (
+        SELECT cardinality($2::text[]) - (SELECT records FROM existing) AS records
     )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted";
+    SELECT records, (SELECT count(*) FROM upserted) - records FROM inserted";
 
-/// Moves what the trigram indexes hold in their pending lists into the indexes proper, once a
-/// run that changed rows has caught up. GIN indexes take new entries into an unsorted pending
+/// Moves what the trigram indexes of `source`'s partition hold in their pending lists into the
+/// indexes proper, once a run that changed rows has caught up. GIN indexes take new entries into an unsorted pending
 /// list that every search scans whole, until the list outgrows `gin_pending_list_limit` (4 MB)
 /// or VACUUM comes by: after a load, searches paid for up to two such lists until autovacuum
 /// ran (the bench's query mix right after a refresh of 20,000 rows: p99 6.7× the one at rest).
 /// Only the indexes' owner may do this (the role that ran the migrations); for another role,
 /// the lists wait for VACUUM as before.
-pub async fn clean_search_pending_lists(client: &tokio_postgres::Client) {
+pub async fn clean_search_pending_lists(client: &tokio_postgres::Client, source: &str) {
     if let Err(e) = client
-        .batch_execute(
-            "SELECT gin_clean_pending_list('normalized_data_name_trgm_idx'::regclass),
-                    gin_clean_pending_list('normalized_data_description_trgm_idx'::regclass)",
+        .execute(
+            "SELECT gin_clean_pending_list(i.indexrelid)
+             FROM etl_partitions p
+             JOIN pg_index i ON i.indrelid = p.relid
+             JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_am a ON a.oid = c.relam
+             WHERE p.source = $1 AND p.role = 'live' AND a.amname = 'gin'",
+            &[&source],
         )
         .await
     {

@@ -30,9 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use daemon::Application;
+use tokio_postgres::Client;
 
 use crate::batch::{BatchError, BatchOutcome, Hook};
 use crate::mapping::FieldPaths;
+
+/// How often a run of ordinary batches looks whether its backlog now wants the bulk path.
+const BULK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Everything the normalizer reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Raw rows per transaction: bounds memory and lock time, amortizes round trips.
     pub batch_size: i64,
+    /// A backlog of at least this many raw changes (and at least half the source's rows) takes
+    /// the bulk path: the source is rebuilt apart and its search indexes built once.
+    pub bulk_min_rows: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +64,8 @@ pub enum SettingsError {
 
 impl Settings {
     /// Reads `DATABASE_*`, `SOURCES_FILE`, `NORMALIZER_ADMIN_ADDR` (default `0.0.0.0:8082`),
-    /// `NORMALIZER_POLL_INTERVAL_SECS` (1–3600, default 30) and `NORMALIZER_BATCH_SIZE`
-    /// (1–100000, default 5000).
+    /// `NORMALIZER_POLL_INTERVAL_SECS` (1–3600, default 30), `NORMALIZER_BATCH_SIZE`
+    /// (1–100000, default 5000) and `NORMALIZER_BULK_MIN_ROWS` (1–10^12, default 100000).
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
         let database = DatabaseSettings::from_env(env)?;
         let path: PathBuf = env
@@ -76,6 +83,11 @@ impl Settings {
                 30,
             )?),
             batch_size: env.parse_in_range("NORMALIZER_BATCH_SIZE", 1..=100_000, 5_000)? as i64,
+            bulk_min_rows: env.parse_in_range(
+                "NORMALIZER_BULK_MIN_ROWS",
+                1..=1_000_000_000_000,
+                100_000,
+            )? as i64,
         })
     }
 }
@@ -119,6 +131,7 @@ struct Inner {
     /// Per source, its mapping's fingerprint ([`FieldPaths::fingerprint`]).
     fingerprints: HashMap<String, String>,
     batch_size: i64,
+    bulk_min_rows: i64,
     metrics: PipelineMetrics,
     lag: Family<SourceLabels, Gauge>,
     reconnects: Counter,
@@ -176,6 +189,7 @@ impl Normalizer {
                 paths,
                 fingerprints,
                 batch_size: settings.batch_size,
+                bulk_min_rows: settings.bulk_min_rows,
                 metrics,
                 lag,
                 replay,
@@ -259,13 +273,28 @@ impl Normalizer {
         if !batch::has_work(&client, source).await? {
             return Ok(idle);
         }
+        if batch::wants_bulk(&client, source, inner.bulk_min_rows).await? {
+            self.begin_bulk(&client, name).await?;
+            return self.replay_source(source, client).await;
+        }
         let run = inner.runs.begin(name).await?;
         let run_id = run.id;
         let mut total = RunCounts::default();
         let mut error = None;
         let mut busy = false;
         let mut row_limit = inner.batch_size;
+        let mut bulk_checked = Instant::now();
+        let mut bulk = false;
         while !inner.shutdown.is_cancelled() {
+            // A backlog that grows faster than batches apply it (a large load landing now)
+            // switches to the bulk path; looked at every few seconds, since it counts.
+            if bulk_checked.elapsed() >= BULK_CHECK_INTERVAL {
+                bulk_checked = Instant::now();
+                if batch::wants_bulk(&client, source, inner.bulk_min_rows).await? {
+                    bulk = true;
+                    break;
+                }
+            }
             let batch_started = Instant::now();
             let batch = batch::process_batch(
                 &mut client,
@@ -312,12 +341,17 @@ impl Normalizer {
                 }
             }
         }
+        if bulk {
+            self.begin_bulk(&client, name).await?;
+            // The caller comes back at once, and the next run is the bulk one.
+            busy = true;
+        }
         if total.processed == 0 && error.is_none() {
             run.discard().await?;
             return Ok(RunOutcome { busy, ..idle });
         }
         if total.inserted + total.updated + total.deleted > 0 && !busy {
-            batch::clean_search_pending_lists(&client).await;
+            batch::clean_search_pending_lists(&client, name).await;
         }
         drop(client);
         let summary = run.end(&inner.metrics, total, error).await?;
@@ -325,6 +359,17 @@ impl Normalizer {
             summary: Some(summary),
             busy,
         })
+    }
+
+    /// Starts the bulk path for `name`'s backlog: a replay to its current mapping.
+    async fn begin_bulk(&self, client: &Client, name: &str) -> Result<(), NormalizeError> {
+        tracing::info!(
+            source = name,
+            "large backlog: normalizing it apart, search indexes built in bulk"
+        );
+        let fingerprint = &self.inner.fingerprints[name];
+        replay::begin(client, name, fingerprint, replay::Reason::Backlog).await?;
+        Ok(())
     }
 
     /// A replay run of `source` (see [`replay`]): builds batch after batch until it swaps the
@@ -370,6 +415,7 @@ impl Normalizer {
                     )
                     .await;
                 }
+                Ok(replay::ReplayOutcome::Indexed) => {}
                 Ok(replay::ReplayOutcome::Swapped(swapped)) => {
                     counts = swapped;
                     break;
@@ -404,7 +450,8 @@ impl Normalizer {
         {
             let client = self.inner.pool.get().await?;
             replay::mode(&client, name, &self.inner.fingerprints[name]).await?;
-            replay::begin(&client, name, &self.inner.fingerprints[name], true).await?;
+            let fingerprint = &self.inner.fingerprints[name];
+            replay::begin(&client, name, fingerprint, replay::Reason::Requested).await?;
         }
         let mut pause = std::time::Duration::from_millis(50);
         loop {

@@ -1,15 +1,19 @@
-//! Replay: re-normalizing a source from its raw rows when its mapping changed (or on demand,
-//! `etl-normalizer replay --source NAME`), without readers ever seeing a mix of versions.
+//! Replay: re-normalizing a source from its raw rows when its mapping changed, on demand
+//! (`etl-normalizer replay --source NAME`), or because its backlog is large enough that
+//! building it apart is faster (the bulk path), without readers ever seeing a mix of versions.
 //!
-//! The new version is built apart, in `normalized_replay` and `etl_rejects_replay`, batch by
-//! batch through the raw rows in change-id order, under the same claim on the checkpoint row as
+//! The new version is built apart, in the source's partition of `normalized_build` (a plain
+//! table with only its keys, no search indexes) and in `etl_rejects_replay`, batch by batch
+//! through the raw rows in change-id order, under the same claim on the checkpoint row as
 //! ordinary batches (so replicas never work on a source at once, and a killed replay resumes
-//! where its last batch committed). Once it has caught up, one transaction swaps it in: rows
-//! the new version lacks are deleted, the others upserted (ids of unchanged records kept), the
-//! rejects replaced, and the checkpoint moved to where the replay got, with the new mapping's
-//! fingerprint. Until that commit `/data` serves the previous version whole. A mapping that
-//! cannot apply stops the replay with its reason (one failed run), and the previous version
-//! stays served until the mapping changes again or a replay is asked for.
+//! where its last batch committed). Each record keeps the id, `created_at` and, when unchanged,
+//! the `updated_at` it has in the served version. Once the build has caught up, its search
+//! indexes are built in bulk (one transaction), and then one transaction swaps it in as the
+//! source's partition of `normalized_data` (see migration V11), replaces the rejects, and moves
+//! the checkpoint to where the replay got, with the new mapping's fingerprint. Until that commit
+//! `/data` serves the previous version whole. A mapping that cannot apply stops the replay with
+//! its reason (one failed run), and the previous version stays served until the mapping changes
+//! again or a replay is asked for.
 
 use etl_shared::raw::RawTable;
 use etl_shared::runs::RunCounts;
@@ -85,34 +89,65 @@ pub async fn mode(
             Mode::Current
         }
         _ => {
-            begin(client, source, fingerprint, false).await?;
+            begin(client, source, fingerprint, Reason::Mapping).await?;
             Mode::Replaying
         }
     })
 }
 
+/// Why a source is re-normalized from its raw rows (`etl_replays.reason`, `/stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Its mapping changed.
+    Mapping,
+    /// `etl-normalizer replay --source NAME`.
+    Requested,
+    /// Its backlog is large enough for the bulk path (`NORMALIZER_BULK_MIN_ROWS`).
+    Backlog,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Mapping => "mapping",
+            Reason::Requested => "requested",
+            Reason::Backlog => "backlog",
+        }
+    }
+}
+
 /// Starts a replay of `source` to `fingerprint` from its first raw row, dropping what a replay
-/// to another mapping had built. `again`: also restart one to this mapping (on demand).
+/// to another mapping had built; a requested one also restarts one to this mapping. One
+/// statement, so a replay never exists without its build partition.
 pub async fn begin(
     client: &Client,
     source: &str,
     fingerprint: &str,
-    again: bool,
+    reason: Reason,
 ) -> Result<(), tokio_postgres::Error> {
     let restarted = client
-        .execute(
-            "INSERT INTO etl_replays (source, fingerprint) VALUES ($1, $2)
-             ON CONFLICT (source) DO UPDATE
-             SET fingerprint = EXCLUDED.fingerprint, position = 0, processed = 0,
-                 started_at = now(), error = NULL
-             WHERE $3 OR etl_replays.fingerprint <> EXCLUDED.fingerprint",
-            &[&source, &fingerprint, &again],
+        .query(
+            "WITH restarted AS (
+                 INSERT INTO etl_replays (source, fingerprint, reason) VALUES ($1, $2, $4)
+                 ON CONFLICT (source) DO UPDATE
+                 SET fingerprint = EXCLUDED.fingerprint, reason = EXCLUDED.reason, position = 0,
+                     processed = 0, started_at = now(), error = NULL
+                 WHERE $3 OR etl_replays.fingerprint <> EXCLUDED.fingerprint
+                 RETURNING source
+             )
+             SELECT etl_begin_build(source) FROM restarted",
+            &[
+                &source,
+                &fingerprint,
+                &(reason == Reason::Requested),
+                &reason.as_str(),
+            ],
         )
         .await?;
-    if restarted == 1 {
-        clear_shadow(client, source).await?;
+    if !restarted.is_empty() {
         tracing::info!(
             source,
+            reason = reason.as_str(),
             "replay started: the source is re-normalized from its raw rows"
         );
     }
@@ -121,24 +156,8 @@ pub async fn begin(
 
 async fn forget(client: &Client, source: &str) -> Result<(), tokio_postgres::Error> {
     client
-        .execute("DELETE FROM etl_replays WHERE source = $1", &[&source])
-        .await?;
-    clear_shadow(client, source).await
-}
-
-async fn clear_shadow(
-    client: &impl tokio_postgres::GenericClient,
-    source: &str,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "DELETE FROM normalized_replay WHERE source = $1",
-            &[&source],
-        )
-        .await?;
-    client
-        .execute(
-            "DELETE FROM etl_rejects_replay WHERE source = $1",
+        .query(
+            "WITH gone AS (DELETE FROM etl_replays WHERE source = $1) SELECT etl_drop_build($1)",
             &[&source],
         )
         .await?;
@@ -152,6 +171,8 @@ pub enum ReplayOutcome {
     Busy,
     /// Raw rows were built into the new version.
     Built { rows: i64, text_bytes: i64 },
+    /// The new version, complete, got its search indexes; the swap comes next.
+    Indexed,
     /// The new version replaced the old: what changed for readers.
     Swapped(RunCounts),
 }
@@ -183,7 +204,27 @@ pub async fn process_batch(
     let (position, fingerprint): (i64, String) = (row.get(0), row.get(1));
     let rows = batch::read(&tx, table, name, paths, position, batch_size).await?;
     if rows.is_empty() {
-        let counts = swap(&tx, table, name, run_id, position, &fingerprint).await?;
+        let indexed: bool = tx
+            .query_one("SELECT etl_index_build($1)", &[&name])
+            .await?
+            .get(0);
+        if indexed {
+            tx.commit().await?;
+            return Ok(ReplayOutcome::Indexed);
+        }
+        let counts = match swap(&tx, table, name, run_id, position, &fingerprint).await {
+            Ok(counts) => counts,
+            // Readers held normalized_data longer than the swap waits (SWAP_LOCK_TIMEOUT):
+            // the version built stays, and the next run swaps it in.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::info!(
+                    source = name,
+                    "replay swap waited too long for readers; will retry"
+                );
+                return Ok(ReplayOutcome::Busy);
+            }
+            Err(e) => return Err(e.into()),
+        };
         tx.commit().await?;
         tracing::info!(source = name, ?counts, "replay swapped in");
         return Ok(ReplayOutcome::Swapped(counts));
@@ -227,10 +268,7 @@ async fn build(
     let not_rejected: Vec<&String> = valid.source_ids.iter().chain(&batch.deleted).collect();
     if !valid.source_ids.is_empty() {
         tx.execute(
-            "INSERT INTO normalized_replay (source, source_id, name, value, description)
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::float8[], $5::text[])
-             ON CONFLICT (source, source_id) DO UPDATE
-             SET name = EXCLUDED.name, value = EXCLUDED.value, description = EXCLUDED.description",
+            BUILD_NORMALIZED,
             &[
                 &source,
                 &valid.source_ids,
@@ -258,7 +296,7 @@ async fn build(
     }
     if !gone.is_empty() {
         tx.execute(
-            "DELETE FROM normalized_replay WHERE source = $1 AND source_id = ANY($2)",
+            "DELETE FROM normalized_build WHERE source = $1 AND source_id = ANY($2)",
             &[&source, &gone],
         )
         .await?;
@@ -273,6 +311,27 @@ async fn build(
     Ok(())
 }
 
+/// Writes records into the version being built, each with the id and `created_at` it has in
+/// the served version (new ones get new ids), and with its served `updated_at` when its fields
+/// are unchanged: readers' cursors and timestamps survive the swap.
+const BUILD_NORMALIZED: &str = "INSERT INTO normalized_build AS b
+        (id, source, source_id, name, value, description, created_at, updated_at)
+    SELECT coalesce(o.id, nextval('normalized_id_seq')), $1, u.source_id, u.name, u.value,
+           u.description, coalesce(o.created_at, now()),
+           CASE WHEN (o.name, o.value, o.description)
+                     IS NOT DISTINCT FROM (u.name, u.value, u.description)
+                THEN o.updated_at ELSE now() END
+    FROM unnest($2::text[], $3::text[], $4::float8[], $5::text[])
+         AS u (source_id, name, value, description)
+    LEFT JOIN normalized_data o ON o.source = $1 AND o.source_id = u.source_id
+    ON CONFLICT (source, source_id) DO UPDATE
+    SET name = EXCLUDED.name, value = EXCLUDED.value, description = EXCLUDED.description,
+        updated_at = EXCLUDED.updated_at";
+
+/// How long the swap waits for readers to let go of normalized_data. While it waits, new
+/// statements on the table queue behind it; past this, it gives up and is tried again.
+const SWAP_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
 /// The version built replaces the served one, in the caller's transaction.
 async fn swap(
     tx: &Transaction<'_>,
@@ -282,35 +341,26 @@ async fn swap(
     position: i64,
     fingerprint: &str,
 ) -> Result<RunCounts, tokio_postgres::Error> {
-    let withdrawn = tx
-        .execute(
-            "DELETE FROM normalized_data n WHERE n.source = $1 AND NOT EXISTS
-                 (SELECT 1 FROM normalized_replay r WHERE r.source = $1 AND r.source_id = n.source_id)",
-            &[&source],
-        )
-        .await? as i64;
+    // What changes for readers, against the served version (left alone since the replay
+    // began: ordinary batches stop while one is under way).
     let row = tx
         .query_one(
-            "WITH upserted AS (
-                 INSERT INTO normalized_data AS n (source, source_id, name, value, description)
-                 SELECT source, source_id, name, value, description FROM normalized_replay
-                 WHERE source = $1
-                 ON CONFLICT (source, source_id) DO UPDATE
-                     SET name = EXCLUDED.name, value = EXCLUDED.value,
-                         description = EXCLUDED.description, updated_at = now()
-                     WHERE (n.name, n.value, n.description)
-                         IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.value, EXCLUDED.description)
-                 RETURNING (n.xmax = 0) AS inserted
-             )
-             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
-                    (SELECT count(*) FROM normalized_replay WHERE source = $1),
-                    (SELECT count(*) FROM etl_rejects_replay WHERE source = $1)
-             FROM upserted",
+            "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL),
+                    count(*) FILTER (WHERE o.id IS NOT NULL AND (o.name, o.value, o.description)
+                        IS DISTINCT FROM (b.name, b.value, b.description)),
+                    (SELECT count(*) FROM etl_rejects_replay WHERE source = $1),
+                    (SELECT normalized_rows FROM etl_checkpoint WHERE source = $1)
+             FROM normalized_build b
+             LEFT JOIN normalized_data o ON o.source = $1 AND o.source_id = b.source_id
+             WHERE b.source = $1",
             &[&source],
         )
         .await?;
-    let (inserted, updated, rows, rejected): (i64, i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (rows, inserted, updated, rejected, served): (i64, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let withdrawn = served - (rows - inserted);
+    tx.batch_execute(SWAP_LOCK_TIMEOUT).await?;
+    tx.execute("SELECT etl_swap_build($1)", &[&source]).await?;
     tx.execute(
         "DELETE FROM etl_rejects WHERE stage = 'normalize' AND source = $1",
         &[&source],
@@ -329,7 +379,11 @@ async fn swap(
     .await?;
     tx.execute("DELETE FROM etl_replays WHERE source = $1", &[&source])
         .await?;
-    clear_shadow(tx, source).await?;
+    tx.execute(
+        "DELETE FROM etl_rejects_replay WHERE source = $1",
+        &[&source],
+    )
+    .await?;
     Ok(RunCounts {
         processed: rows + rejected,
         inserted,

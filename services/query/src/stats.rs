@@ -59,8 +59,9 @@ pub struct SourceStats {
     /// The latest normalize run.
     #[oai(skip_serializing_if_is_none)]
     pub last_normalize: Option<RunInfo>,
-    /// A replay under way (the source re-normalized after its mapping changed): until it
-    /// completes, the previous version is served whole.
+    /// A replay under way (the source re-normalized from its raw rows: its mapping changed, a
+    /// replay was asked for, or a large backlog takes the bulk path): until it completes, the
+    /// previous version is served whole, searches included (empty for a source's first load).
     #[oai(skip_serializing_if_is_none)]
     pub replay: Option<ReplayInfo>,
 }
@@ -68,6 +69,9 @@ pub struct SourceStats {
 /// A replay of a source in progress, or stopped because its mapping cannot apply.
 #[derive(Debug, Clone, Object)]
 pub struct ReplayInfo {
+    /// Why: `mapping` (the mapping changed), `requested` (`etl-normalizer replay`) or
+    /// `backlog` (the bulk path: a large backlog normalized apart, search indexes built once).
+    pub reason: String,
     pub started_at: OffsetDateTime,
     /// Raw rows built into the new version so far.
     pub processed: i64,
@@ -258,6 +262,7 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
             processed: row.get(2),
             remaining: row.get(3),
             error: row.get(4),
+            reason: row.get(5),
         });
     }
     let sources: Vec<SourceStats> = sources.into_values().collect();
@@ -317,7 +322,7 @@ const LATEST_RUNS: &str = "SELECT DISTINCT ON (service, source)
 const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,
         (SELECT count(*) FROM raw_api_data r WHERE r.source = p.source AND r.change_id > p.position)
         + (SELECT count(*) FROM raw_csv_data r WHERE r.source = p.source AND r.change_id > p.position),
-        p.error
+        p.error, p.reason
     FROM etl_replays p";
 
 #[cfg(test)]

@@ -71,6 +71,10 @@ async fn seed(db: &TestDb, rows: &[(&str, &str, Option<&str>)]) {
     let client = db.client().await;
     for (i, (source, name, description)) in rows.iter().enumerate() {
         client
+            .execute("SELECT etl_ensure_partition($1)", &[source])
+            .await
+            .unwrap();
+        client
             .execute(
                 "INSERT INTO normalized_data (source, source_id, name, value, description)
                  VALUES ($1, $2, $3, $4, $5)",

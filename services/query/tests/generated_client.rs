@@ -29,7 +29,8 @@ async fn the_generated_python_client_pages_through_data_and_reads_stats() {
     db.client()
         .await
         .batch_execute(
-            "INSERT INTO normalized_data (source, source_id, name, value, description)
+            "SELECT etl_ensure_partition('gen');
+             INSERT INTO normalized_data (source, source_id, name, value, description)
              SELECT 'gen', g::text, 'item ' || g, g, CASE WHEN g % 2 = 0 THEN 'even' END
              FROM generate_series(1, 23) g;
              INSERT INTO etl_checkpoint (source, normalized_rows) VALUES ('gen', 23);",

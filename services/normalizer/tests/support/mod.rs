@@ -37,6 +37,7 @@ pub fn settings(db: &TestDb, toml: &str) -> Settings {
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_secs(3600),
         batch_size: 1000,
+        bulk_min_rows: 100_000,
     }
 }
 
