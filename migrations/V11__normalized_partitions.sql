@@ -78,12 +78,29 @@ BEGIN
     RETURN t::regclass;
 END $$;
 
--- Builds the search indexes of table `p_table` (what attaching it to normalized_data needs).
+-- Builds the search index on column `p_column` (`name` or `description`) of table `p_table`
+-- unless it has one; true when it built one. Both are what attaching to normalized_data needs.
+CREATE FUNCTION etl_search_index(p_table regclass, p_column text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_column NOT IN ('name', 'description') THEN
+        RAISE EXCEPTION 'no search index on column %', p_column;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_am a ON a.oid = c.relam JOIN pg_attribute t ON t.attrelid = i.indrelid
+               WHERE i.indrelid = p_table AND a.amname = 'gin' AND t.attnum = i.indkey[0]
+                 AND t.attname = p_column) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('CREATE INDEX ON %s USING gin (%I gin_trgm_ops)', p_table, p_column);
+    RETURN true;
+END $$;
+
 CREATE FUNCTION etl_index_partition(p_table regclass) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('CREATE INDEX ON %s USING gin (name gin_trgm_ops)', p_table);
-    EXECUTE format('CREATE INDEX ON %s USING gin (description gin_trgm_ops)', p_table);
+    PERFORM etl_search_index(p_table, 'name');
+    PERFORM etl_search_index(p_table, 'description');
 END $$;
 
 -- Source `p_source` has its served partition (empty when new). Attaching takes only a SHARE
@@ -135,20 +152,25 @@ BEGIN
     INSERT INTO etl_partitions (source, role, relid) VALUES (p_source, 'build', t);
 END $$;
 
--- Gives source `p_source`'s version being built its search indexes and statistics, once (true
--- when it did): the long part of finishing a build, in a transaction of its own, before the
--- swap.
-CREATE FUNCTION etl_index_build(p_source text) RETURNS boolean
+-- Builds the search index on `p_column` of source `p_source`'s version being built, unless it
+-- has one (true when it built one): the long part of finishing a build, before the swap. The
+-- two indexes may be built at once from two sessions.
+CREATE FUNCTION etl_index_build(p_source text, p_column text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     t regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'build');
 BEGIN
-    IF t IS NULL OR (SELECT count(*) FROM pg_index WHERE indrelid = t) > 2 THEN
-        RETURN false;
-    END IF;
-    PERFORM etl_index_partition(t);
+    RETURN t IS NOT NULL AND etl_search_index(t, p_column);
+END $$;
+
+-- Refreshes the statistics of source `p_source`'s version being built (so the planner knows
+-- it the moment it is served).
+CREATE FUNCTION etl_analyze_build(p_source text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    t regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'build');
+BEGIN
     EXECUTE format('ANALYZE %s', t);
-    RETURN true;
 END $$;
 
 -- The version built becomes the served one, in place of the previous partition. Swapping out
@@ -165,7 +187,7 @@ BEGIN
     IF built IS NULL THEN
         RAISE EXCEPTION 'source % has no version being built', p_source;
     END IF;
-    PERFORM etl_index_build(p_source);
+    PERFORM etl_index_partition(built);
     EXECUTE format('ALTER TABLE normalized_build DETACH PARTITION %s', built);
     IF served IS NOT NULL THEN
         EXECUTE format('ALTER TABLE normalized_data DETACH PARTITION %s', served);

@@ -391,11 +391,23 @@ impl Normalizer {
         let mut error = None;
         let mut built = 0;
         let mut row_limit = inner.batch_size;
+        // A second connection for the index build at the end, if the pool has one to spare.
+        let helper = tokio::time::timeout(Duration::from_millis(100), inner.pool.get())
+            .await
+            .ok()
+            .and_then(Result::ok);
         while !inner.shutdown.is_cancelled() {
             let started = Instant::now();
-            let batch = replay::process_batch(&mut client, source, paths, run.id, row_limit)
-                .instrument(tracing::info_span!("replay_batch", source = name))
-                .await;
+            let batch = replay::process_batch(
+                &mut client,
+                helper.as_ref().map(|c| &***c),
+                source,
+                paths,
+                run.id,
+                row_limit,
+            )
+            .instrument(tracing::info_span!("replay_batch", source = name))
+            .await;
             match batch {
                 Ok(replay::ReplayOutcome::Built { rows, text_bytes }) => {
                     built += rows;

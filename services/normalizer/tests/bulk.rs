@@ -122,6 +122,7 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
     let db = TestDb::new().await;
     let mut client = db.client().await;
     let mut reader = db.client().await;
+    let helper = db.client().await;
     let settings = settings(&db, &sources_toml(&[]));
     let normalizer = normalizer(&settings, None);
     write_raw(
@@ -173,10 +174,18 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
             .unwrap(),
         BatchOutcome::Busy
     );
+    let mut steps = Vec::new();
     let counts = loop {
-        let step = replay::process_batch(&mut client, source, &paths, run.id, 500)
+        let step = replay::process_batch(&mut client, Some(&helper), source, &paths, run.id, 500)
             .await
             .unwrap();
+        steps.push(step);
+        if steps.len() == 1 {
+            // A record built already changes upstream while the build runs (the first batch
+            // holds the oldest changes: the 450 unchanged records).
+            let late = [api_item(1_501, "late item 1501", serde_json::json!(1))];
+            write_raw(&mut client, RawTable::Api, "api", &late, false).await;
+        }
         if let ReplayOutcome::Swapped(counts) = step {
             break counts;
         }
@@ -196,8 +205,8 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
         RunCounts {
             processed: 2_550,
             inserted: 600,
-            updated: 1_500,
-            unchanged: 450,
+            updated: 1_501,
+            unchanged: 449,
             rejected: 0,
             deleted: 50,
         }
@@ -213,7 +222,11 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
                 assert_eq!((new.0, new.1.as_str()), (old.0, &*format!("new item {i}")));
                 assert!(new.2 > old.2, "updated_at moves for a changed record");
             }
-            1_501..=1_950 => assert_eq!(new, old, "unchanged: id and updated_at kept"),
+            1_501 => {
+                let (old, new) = (old.unwrap(), new.unwrap());
+                assert_eq!((new.0, new.1.as_str()), (old.0, "late item 1501"));
+            }
+            1_502..=1_950 => assert_eq!(new, old, "unchanged: id and updated_at kept"),
             1_951..=2_000 => assert_eq!(new, None, "withdrawn"),
             _ => {
                 let new = new.unwrap();
@@ -229,5 +242,13 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
         "swapped, not rewritten in place"
     );
     assert_eq!(search_indexes, 2);
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|s| **s == ReplayOutcome::Indexed)
+            .count(),
+        1,
+        "indexed once: {steps:?}"
+    );
     run.end(normalizer.metrics(), counts, None).await.unwrap();
 }
