@@ -260,7 +260,7 @@ impl RawRow {
 
 /// The raw rows changed after `checkpoint`, oldest change first, at most `batch_size`.
 pub(crate) async fn read(
-    tx: &Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     table: RawTable,
     source: &str,
     paths: &FieldPaths,

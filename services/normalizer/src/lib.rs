@@ -391,16 +391,19 @@ impl Normalizer {
         let mut error = None;
         let mut built = 0;
         let mut row_limit = inner.batch_size;
-        // A second connection for the index build at the end, if the pool has one to spare.
+        // A second connection to read ahead and to build one of the search indexes, if the
+        // pool has one to spare.
         let helper = tokio::time::timeout(Duration::from_millis(100), inner.pool.get())
             .await
             .ok()
             .and_then(Result::ok);
+        let mut ahead = None;
         while !inner.shutdown.is_cancelled() {
             let started = Instant::now();
             let batch = replay::process_batch(
                 &mut client,
                 helper.as_ref().map(|c| &***c),
+                &mut ahead,
                 source,
                 paths,
                 run.id,

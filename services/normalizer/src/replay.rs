@@ -179,13 +179,21 @@ pub enum ReplayOutcome {
     Swapped(RunCounts),
 }
 
+/// Raw rows read ahead (those after change id `after`) for the next replay batch.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    after: i64,
+    rows: Vec<batch::RawRow>,
+}
+
 /// One replay batch of `source`: build the next raw rows into the new version, or, when none
-/// are left, index it and then swap it in. `helper`, a second connection, builds one of the
-/// two search indexes at the same time as `client` builds the other, when the query service
-/// is not busy (each build takes one core).
+/// are left, index it and then swap it in. `helper`, a second connection, reads the next
+/// batch into `ahead` while this one is written, and builds one of the two search indexes at
+/// the same time as `client` builds the other, when the query service is not busy.
 pub async fn process_batch(
     client: &mut Client,
     helper: Option<&Client>,
+    ahead: &mut Option<ReadAhead>,
     source: &Source,
     paths: &FieldPaths,
     run_id: i64,
@@ -207,7 +215,10 @@ pub async fn process_batch(
         return Ok(ReplayOutcome::Swapped(RunCounts::default()));
     };
     let (position, fingerprint): (i64, String) = (row.get(0), row.get(1));
-    let rows = batch::read(&tx, table, name, paths, position, batch_size).await?;
+    let rows = match ahead.take() {
+        Some(read) if read.after == position => read.rows,
+        _ => batch::read(&tx, table, name, paths, position, batch_size).await?,
+    };
     if rows.is_empty() {
         if index(&tx, helper, name).await? {
             tx.commit().await?;
@@ -245,13 +256,34 @@ pub async fn process_batch(
             return Err(e);
         }
     };
-    build(&tx, name, &built).await?;
-    tx.execute(
-        "UPDATE etl_replays SET position = $2, processed = processed + $3 WHERE source = $1",
-        &[&name, &built.last_change_id, &built.processed],
-    )
-    .await?;
-    tx.commit().await?;
+    let next = built.last_change_id;
+    let write = async {
+        build(&tx, name, &built).await?;
+        tx.execute(
+            "UPDATE etl_replays SET position = $2, processed = processed + $3 WHERE source = $1",
+            &[&name, &built.last_change_id, &built.processed],
+        )
+        .await?;
+        tx.commit().await
+    };
+    match helper {
+        // The next batch is read on the helper while this one is written: the two take a
+        // core each, where one connection would do them one after the other. Nothing is
+        // written without the claim: the rows read ahead are used only if the position is
+        // still where this batch leaves it.
+        Some(helper) => {
+            let (written, read) = tokio::join!(
+                write,
+                batch::read(helper, table, name, paths, next, batch_size)
+            );
+            written?;
+            *ahead = Some(ReadAhead {
+                after: next,
+                rows: read?,
+            });
+        }
+        None => write.await?,
+    }
     Ok(ReplayOutcome::Built {
         rows: built.processed,
         text_bytes,

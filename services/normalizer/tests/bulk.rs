@@ -175,10 +175,19 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
         BatchOutcome::Busy
     );
     let mut steps = Vec::new();
+    let mut ahead = None;
     let counts = loop {
-        let step = replay::process_batch(&mut client, Some(&helper), source, &paths, run.id, 500)
-            .await
-            .unwrap();
+        let step = replay::process_batch(
+            &mut client,
+            Some(&helper),
+            &mut ahead,
+            source,
+            &paths,
+            run.id,
+            500,
+        )
+        .await
+        .unwrap();
         steps.push(step);
         if steps.len() == 1 {
             // A record built already changes upstream while the build runs (the first batch
