@@ -38,6 +38,10 @@ use crate::mapping::FieldPaths;
 /// How often a run of ordinary batches looks whether its backlog now wants the bulk path.
 const BULK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How often a replay that has built every raw row looks again while an ingest run of its
+/// source is still landing rows.
+const INGEST_WAIT: Duration = Duration::from_millis(200);
+
 /// Everything the normalizer reads from its environment, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -431,6 +435,12 @@ impl Normalizer {
                     .await;
                 }
                 Ok(replay::ReplayOutcome::Indexed) => {}
+                Ok(replay::ReplayOutcome::WaitingForIngest) => {
+                    tokio::select! {
+                        _ = inner.shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(INGEST_WAIT) => {}
+                    }
+                }
                 Ok(replay::ReplayOutcome::Swapped(swapped)) => {
                     counts = swapped;
                     break;

@@ -175,6 +175,9 @@ pub enum ReplayOutcome {
     Built { rows: i64, text_bytes: i64 },
     /// The new version, complete, got its search indexes; the swap comes next.
     Indexed,
+    /// Every raw row is built, but an ingest run of the source is still landing more: the
+    /// caller tries again shortly.
+    WaitingForIngest,
     /// The new version replaced the old: what changed for readers.
     Swapped(RunCounts),
 }
@@ -220,6 +223,11 @@ pub async fn process_batch(
         _ => batch::read(&tx, table, name, paths, position, batch_size).await?,
     };
     if rows.is_empty() {
+        // Caught up with a load still landing (a big file mid-ingest): finishing now would
+        // serve part of it and leave the rest to row-by-row batches, so wait for its end.
+        if ingest_running(&tx, name).await? {
+            return Ok(ReplayOutcome::WaitingForIngest);
+        }
         if index(&tx, helper, name).await? {
             tx.commit().await?;
             return Ok(ReplayOutcome::Indexed);
@@ -288,6 +296,18 @@ pub async fn process_batch(
         rows: built.processed,
         text_bytes,
     })
+}
+
+/// Whether an ingest run of `source` is live: it holds the source's lease (see migration V5).
+async fn ingest_running(tx: &Transaction<'_>, source: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM etl_source_leases WHERE source = $1
+                 AND run_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(run_id))",
+            &[&source],
+        )
+        .await?
+        .get(0))
 }
 
 /// Builds the search indexes of the complete version of `source` (under the caller's claim, so

@@ -174,6 +174,17 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
             .unwrap(),
         BatchOutcome::Busy
     );
+    // An ingest run of the source is live (it holds the source's lease) until the build has
+    // caught up: the build waits for it instead of serving part of a load.
+    let ingest = db.client().await;
+    ingest
+        .batch_execute(
+            "INSERT INTO etl_source_leases (source, run_id) VALUES ('api', 424242);
+             SELECT pg_advisory_lock(424242);",
+        )
+        .await
+        .unwrap();
+    let mut ingest_ended = false;
     let mut steps = Vec::new();
     let mut ahead = None;
     let counts = loop {
@@ -198,10 +209,15 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
         if let ReplayOutcome::Swapped(counts) = step {
             break counts;
         }
-        assert!(
-            matches!(step, ReplayOutcome::Built { .. } | ReplayOutcome::Indexed),
-            "{step:?}"
-        );
+        if step == ReplayOutcome::WaitingForIngest {
+            assert!(!ingest_ended, "waits while the ingest runs, not after");
+            // The ingest run ends: its process lets go of the run's lock.
+            ingest
+                .batch_execute("SELECT pg_advisory_unlock(424242)")
+                .await
+                .unwrap();
+            ingest_ended = true;
+        }
         assert_eq!(
             served(&reader, "api").await,
             before,
@@ -258,6 +274,14 @@ async fn a_refresh_of_most_rows_is_swapped_in_whole_keeping_ids_and_unchanged_ti
             .count(),
         1,
         "indexed once: {steps:?}"
+    );
+    let waited = steps
+        .iter()
+        .position(|s| *s == ReplayOutcome::WaitingForIngest);
+    let indexed = steps.iter().position(|s| *s == ReplayOutcome::Indexed);
+    assert!(
+        waited.is_some() && waited < indexed,
+        "caught up, it waited for the ingest before indexing: {steps:?}"
     );
     run.end(normalizer.metrics(), counts, None).await.unwrap();
 }
