@@ -258,7 +258,16 @@ impl RawRow {
     }
 }
 
-/// The raw rows changed after `checkpoint`, oldest change first, at most `batch_size`.
+/// Makes the read walk the raw table's `(source, change_id)` index in order, whatever the
+/// statistics say. While a first load lands, the table grows faster than autovacuum analyzes
+/// it (once a minute at most): planned from a stale sample, the read collected every row after
+/// the checkpoint in a bitmap and sorted them to keep the first batch, 1 to 2.3 s per batch of
+/// 5,000 on a 1M-row load instead of 18 ms. For the rest of the caller's transaction (its own
+/// statements use no bitmap scans anyway).
+const READ_IN_CHANGE_ORDER: &str = "SET LOCAL enable_bitmapscan = off";
+
+/// The raw rows changed after `checkpoint`, oldest change first, at most `batch_size`, in the
+/// caller's transaction.
 pub(crate) async fn read(
     tx: &impl tokio_postgres::GenericClient,
     table: RawTable,
@@ -269,6 +278,7 @@ pub(crate) async fn read(
 ) -> Result<Vec<RawRow>, tokio_postgres::Error> {
     // Each field cut just past its limit: enough to tell it is too long, and no more.
     let cut = |limit: usize| (limit + 1) as i32;
+    tx.batch_execute(READ_IN_CHANGE_ORDER).await?;
     let rows = tx
         .query(
             table.sql().read_after,

@@ -280,10 +280,15 @@ pub async fn process_batch(
         // written without the claim: the rows read ahead are used only if the position is
         // still where this batch leaves it.
         Some(helper) => {
-            let (written, read) = tokio::join!(
-                write,
-                batch::read(helper, table, name, paths, next, batch_size)
-            );
+            let read_ahead = async {
+                helper.batch_execute("BEGIN READ ONLY").await?;
+                let rows = batch::read(helper, table, name, paths, next, batch_size).await;
+                // Never back to the pool inside a transaction.
+                let end = if rows.is_ok() { "COMMIT" } else { "ROLLBACK" };
+                helper.batch_execute(end).await?;
+                rows
+            };
+            let (written, read) = tokio::join!(write, read_ahead);
             written?;
             *ahead = Some(ReadAhead {
                 after: next,
@@ -452,23 +457,25 @@ async fn swap(
     fingerprint: &str,
 ) -> Result<RunCounts, tokio_postgres::Error> {
     // What changes for readers, against the served version (left alone since the replay
-    // began: ordinary batches stop while one is under way).
+    // began: ordinary batches stop while one is under way), walked from the served side: a
+    // first load's is empty or small.
     let row = tx
         .query_one(
-            "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL),
-                    count(*) FILTER (WHERE o.id IS NOT NULL AND (o.name, o.value, o.description)
-                        IS DISTINCT FROM (b.name, b.value, b.description)),
-                    (SELECT count(*) FROM etl_rejects_replay WHERE source = $1),
-                    (SELECT normalized_rows FROM etl_checkpoint WHERE source = $1)
-             FROM normalized_build b
-             LEFT JOIN normalized_data o ON o.source = $1 AND o.source_id = b.source_id
-             WHERE b.source = $1",
+            "SELECT (SELECT count(*) FROM normalized_build WHERE source = $1),
+                    count(*), count(b.source_id),
+                    count(*) FILTER (WHERE (o.name, o.value, o.description)
+                        IS DISTINCT FROM (b.name, b.value, b.description)
+                        AND b.source_id IS NOT NULL),
+                    (SELECT count(*) FROM etl_rejects_replay WHERE source = $1)
+             FROM normalized_data o
+             LEFT JOIN normalized_build b ON b.source = $1 AND b.source_id = o.source_id
+             WHERE o.source = $1",
             &[&source],
         )
         .await?;
-    let (rows, inserted, updated, rejected, served): (i64, i64, i64, i64, i64) =
+    let (rows, served, kept, updated, rejected): (i64, i64, i64, i64, i64) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    let withdrawn = served - (rows - inserted);
+    let (inserted, withdrawn) = (rows - kept, served - kept);
     tx.batch_execute(SWAP_LOCK_TIMEOUT).await?;
     tx.execute("SELECT etl_swap_build($1)", &[&source]).await?;
     tx.execute(
