@@ -58,6 +58,22 @@ CREATE TABLE etl_partitions (
     CONSTRAINT etl_partitions_role_known CHECK (role IN ('live', 'build'))
 );
 
+-- Source `p_source`'s table in role `p_role` (`live` or `build`); NULL when it has none.
+CREATE FUNCTION etl_partition_of(p_source text, p_role text) RETURNS regclass
+LANGUAGE sql STABLE AS $$
+    SELECT relid FROM etl_partitions WHERE source = p_source AND role = p_role
+$$;
+
+-- The search (GIN) indexes of source `p_source`'s served partition.
+CREATE FUNCTION etl_search_indexes(p_source text) RETURNS SETOF regclass
+LANGUAGE sql STABLE AS $$
+    SELECT i.indexrelid::regclass
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_am a ON a.oid = c.relam
+    WHERE i.indrelid = etl_partition_of(p_source, 'live') AND a.amname = 'gin'
+$$;
+
 -- The functions that change partitions run as their owner (the role that migrates, which owns
 -- the tables), with the search path they were made with: a service's role needs no ownership.
 
@@ -110,12 +126,12 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     t regclass;
 BEGIN
-    IF EXISTS (SELECT 1 FROM etl_partitions WHERE source = p_source AND role = 'live') THEN
+    IF etl_partition_of(p_source, 'live') IS NOT NULL THEN
         RETURN;
     END IF;
     -- Two normalizers seeing a new source at once: one creates it ("ETL2", 0).
     PERFORM pg_advisory_xact_lock(1163152434, 0);
-    IF EXISTS (SELECT 1 FROM etl_partitions WHERE source = p_source AND role = 'live') THEN
+    IF etl_partition_of(p_source, 'live') IS NOT NULL THEN
         RETURN;
     END IF;
     t := etl_new_partition_table(p_source);
@@ -158,7 +174,7 @@ END $$;
 CREATE FUNCTION etl_index_build(p_source text, p_column text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    t regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'build');
+    t regclass := etl_partition_of(p_source, 'build');
 BEGIN
     RETURN t IS NOT NULL AND etl_search_index(t, p_column);
 END $$;
@@ -168,7 +184,7 @@ END $$;
 CREATE FUNCTION etl_analyze_build(p_source text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    t regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'build');
+    t regclass := etl_partition_of(p_source, 'build');
 BEGIN
     EXECUTE format('ANALYZE %s', t);
 END $$;
@@ -181,8 +197,8 @@ END $$;
 CREATE FUNCTION etl_swap_build(p_source text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    built regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'build');
-    served regclass := (SELECT relid FROM etl_partitions WHERE source = p_source AND role = 'live');
+    built regclass := etl_partition_of(p_source, 'build');
+    served regclass := etl_partition_of(p_source, 'live');
 BEGIN
     IF built IS NULL THEN
         RAISE EXCEPTION 'source % has no version being built', p_source;

@@ -56,6 +56,18 @@ async fn sql_state(client: &Client, sql: &str) -> Option<SqlState> {
     })
 }
 
+/// The columns of `normalized_data`, and of `normalized_build`, which builds its partitions.
+const NORMALIZED_COLUMNS: &[&str] = &[
+    "id",
+    "source",
+    "source_id",
+    "name",
+    "value",
+    "description",
+    "created_at",
+    "updated_at",
+];
+
 #[tokio::test]
 async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
@@ -92,19 +104,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "fingerprint",
             ],
         ),
-        (
-            "normalized_data",
-            &[
-                "id",
-                "source",
-                "source_id",
-                "name",
-                "value",
-                "description",
-                "created_at",
-                "updated_at",
-            ],
-        ),
+        ("normalized_data", NORMALIZED_COLUMNS),
         (
             "etl_checkpoint",
             &[
@@ -184,19 +184,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
                 "reason",
             ],
         ),
-        (
-            "normalized_build",
-            &[
-                "id",
-                "source",
-                "source_id",
-                "name",
-                "value",
-                "description",
-                "created_at",
-                "updated_at",
-            ],
-        ),
+        ("normalized_build", NORMALIZED_COLUMNS),
         ("etl_partitions", &["source", "role", "relid"]),
         (
             "etl_rejects_replay",

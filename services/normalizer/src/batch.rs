@@ -561,12 +561,7 @@ const UPSERT_NORMALIZED: &str = "WITH existing AS (
 pub async fn clean_search_pending_lists(client: &tokio_postgres::Client, source: &str) {
     if let Err(e) = client
         .execute(
-            "SELECT gin_clean_pending_list(i.indexrelid)
-             FROM etl_partitions p
-             JOIN pg_index i ON i.indrelid = p.relid
-             JOIN pg_class c ON c.oid = i.indexrelid
-             JOIN pg_am a ON a.oid = c.relam
-             WHERE p.source = $1 AND p.role = 'live' AND a.amname = 'gin'",
+            "SELECT gin_clean_pending_list(i) FROM etl_search_indexes($1) i",
             &[&source],
         )
         .await

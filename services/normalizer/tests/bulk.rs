@@ -18,11 +18,8 @@ use tokio_postgres::Client;
 async fn served_partition(client: &Client, source: &str) -> (String, i64) {
     let row = client
         .query_one(
-            "SELECT p.relid::text,
-                    (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                     JOIN pg_am a ON a.oid = c.relam
-                     WHERE i.indrelid = p.relid AND a.amname = 'gin')
-             FROM etl_partitions p WHERE p.source = $1 AND p.role = 'live'",
+            "SELECT etl_partition_of($1, 'live')::text,
+                    (SELECT count(*) FROM etl_search_indexes($1))",
             &[&source],
         )
         .await

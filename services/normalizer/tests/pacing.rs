@@ -67,14 +67,7 @@ async fn pending_pages(client: &tokio_postgres::Client, index: &str) -> i64 {
 /// The search indexes of `source`'s partition of normalized_data.
 async fn search_indexes(client: &tokio_postgres::Client, source: &str) -> Vec<String> {
     let rows = client
-        .query(
-            "SELECT c.relname::text FROM etl_partitions p
-             JOIN pg_index i ON i.indrelid = p.relid
-             JOIN pg_class c ON c.oid = i.indexrelid
-             JOIN pg_am a ON a.oid = c.relam
-             WHERE p.source = $1 AND p.role = 'live' AND a.amname = 'gin'",
-            &[&source],
-        )
+        .query("SELECT i::text FROM etl_search_indexes($1) i", &[&source])
         .await
         .unwrap();
     rows.iter().map(|row| row.get(0)).collect()
