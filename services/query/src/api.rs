@@ -115,12 +115,14 @@ impl Api {
             validator(minimum(value = "1"), maximum(value = "100"))
         )]
         page_size: Query<u32>,
+        // Postgres text cannot hold NUL, so no record can match one: the patterns refuse it
+        // with a 400 naming the parameter instead of letting the database refuse the query.
         /// Only records of this source (exact match).
-        #[oai(validator(min_length = 1, max_length = 63))]
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[^\x00]*$"))]
         source: Query<Option<String>>,
         /// Case-insensitive substring of `name` or `description`; `%`, `_` and `\` match
         /// themselves.
-        #[oai(validator(min_length = 1, max_length = 200))]
+        #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00]*$"))]
         search: Query<Option<String>>,
         /// The `next_cursor` of the previous page, to walk by cursor; `page` is then ignored.
         #[oai(validator(
@@ -129,16 +131,6 @@ impl Api {
         ))]
         cursor: Query<Option<String>>,
     ) -> DataResponse {
-        // Postgres text cannot hold NUL, so no record can match one: say so instead of letting
-        // the database refuse the query.
-        for (name, value) in [("source", &source.0), ("search", &search.0)] {
-            if value.as_deref().is_some_and(|v| v.contains('\0')) {
-                return DataResponse::BadRequest(Json(Problem::invalid_parameter(
-                    name,
-                    "must not contain a NUL character",
-                )));
-            }
-        }
         let start = match cursor.0.as_deref().map(Cursor::decode) {
             None => Start::Page(page.0),
             Some(Some(cursor)) => Start::After(cursor),
