@@ -9,7 +9,7 @@ use poem_openapi::Object;
 
 /// An error response (`application/problem+json`, RFC 9457).
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "Problem")]
+#[oai(rename = "Problem", example)]
 pub struct Problem {
     /// A URI naming the kind of problem: `urn:etl:problem:<code>`.
     #[oai(rename = "type")]
@@ -20,16 +20,24 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong with this request.
     pub detail: String,
-    /// Stable machine-readable code: `invalid_parameter`, `not_found`, `method_not_allowed`,
-    /// `timeout`, `unavailable` or `internal`.
-    pub code: String,
-    /// The offending query parameter, for `invalid_parameter`.
+    pub code: ProblemCode,
+    /// The offending query or path parameter, for `invalid_parameter`.
     #[oai(skip_serializing_if_is_none)]
     pub parameter: Option<String>,
 }
 
-/// The stable codes of [`Problem::code`]; the only values it takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl poem_openapi::types::Example for Problem {
+    fn example() -> Self {
+        Problem::invalid_parameter(
+            "page_size",
+            "verification failed. maximum(100, exclusive: false)",
+        )
+    }
+}
+
+/// Stable machine-readable code of a problem: clients branch on it rather than on `title`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
+#[oai(rename_all = "snake_case")]
 pub enum ProblemCode {
     InvalidParameter,
     InvalidRequest,
@@ -61,13 +69,12 @@ impl Problem {
         title: &str,
         detail: impl Into<String>,
     ) -> Self {
-        let code = code.as_str();
         Self {
-            kind: format!("urn:etl:problem:{code}"),
+            kind: format!("urn:etl:problem:{}", code.as_str()),
             title: title.into(),
             status: status.as_u16(),
             detail: detail.into(),
-            code: code.into(),
+            code,
             parameter: None,
         }
     }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod pg;
 pub mod pyclient;
 pub mod stack;
+pub mod tsclient;
 
 /// Builds the three service binaries (`--release` when asked) in `workspace`.
 pub async fn build_services(workspace: &std::path::Path, release: bool) -> anyhow::Result<()> {

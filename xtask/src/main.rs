@@ -104,6 +104,11 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
     })
     .await??;
     eprintln!("xtask: OpenAPI spec valid; Python client generated");
+    let ts_client = tokio::task::spawn_blocking(|| {
+        xtask::tsclient::generate_and_check(&workspace_dir(), &target_dir())
+    })
+    .await??;
+    eprintln!("xtask: TypeScript client generated and type-checked");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The end-to-end tests run the real binaries as processes: build them first.
     let built = Command::new(&cargo)
@@ -132,6 +137,8 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
         .env("DATABASE_URL", database.url())
         .env("ETL_PYTHON", &client.python)
         .env("ETL_PY_CLIENT_DIR", &client.package_dir)
+        .env("ETL_NODE", &ts_client.node)
+        .env("ETL_TS_CLIENT_SMOKE", &ts_client.smoke_script)
         .env("ETL_BIN_DIR", target_dir().join("debug"));
     run_to_end(command).await
 }

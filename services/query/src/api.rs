@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use poem::http::StatusCode;
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use poem_openapi::types::Example;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 
 use crate::data::{self, Cursor, DataPage, DataQuery, Start};
 use crate::problem;
@@ -30,25 +32,77 @@ pub struct Api {
 
 /// Service and database status.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Health {
-    /// `ok` when the database answers, else `unavailable`.
-    pub status: String,
-    /// `up` or `down`.
-    pub database: String,
+    pub status: HealthStatus,
+    pub database: DatabaseStatus,
+}
+
+impl Example for Health {
+    fn example() -> Self {
+        Health {
+            status: HealthStatus::Ok,
+            database: DatabaseStatus::Up,
+        }
+    }
+}
+
+/// `ok` when the database answers, else `unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Ok,
+    Unavailable,
+}
+
+/// Whether the database answered within 2 seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum DatabaseStatus {
+    Up,
+    Down,
+}
+
+/// The process serves requests (the database is not checked).
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct Liveness {
+    pub status: LiveStatus,
+}
+
+impl Example for Liveness {
+    fn example() -> Self {
+        Liveness {
+            status: LiveStatus::Ok,
+        }
+    }
+}
+
+/// Always `ok`: a process that cannot answer gives no answer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum LiveStatus {
+    Ok,
 }
 
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "bad_data_request")]
 enum DataResponse {
     /// A page of records. `X-Total-Count` repeats `total`.
-    #[oai(status = 200)]
+    #[oai(status = 200, content_type = "application/json")]
     Ok(Json<DataPage>, #[oai(header = "X-Total-Count")] i64),
     /// A parameter is missing its bounds or malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
-    /// The database did not answer in time.
-    #[oai(status = 503, content_type = "application/problem+json")]
-    Unavailable(Json<Problem>),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
 }
 
 fn bad_data_request(err: poem::Error) -> DataResponse {
@@ -58,28 +112,34 @@ fn bad_data_request(err: poem::Error) -> DataResponse {
 #[derive(ApiResponse)]
 enum StatsResponse {
     /// Statistics per source, at most `max_age_seconds` old.
-    #[oai(status = 200)]
+    #[oai(status = 200, content_type = "application/json")]
     Ok(Json<Stats>),
-    /// The database did not answer in time.
-    #[oai(status = 503, content_type = "application/problem+json")]
-    Unavailable(Json<Problem>),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
 }
 
 #[derive(ApiResponse)]
 enum HealthResponse {
     /// The service and its database are up.
-    #[oai(status = 200)]
+    #[oai(status = 200, content_type = "application/json")]
     Ok(Json<Health>),
     /// The database did not answer within 2 seconds.
-    #[oai(status = 503)]
+    #[oai(status = 503, content_type = "application/json")]
     Unavailable(Json<Health>),
 }
 
 #[derive(ApiResponse)]
 enum LiveResponse {
     /// The process is up (the database is not checked).
-    #[oai(status = 200)]
-    Ok(Json<Health>),
+    #[oai(status = 200, content_type = "application/json")]
+    Ok(Json<Liveness>),
 }
 
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -153,7 +213,10 @@ impl Api {
                 let total = page.total;
                 DataResponse::Ok(Json(page), total)
             }
-            Err(e) => DataResponse::Unavailable(Json(problem::from_db_error(&e))),
+            Err(e) => {
+                let (status, problem) = problem::server_error(&e);
+                DataResponse::ServerError(status, problem)
+            }
         }
     }
 
@@ -171,7 +234,10 @@ impl Api {
     async fn stats(&self) -> StatsResponse {
         match self.stats.get(&self.reader).await {
             Ok(stats) => StatsResponse::Ok(Json(stats)),
-            Err(e) => StatsResponse::Unavailable(Json(problem::from_db_error(&e))),
+            Err(e) => {
+                let (status, problem) = problem::server_error(&e);
+                StatsResponse::ServerError(status, problem)
+            }
         }
     }
 
@@ -198,14 +264,14 @@ impl Api {
     async fn ready(&self) -> HealthResponse {
         match etl_shared::admin::database_answers(self.reader.pool(), HEALTH_TIMEOUT).await {
             Ok(()) => HealthResponse::Ok(Json(Health {
-                status: "ok".into(),
-                database: "up".into(),
+                status: HealthStatus::Ok,
+                database: DatabaseStatus::Up,
             })),
             Err(why) => {
                 tracing::warn!(%why, "health check: database unavailable");
                 HealthResponse::Unavailable(Json(Health {
-                    status: "unavailable".into(),
-                    database: "down".into(),
+                    status: HealthStatus::Unavailable,
+                    database: DatabaseStatus::Down,
                 }))
             }
         }
@@ -221,9 +287,8 @@ impl Api {
         tag = "Tag::Health"
     )]
     async fn live(&self) -> LiveResponse {
-        LiveResponse::Ok(Json(Health {
-            status: "ok".into(),
-            database: "unchecked".into(),
+        LiveResponse::Ok(Json(Liveness {
+            status: LiveStatus::Ok,
         }))
     }
 }

@@ -7,6 +7,7 @@
 //! descent at any depth). Ids never change and new records get larger ones, so a walk by cursor
 //! neither skips nor repeats a record while others are inserted or updated.
 
+use poem_openapi::types::Example;
 use poem_openapi::Object;
 use time::OffsetDateTime;
 use tokio_postgres::types::Type;
@@ -20,6 +21,7 @@ pub const SEARCH_COUNT_CAP: i64 = 1_000;
 
 /// One normalized record: every column of `normalized_data`.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct DataRecord {
     /// Unique, stable, increasing with insertion: the order of pages.
     pub id: i64,
@@ -40,6 +42,7 @@ pub struct DataRecord {
 
 /// A page of records.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct DataPage {
     pub data: Vec<DataRecord>,
     /// Records matching the filters, on every page. When `total_exact` is false (a search with
@@ -56,6 +59,41 @@ pub struct DataPage {
     /// page.
     #[oai(skip_serializing_if_is_none)]
     pub next_cursor: Option<String>,
+}
+
+impl Example for DataRecord {
+    fn example() -> Self {
+        DataRecord {
+            id: 1_042,
+            source: "products".into(),
+            source_id: "sku-1042".into(),
+            name: "Espresso cup".into(),
+            value: 12.5,
+            description: Some("Porcelain, 80 ml".into()),
+            created_at: crate::stats::example_time(),
+            updated_at: crate::stats::example_time(),
+        }
+    }
+}
+
+impl Example for DataPage {
+    fn example() -> Self {
+        DataPage {
+            data: vec![DataRecord::example()],
+            total: 1_000_000,
+            total_exact: true,
+            page: 1,
+            page_size: 1,
+            has_more: true,
+            next_cursor: Some(
+                Cursor {
+                    after_id: 1_042,
+                    page: 2,
+                }
+                .encode(),
+            ),
+        }
+    }
 }
 
 /// Where a walk by cursor stands: after which id, and which page of the walk comes next.
@@ -222,6 +260,10 @@ pub enum QueryError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("query failed: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// A column whose CHECK constraint lists its values held another: the schema and this
+    /// service disagree (a migration this version does not know).
+    #[error("column {column} holds {value:?}, which this version does not know")]
+    UnknownValue { column: String, value: String },
 }
 
 fn record(row: &Row) -> DataRecord {

@@ -9,6 +9,7 @@ pub mod data;
 mod metrics;
 pub mod problem;
 pub mod reader;
+mod spec;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -105,6 +106,12 @@ fn openapi(api: Api) -> OpenApiService<Api, ()> {
 
 /// The spec as served at `/openapi.json`.
 pub fn openapi_json() -> String {
+    let spec = spec::document(&openapi_generated());
+    serde_json::to_string_pretty(&spec).expect("a JSON value serializes")
+}
+
+/// The spec as poem-openapi derives it, before [`spec::document`] completes it.
+fn openapi_generated() -> String {
     let pool = etl_shared::db::pool(
         &DatabaseSettings::from_url("postgres://spec@localhost/spec").expect("static URL"),
         etl_shared::db::Needs::Transactions,
@@ -176,12 +183,32 @@ fn routes(
         reader,
         stats: StatsCache::new(settings.stats_max_age),
     });
+    let generated = service.spec();
+    let spec = spec::document(&generated);
+    let spec_json = serde_json::to_string_pretty(&spec).expect("a JSON value serializes");
+    let spec_yaml = serde_yaml::to_string(&spec).expect("a JSON value serializes as YAML");
+    // Swagger UI embeds the spec it shows: the completed one in place of the derived one.
+    let swagger_ui = service
+        .swagger_ui_html()
+        .replacen(&generated, &spec_json, 1);
     let metrics = HttpMetrics::new();
     let request_timeout = settings.request_timeout;
     let app = Route::new()
-        .at("/openapi.json", service.spec_endpoint())
-        .at("/openapi.yaml", service.spec_endpoint_yaml())
-        .nest("/docs", service.swagger_ui())
+        .at(
+            "/openapi.json",
+            get(text_endpoint("application/json", spec_json)),
+        )
+        .at(
+            "/openapi.yaml",
+            get(text_endpoint("application/yaml", spec_yaml)),
+        )
+        .nest(
+            "/docs",
+            Route::new().at(
+                "/",
+                get(text_endpoint("text/html; charset=utf-8", swagger_ui)),
+            ),
+        )
         .at(
             "/metrics",
             get(metrics::endpoint)
@@ -237,4 +264,13 @@ fn routes(
         .map_to_response()
         .boxed()
     }
+}
+
+/// An endpoint answering `body` as `content_type`, for the spec and Swagger UI.
+fn text_endpoint(content_type: &'static str, body: String) -> impl Endpoint<Output = Response> {
+    poem::endpoint::make_sync(move |_| {
+        Response::builder()
+            .content_type(content_type)
+            .body(body.clone())
+    })
 }

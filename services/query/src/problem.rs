@@ -2,6 +2,7 @@
 
 use etl_shared::problem::{Problem, ProblemCode};
 use poem::http::StatusCode;
+use poem_openapi::payload::Json;
 
 /// A database failure: logged in full, answered with an opaque 500 or, for timeouts, a 503.
 pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
@@ -25,4 +26,11 @@ pub fn from_db_error(err: &(dyn std::error::Error + 'static)) -> Problem {
         "Database unavailable",
         "the database could not answer; try again shortly",
     )
+}
+
+/// [`from_db_error`] with its status, for a response's `5XX` problem.
+pub fn server_error(err: &(dyn std::error::Error + 'static)) -> (StatusCode, Json<Problem>) {
+    let problem = from_db_error(err);
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(problem))
 }

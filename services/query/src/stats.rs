@@ -12,15 +12,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem_openapi::Object;
+use poem_openapi::types::{Example, ParseFromParameter};
+use poem_openapi::{Enum, Object};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
+use tokio_postgres::Row;
 
 use crate::data::QueryError;
 use crate::reader::{Reader, Snapshot, Statement};
 
 /// Statistics of the whole pipeline.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct Stats {
     /// When these figures were computed.
     pub generated_at: OffsetDateTime,
@@ -32,8 +35,13 @@ pub struct Stats {
     pub sources: Vec<SourceStats>,
 }
 
-/// Statistics of one source.
+/// Statistics of one source. `checkpoint` is absent until the normalizer has looked at the
+/// source; `last_ingest` and `last_normalize` are the latest run of each service; `replay` is
+/// there while the source is re-normalized from its raw rows (its mapping changed, a replay
+/// was asked for, or a large backlog takes the bulk path): until it completes, the previous
+/// version is served whole, searches included (empty for a source's first load).
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct SourceStats {
     pub source: String,
     /// Normalized records.
@@ -50,28 +58,23 @@ pub struct SourceStats {
     pub value_max: Option<f64>,
     #[oai(skip_serializing_if_is_none)]
     pub value_avg: Option<f64>,
-    /// Absent until the normalizer has looked at the source.
+    // No doc comments on the fields below: poem-openapi would wrap each `$ref` in an `allOf`
+    // to carry one, which some generators turn into duplicate or untyped models.
     #[oai(skip_serializing_if_is_none)]
     pub checkpoint: Option<Checkpoint>,
-    /// The latest ingest run.
     #[oai(skip_serializing_if_is_none)]
     pub last_ingest: Option<RunInfo>,
-    /// The latest normalize run.
     #[oai(skip_serializing_if_is_none)]
     pub last_normalize: Option<RunInfo>,
-    /// A replay under way (the source re-normalized from its raw rows: its mapping changed, a
-    /// replay was asked for, or a large backlog takes the bulk path): until it completes, the
-    /// previous version is served whole, searches included (empty for a source's first load).
     #[oai(skip_serializing_if_is_none)]
     pub replay: Option<ReplayInfo>,
 }
 
 /// A replay of a source in progress, or stopped because its mapping cannot apply.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct ReplayInfo {
-    /// Why: `mapping` (the mapping changed), `requested` (`etl-normalizer replay`) or
-    /// `backlog` (the bulk path: a large backlog normalized apart, search indexes built once).
-    pub reason: String,
+    pub reason: ReplayReason,
     pub started_at: OffsetDateTime,
     /// Raw rows built into the new version so far.
     pub processed: i64,
@@ -83,8 +86,20 @@ pub struct ReplayInfo {
     pub error: Option<String>,
 }
 
+/// Why a source is being replayed: `mapping` (its mapping changed), `requested`
+/// (`etl-normalizer replay`) or `backlog` (the bulk path: a large backlog normalized apart,
+/// search indexes built once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum ReplayReason {
+    Mapping,
+    Requested,
+    Backlog,
+}
+
 /// How far the normalizer has got with a source.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct Checkpoint {
     /// The last raw change id applied.
     pub last_processed_id: i64,
@@ -98,10 +113,10 @@ pub struct Checkpoint {
 
 /// One run of a service for a source.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct RunInfo {
     pub run_id: i64,
-    /// `running`, `success` or `failed`.
-    pub status: String,
+    pub status: RunStatus,
     pub started_at: OffsetDateTime,
     #[oai(skip_serializing_if_is_none)]
     pub ended_at: Option<OffsetDateTime>,
@@ -118,6 +133,95 @@ pub struct RunInfo {
     /// Why it failed.
     #[oai(skip_serializing_if_is_none)]
     pub error_message: Option<String>,
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Success,
+    Failed,
+}
+
+impl Example for Stats {
+    fn example() -> Self {
+        Stats {
+            generated_at: example_time(),
+            max_age_seconds: 5,
+            total_records: 1_000_000,
+            sources: vec![SourceStats::example()],
+        }
+    }
+}
+
+impl Example for SourceStats {
+    fn example() -> Self {
+        SourceStats {
+            source: "products".into(),
+            records: 1_000_000,
+            raw_records: 1_000_002,
+            rejected_at_ingest: 1,
+            rejected_at_normalize: 2,
+            value_min: Some(0.5),
+            value_max: Some(999.5),
+            value_avg: Some(500.0),
+            checkpoint: Some(Checkpoint::example()),
+            last_ingest: Some(RunInfo::example()),
+            last_normalize: Some(RunInfo {
+                run_id: 43,
+                ..RunInfo::example()
+            }),
+            replay: None,
+        }
+    }
+}
+
+impl Example for Checkpoint {
+    fn example() -> Self {
+        Checkpoint {
+            last_processed_id: 1_000_002,
+            last_processed_at: Some(example_time()),
+            total_processed: 1_000_002,
+            lag: 0,
+        }
+    }
+}
+
+impl Example for RunInfo {
+    fn example() -> Self {
+        RunInfo {
+            run_id: 42,
+            status: RunStatus::Success,
+            started_at: example_time(),
+            ended_at: Some(example_time() + time::Duration::seconds(12)),
+            duration_seconds: Some(12.0),
+            records_processed: 1_000_003,
+            records_inserted: 1_000_002,
+            records_updated: 0,
+            records_unchanged: 0,
+            records_rejected: 1,
+            records_deleted: 0,
+            error_message: None,
+        }
+    }
+}
+
+impl Example for ReplayInfo {
+    fn example() -> Self {
+        ReplayInfo {
+            reason: ReplayReason::Mapping,
+            started_at: example_time(),
+            processed: 250_000,
+            remaining: 750_002,
+            error: None,
+        }
+    }
+}
+
+/// The instant every example of the spec shows.
+pub(crate) fn example_time() -> OffsetDateTime {
+    time::macros::datetime!(2026-12-01 09:30:00 UTC)
 }
 
 /// The last computed [`Stats`], shared by requests; refreshed in the background once older
@@ -238,7 +342,7 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
     for row in latest_runs {
         let run = RunInfo {
             run_id: row.get(2),
-            status: row.get(3),
+            status: one_of(&row, 3)?,
             started_at: row.get(4),
             ended_at: row.get(5),
             duration_seconds: row.get(6),
@@ -262,7 +366,7 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
             processed: row.get(2),
             remaining: row.get(3),
             error: row.get(4),
-            reason: row.get(5),
+            reason: one_of(&row, 5)?,
         });
     }
     let sources: Vec<SourceStats> = sources.into_values().collect();
@@ -271,6 +375,15 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         max_age_seconds: 0,
         total_records: sources.iter().map(|s| s.records).sum(),
         sources,
+    })
+}
+
+/// A text column whose CHECK constraint lists its values, as the enum `T` does.
+pub(crate) fn one_of<T: ParseFromParameter>(row: &Row, column: usize) -> Result<T, QueryError> {
+    let text: &str = row.try_get(column)?;
+    T::parse_from_parameter(text).map_err(|_| QueryError::UnknownValue {
+        column: row.columns()[column].name().to_owned(),
+        value: text.to_owned(),
     })
 }
 

@@ -1,0 +1,177 @@
+//! Clients generated from the committed spec by three generators, each driven against the
+//! running service on the same 23 records: they page through `/data` by number and by cursor,
+//! read `/stats` and get a typed problem back for a bad request.
+//! - Python (openapi-python-client) and TypeScript (@hey-api/openapi-ts, type-checked by
+//!   `tsc`): `cargo xtask test` generates them and says where through the environment.
+//! - Rust (progenitor): the `etl-query-client` crate, generated when it is compiled.
+
+use std::process::Command;
+
+use etl_query::{Application, Settings};
+use etl_query_client::types::{DataRecord, Problem, ProblemCode};
+use etl_shared::config::Env;
+use etl_tests::TestDb;
+use tokio_util::sync::CancellationToken;
+
+/// The records every client walks.
+const RECORDS: usize = 23;
+
+/// A set by `cargo xtask test`, or the reason to run the suite through it.
+fn from_xtask(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run the suite with `cargo xtask test`, which validates the spec \
+             and generates the Python and TypeScript clients"
+        )
+    })
+}
+
+/// The query service over [`RECORDS`] records of source `gen`; its base URL.
+async fn serve_records(db: &TestDb, shutdown: &CancellationToken) -> String {
+    db.client()
+        .await
+        .batch_execute(
+            "SELECT etl_ensure_partition('gen');
+             INSERT INTO normalized_data (source, source_id, name, value, description)
+             SELECT 'gen', g::text, 'item ' || g, g, CASE WHEN g % 2 = 0 THEN 'even' END
+             FROM generate_series(1, 23) g;
+             INSERT INTO etl_checkpoint (source, normalized_rows) VALUES ('gen', 23);",
+        )
+        .await
+        .unwrap();
+    let settings = Settings::from_env(&Env::from_pairs([
+        ("DATABASE_URL", db.url.as_str()),
+        ("QUERY_ADDR", "127.0.0.1:0"),
+    ]))
+    .unwrap();
+    let app = Application::build(settings, shutdown.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.addr());
+    tokio::spawn(app.run_until_stopped());
+    base
+}
+
+/// Runs a client's smoke script; its one line of output.
+async fn run_script(mut command: Command) -> String {
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout.trim().to_owned()
+}
+
+#[tokio::test]
+async fn the_generated_python_client_pages_through_data_and_reads_stats() {
+    let (python, client_dir) = (from_xtask("ETL_PYTHON"), from_xtask("ETL_PY_CLIENT_DIR"));
+    let db = TestDb::new().await;
+    let shutdown = CancellationToken::new();
+    let base = serve_records(&db, &shutdown).await;
+    let mut command = Command::new(python);
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/client_smoke.py"
+        ))
+        .arg(base)
+        .arg(RECORDS.to_string())
+        .env("PYTHONPATH", client_dir);
+    assert_eq!(
+        run_script(command).await,
+        "paged 23 records over 4 pages, by cursor over 4; stats total 23"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_generated_typescript_client_pages_through_data_and_reads_stats() {
+    let (node, script) = (from_xtask("ETL_NODE"), from_xtask("ETL_TS_CLIENT_SMOKE"));
+    let db = TestDb::new().await;
+    let shutdown = CancellationToken::new();
+    let base = serve_records(&db, &shutdown).await;
+    let mut command = Command::new(node);
+    command.arg(script).arg(base).arg(RECORDS.to_string());
+    assert_eq!(
+        run_script(command).await,
+        "paged 23 records over 4 pages, by cursor over 4; stats total 23; \
+         problem invalid_parameter names page_size"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_generated_rust_client_pages_through_data_and_reads_stats() {
+    let db = TestDb::new().await;
+    let shutdown = CancellationToken::new();
+    let base = serve_records(&db, &shutdown).await;
+    let client = etl_query_client::Client::new(&base);
+
+    let mut by_page: Vec<DataRecord> = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        let page = client
+            .list_data()
+            .page(pages)
+            .page_size(7)
+            .send()
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((page.total, page.total_exact), (RECORDS as i64, true));
+        by_page.extend(page.data);
+        if !page.has_more {
+            break;
+        }
+    }
+    let ids: Vec<&str> = by_page.iter().map(|r| r.source_id.as_str()).collect();
+    assert_eq!(ids.len(), RECORDS);
+
+    let (mut walked, mut cursor, mut walked_pages) = (Vec::new(), None, 0);
+    loop {
+        let mut request = client.list_data().page_size(7);
+        if let Some(cursor) = cursor.take() {
+            request = request.cursor(cursor);
+        }
+        let page = request.send().await.unwrap().into_inner();
+        walked_pages += 1;
+        assert_eq!(page.page, walked_pages);
+        walked.extend(page.data.into_iter().map(|r| r.source_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(walked, ids);
+    assert_eq!((pages, walked_pages), (4, 4));
+
+    let stats = client.get_stats().send().await.unwrap().into_inner();
+    assert_eq!(stats.total_records, RECORDS as i64);
+
+    // Problems come as `application/problem+json`, which progenitor hands over as bytes: the
+    // generated `Problem` type reads them.
+    let refused = client.list_data().page_size(101).send().await.unwrap_err();
+    assert_eq!(refused.status().map(|s| s.as_u16()), Some(400));
+    let etl_query_client::Error::ErrorResponse(response) = refused else {
+        panic!("not an error response: {refused}");
+    };
+    let body = read_all(response.into_inner()).await;
+    let problem: Problem = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem.code, ProblemCode::InvalidParameter);
+    assert_eq!(problem.parameter.as_deref(), Some("page_size"));
+    shutdown.cancel();
+}
+
+async fn read_all(mut stream: etl_query_client::ByteStream) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.unwrap());
+    }
+    body
+}
