@@ -79,7 +79,7 @@ impl Problem {
         }
     }
 
-    /// A 400 for query parameter `name`, saying why.
+    /// A 400 for parameter `name` (of the query or the path), saying why.
     pub fn invalid_parameter(name: &str, reason: &str) -> Self {
         Self {
             parameter: Some(name.to_owned()),
@@ -87,7 +87,7 @@ impl Problem {
                 StatusCode::BAD_REQUEST,
                 ProblemCode::InvalidParameter,
                 "Invalid parameter",
-                format!("query parameter `{name}`: {reason}"),
+                format!("parameter `{name}`: {reason}"),
             )
         }
     }

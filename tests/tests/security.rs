@@ -219,6 +219,7 @@ fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
         paths,
         [
             ("/data", vec!["get"]),
+            ("/data/{source}/{source_id}", vec!["get"]),
             ("/health", vec!["get"]),
             ("/health/live", vec!["get"]),
             ("/health/ready", vec!["get"]),

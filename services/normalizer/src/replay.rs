@@ -20,7 +20,7 @@ use etl_shared::runs::RunCounts;
 use etl_shared::sources::Source;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::batch::{self, BatchError, Classified};
 use crate::mapping::FieldPaths;
@@ -315,33 +315,45 @@ async fn ingest_running(tx: &Transaction<'_>, source: &str) -> Result<bool, toki
         .get(0))
 }
 
-/// Builds the search indexes of the complete version of `source` (under the caller's claim, so
-/// no other replica builds them at once) and analyzes it; false when it had them already.
+/// Builds the search and order indexes of the complete version of `source` (under the caller's
+/// claim, so no other replica builds them at once) and analyzes it; false when it had them
+/// already. With a helper connection and readers not busy, two at a time: the caller's
+/// connection takes one search and one order index, the helper the other two.
 async fn index(
     tx: &Transaction<'_>,
     helper: Option<&Client>,
     source: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     const INDEX: &str = "SELECT etl_index_build($1, $2)";
-    let built = |row: tokio_postgres::Row| row.get::<_, bool>(0);
+    /// Each side's indexes, the longest (a search index) first.
+    const SIDES: [[&str; 2]; 2] = [["name", "updated_at"], ["description", "value"]];
+    async fn build_all(
+        client: &impl GenericClient,
+        source: &str,
+        columns: &[&str],
+    ) -> Result<bool, tokio_postgres::Error> {
+        let mut built = false;
+        for column in columns {
+            built |= client
+                .query_one(INDEX, &[&source, column])
+                .await?
+                .get::<_, bool>(0);
+        }
+        Ok(built)
+    }
     let readers_busy =
         etl_shared::pacing::busy_readers(tx).await? >= etl_shared::pacing::BUSY_READERS;
-    let (name, description) = match helper {
+    let built = match helper {
         Some(helper) if !readers_busy => {
-            let on_name: [&(dyn ToSql + Sync); 2] = [&source, &"name"];
-            let on_description: [&(dyn ToSql + Sync); 2] = [&source, &"description"];
-            let (name, description) = tokio::join!(
-                tx.query_one(INDEX, &on_name),
-                helper.query_one(INDEX, &on_description)
+            let (mine, helpers) = tokio::join!(
+                build_all(tx, source, &SIDES[0]),
+                build_all(helper, source, &SIDES[1])
             );
-            (built(name?), built(description?))
+            mine? | helpers?
         }
-        _ => (
-            built(tx.query_one(INDEX, &[&source, &"name"]).await?),
-            built(tx.query_one(INDEX, &[&source, &"description"]).await?),
-        ),
+        _ => build_all(tx, source, SIDES.as_flattened()).await?,
     };
-    if !(name || description) {
+    if !built {
         return Ok(false);
     }
     tx.execute("SELECT etl_analyze_build($1)", &[&source])

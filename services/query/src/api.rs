@@ -4,16 +4,17 @@
 use std::time::Duration;
 
 use poem::http::StatusCode;
-use poem_openapi::param::Query;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 
-use crate::data::{self, Cursor, DataPage, DataQuery, Start};
+use crate::data::{self, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
 use crate::problem;
 use crate::reader::Reader;
 use crate::stats::{Stats, StatsCache};
-use etl_shared::problem::Problem;
+use etl_shared::problem::{Problem, ProblemCode};
+use time::OffsetDateTime;
 
 #[derive(Tags)]
 enum Tag {
@@ -110,6 +111,33 @@ fn bad_data_request(err: poem::Error) -> DataResponse {
 }
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_record_request")]
+enum RecordResponse {
+    /// The record.
+    #[oai(status = 200, content_type = "application/json")]
+    Ok(Json<DataRecord>),
+    /// A parameter is malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// The source has no record with that id (`code` is `not_found`).
+    #[oai(status = 404, content_type = "application/problem+json")]
+    NotFound(Json<Problem>),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
+}
+
+fn bad_record_request(err: poem::Error) -> RecordResponse {
+    RecordResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
 enum StatsResponse {
     /// Statistics per source, at most `max_age_seconds` old.
     #[oai(status = 200, content_type = "application/json")]
@@ -161,6 +189,8 @@ impl Api {
         operation_id = "listData",
         tag = "Tag::Data"
     )]
+    // poem-openapi takes each query parameter as an argument of its own.
+    #[allow(clippy::too_many_arguments)]
     async fn list_data(
         &self,
         /// Page number, from 1.
@@ -184,10 +214,21 @@ impl Api {
         /// themselves.
         #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00]*$"))]
         search: Query<Option<String>>,
-        /// The `next_cursor` of the previous page, to walk by cursor; `page` is then ignored.
+        /// Only records changed at or after this instant (RFC 3339).
+        updated_since: Query<Option<OffsetDateTime>>,
+        /// Only records whose `value` is at least this.
+        min_value: Query<Option<f64>>,
+        /// Only records whose `value` is at most this.
+        max_value: Query<Option<f64>>,
+        /// The order: `id` (insertion, the default), `-updated_at` (last changed first),
+        /// `value` or `-value`; ties in the other orders go by `id`.
+        // No `default` attribute: poem-openapi would wrap the enum's `$ref` in an `allOf`.
+        sort: Query<Option<Sort>>,
+        /// The `next_cursor` of the previous page, to walk by cursor; it carries its order, so
+        /// `page` and `sort` are then ignored.
         #[oai(validator(
-            max_length = 32,
-            pattern = r"^v1\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})$"
+            max_length = 52,
+            pattern = r"^v1(\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})|u\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})\.(0|-?[1-9][0-9]{0,17})|[ad]\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})\.[0-9a-f]{16})$"
         ))]
         cursor: Query<Option<String>>,
     ) -> DataResponse {
@@ -205,8 +246,14 @@ impl Api {
         let query = DataQuery {
             start,
             page_size: page_size.0,
-            source: source.0,
-            search: search.0,
+            filters: Filters {
+                source: source.0,
+                search: search.0,
+                updated_since: updated_since.0,
+                min_value: min_value.0,
+                max_value: max_value.0,
+            },
+            sort: sort.0.unwrap_or_default(),
         };
         match data::list(&self.reader, &query).await {
             Ok(page) => {
@@ -216,6 +263,40 @@ impl Api {
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 DataResponse::ServerError(status, problem)
+            }
+        }
+    }
+
+    /// Get one record
+    ///
+    /// The record `source_id` of `source`: its key, which a source's records keep across
+    /// updates (unlike nothing else, `id` stays too).
+    #[oai(
+        path = "/data/:source/:source_id",
+        method = "get",
+        operation_id = "getRecord",
+        tag = "Tag::Data"
+    )]
+    async fn get_record(
+        &self,
+        /// The record's source.
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[^\x00]*$"))]
+        source: Path<String>,
+        /// The record's id within its source (URL-encoded: `/` is `%2F`).
+        #[oai(validator(min_length = 1, max_length = 1000, pattern = r"^[^\x00]*$"))]
+        source_id: Path<String>,
+    ) -> RecordResponse {
+        match data::get(&self.reader, &source.0, &source_id.0).await {
+            Ok(Some(record)) => RecordResponse::Ok(Json(record)),
+            Ok(None) => RecordResponse::NotFound(Json(Problem::new(
+                StatusCode::NOT_FOUND,
+                ProblemCode::NotFound,
+                "Record not found",
+                "the source has no record with that source_id",
+            ))),
+            Err(e) => {
+                let (status, problem) = problem::server_error(&e);
+                RecordResponse::ServerError(status, problem)
             }
         }
     }

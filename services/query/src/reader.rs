@@ -14,6 +14,7 @@
 //! Either way the startup `options` parameter (which poolers refuse) is left to the operator:
 //! any `options` in `DATABASE_URL` stay in force.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,18 +93,22 @@ pub enum Snapshot {
     Shared,
 }
 
-/// One statement of a read: constant SQL and its typed bind parameters.
+/// One statement of a read: SQL made of constant text only (see `data::Sql`) and its typed
+/// bind parameters.
 pub struct Statement<'a> {
-    pub sql: &'static str,
+    pub sql: Cow<'static, str>,
     pub params: Vec<(&'a (dyn ToSql + Sync), Type)>,
     /// Planned for its values each time (the unnamed statement) instead of prepared once.
     pub per_values: bool,
 }
 
 impl<'a> Statement<'a> {
-    pub fn new(sql: &'static str, params: Vec<(&'a (dyn ToSql + Sync), Type)>) -> Self {
+    pub fn new(
+        sql: impl Into<Cow<'static, str>>,
+        params: Vec<(&'a (dyn ToSql + Sync), Type)>,
+    ) -> Self {
         Self {
-            sql,
+            sql: sql.into(),
             params,
             per_values: false,
         }
@@ -113,7 +118,10 @@ impl<'a> Statement<'a> {
     /// its term matches: a prepared statement may settle on one generic plan for every term
     /// (after five executions Postgres may stop planning for the values), so this one is
     /// planned for its values each time, at the cost of planning (a fraction of a millisecond).
-    pub fn per_values(sql: &'static str, params: Vec<(&'a (dyn ToSql + Sync), Type)>) -> Self {
+    pub fn per_values(
+        sql: impl Into<Cow<'static, str>>,
+        params: Vec<(&'a (dyn ToSql + Sync), Type)>,
+    ) -> Self {
         Self {
             per_values: true,
             ..Self::new(sql, params)
@@ -175,7 +183,7 @@ impl Reader {
                     None
                 } else {
                     let types: Vec<Type> = s.params.iter().map(|(_, t)| t.clone()).collect();
-                    Some(client.prepare_typed_cached(s.sql, &types).await?)
+                    Some(client.prepare_typed_cached(&s.sql, &types).await?)
                 });
             }
             Some(prepared)
@@ -201,10 +209,10 @@ impl Reader {
                                 s.params.iter().map(|(p, _)| *p).collect();
                             client.query(statement, &params).await
                         }
-                        None => client.query_typed(s.sql, &s.params).await,
+                        None => client.query_typed(&s.sql, &s.params).await,
                     }
                 }
-                .instrument(tracing::info_span!("db.query", db.query.text = s.sql))
+                .instrument(tracing::info_span!("db.query", db.query.text = &*s.sql))
             })),
             // On an aborted transaction COMMIT rolls back: the connection ends idle either way.
             OptionFuture::from(transaction.then(|| client.batch_execute("COMMIT"))),

@@ -1,5 +1,6 @@
-//! The published spec: what poem-openapi derives from the API's types, plus the examples it
-//! has no attribute for (on parameters, and on enum schemas), added here in one place so that
+//! The published spec: what poem-openapi derives from the API's types, plus what it has no
+//! attribute for (examples on parameters and enum schemas, names for enum values that are not
+//! identifiers), added here in one place so that
 //! `/openapi.json`, `/openapi.yaml`, Swagger UI and the committed `openapi.json` all carry
 //! them. A unit test fails when a parameter or a component schema has none.
 
@@ -14,11 +15,25 @@ fn parameter_example(name: &str) -> Option<Value> {
         "source" => json!("products"),
         "search" => json!("espresso"),
         "cursor" => json!("v1.2.1042"),
+        "updated_since" => json!("2026-12-01T09:30:00Z"),
+        "min_value" => json!(10.0),
+        "max_value" => json!(99.5),
+        "sort" => json!("-updated_at"),
+        "source_id" => json!("sku-1042"),
         _ => return None,
     })
 }
 
-/// `generated` (poem-openapi's JSON) with the examples added.
+/// Names for the values of enums whose values are not identifiers, for generators that name
+/// them (`x-enum-varnames`: openapi-python-client, openapi-generator), in the values' order.
+fn enum_names(schema: &str) -> Option<Value> {
+    Some(match schema {
+        "Sort" => json!(["ID", "NEWEST_FIRST", "VALUE_ASCENDING", "VALUE_DESCENDING"]),
+        _ => return None,
+    })
+}
+
+/// `generated` (poem-openapi's JSON) with the examples and enum names added.
 pub fn document(generated: &str) -> Value {
     let mut spec: Value = serde_json::from_str(generated).expect("poem-openapi writes JSON");
     if let Some(paths) = spec["paths"].as_object_mut() {
@@ -38,7 +53,10 @@ pub fn document(generated: &str) -> Value {
         }
     }
     if let Some(schemas) = spec["components"]["schemas"].as_object_mut() {
-        for schema in schemas.values_mut() {
+        for (name, schema) in schemas.iter_mut() {
+            if let Some(names) = enum_names(name) {
+                schema["x-enum-varnames"] = names;
+            }
             if schema.get("example").is_none() {
                 if let Some(first) = schema.get("enum").and_then(|e| e.get(0)).cloned() {
                     schema["example"] = first;

@@ -356,6 +356,206 @@ fn urlencode(s: &str) -> String {
 }
 
 #[tokio::test]
+async fn one_record_by_its_source_and_source_id_and_a_404_problem_when_absent() {
+    let db = TestDb::new().await;
+    seed(
+        &db,
+        &[("shop", "cup", Some("porcelain")), ("shop", "mug", None)],
+    )
+    .await;
+    let awkward = "a/b c?d#é%";
+    db.client()
+        .await
+        .execute(
+            "UPDATE normalized_data SET source_id = $1 WHERE name = 'mug'",
+            &[&awkward],
+        )
+        .await
+        .unwrap();
+    let app = App::start(&db.url, &[]).await;
+    let (_, _, listed) = app.get("/data?source=shop").await;
+
+    let (status, content_type, cup) = app.get("/data/shop/0").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/json"),
+        "{cup}"
+    );
+    assert_eq!(cup, listed["data"][0]);
+    let (status, _, mug) = app.get(&format!("/data/shop/{}", urlencode(awkward))).await;
+    assert_eq!(status, 200, "{mug}");
+    assert_eq!(
+        (&mug["source_id"], &mug["name"]),
+        (&Value::from(awkward), &Value::from("mug"))
+    );
+    assert_eq!(mug, listed["data"][1]);
+
+    for absent in ["/data/shop/2", "/data/elsewhere/0", "/data/shop/a%2Fb"] {
+        let (status, content_type, problem) = app.get(absent).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (404, "application/problem+json"),
+            "{absent}: {problem}"
+        );
+        assert_eq!(problem["code"], "not_found", "{absent}");
+    }
+    let too_long = "x".repeat(1001);
+    let (status, _, problem) = app.get(&format!("/data/shop/{too_long}")).await;
+    assert_eq!(
+        (status, &problem["parameter"]),
+        (400, &Value::from("source_id")),
+        "{problem}"
+    );
+}
+
+/// Every record of `path` (a query ending in `&`), walked by cursor `page_size` at a time:
+/// (source_id, value, updated_at) in the order served.
+async fn walk(app: &App, path: &str, page_size: usize) -> Vec<(String, f64, String)> {
+    let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let url = match &cursor {
+            None => format!("{path}page_size={page_size}"),
+            Some(c) => format!("{path}page_size={page_size}&cursor={c}"),
+        };
+        let (status, _, page) = app.get(&url).await;
+        assert_eq!(status, 200, "{url}: {page}");
+        for r in page["data"].as_array().unwrap() {
+            seen.push((
+                r["source_id"].as_str().unwrap().to_owned(),
+                r["value"].as_f64().unwrap(),
+                r["updated_at"].as_str().unwrap().to_owned(),
+            ));
+        }
+        assert!(seen.len() <= 100, "the walk does not end: {url}");
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return seen,
+        }
+    }
+}
+
+fn source_ids(records: &[(String, f64, String)]) -> Vec<&str> {
+    records.iter().map(|(id, _, _)| id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn filters_by_time_and_value_and_each_order_pages_by_number_and_by_cursor_alike() {
+    let db = TestDb::new().await;
+    let rows: Vec<(&str, &str, Option<&str>)> = (0..12).map(|_| ("s", "thing", None)).collect();
+    seed(&db, &rows).await;
+    // Values with ties and negatives; record i changed at 2026-01-(12 - i % 4), so times tie
+    // too. Source ids are 0..11 in id order.
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE normalized_data SET
+                 value = (ARRAY[5, -1.5, 5, 0, 12.25, -1.5, 7, 5, 0, 3, 12.25, 99])[source_id::int + 1],
+                 updated_at = timestamptz '2026-01-12T00:00:00Z' - (source_id::int % 4) * interval '1 day'",
+        )
+        .await
+        .unwrap();
+    let app = App::start(&db.url, &[]).await;
+    let all = walk(&app, "/data?", 5).await;
+    let value_of = |id: &str| all.iter().find(|r| r.0 == id).unwrap().1;
+    let by = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // Ranges are inclusive; counting them is exact below the cap.
+    let (status, _, page) = app.get("/data?min_value=0&max_value=5&page_size=100").await;
+    assert_eq!(status, 200, "{page}");
+    let in_range: Vec<String> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(in_range, by(&["0", "2", "3", "7", "8", "9"]));
+    assert_eq!(
+        (&page["total"], &page["total_exact"]),
+        (&Value::from(6), &Value::from(true))
+    );
+    let since = walk(&app, "/data?updated_since=2026-01-11T00:00:00%2B00:00&", 2).await;
+    assert_eq!(source_ids(&since), ["0", "1", "4", "5", "8", "9"]);
+    let (_, _, empty) = app.get("/data?min_value=6&max_value=5").await;
+    assert_eq!(
+        (&empty["total"], empty["data"].as_array().unwrap().len()),
+        (&Value::from(0), 0)
+    );
+
+    // Each order, ties by id: by cursor (3 at a time) and in one page alike.
+    let mut ascending: Vec<&str> = source_ids(&all);
+    ascending.sort_by(|a, b| {
+        value_of(a)
+            .total_cmp(&value_of(b))
+            .then(a.parse::<i32>().unwrap().cmp(&b.parse().unwrap()))
+    });
+    let mut descending = ascending.clone();
+    descending.sort_by(|a, b| {
+        value_of(b)
+            .total_cmp(&value_of(a))
+            .then(b.parse::<i32>().unwrap().cmp(&a.parse().unwrap()))
+    });
+    let newest: Vec<&str> = ["8", "4", "0", "9", "5", "1", "10", "6", "2", "11", "7", "3"].to_vec();
+    for (sort, expected) in [
+        ("value", &ascending),
+        ("-value", &descending),
+        ("-updated_at", &newest),
+    ] {
+        let walked = walk(&app, &format!("/data?sort={}&", urlencode(sort)), 3).await;
+        assert_eq!(source_ids(&walked), *expected, "sort={sort} by cursor");
+        let (_, _, page) = app
+            .get(&format!("/data?sort={}&page_size=100", urlencode(sort)))
+            .await;
+        let paged: Vec<&str> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["source_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(paged, *expected, "sort={sort} in one page");
+        let (_, _, second) = app
+            .get(&format!(
+                "/data?sort={}&page_size=5&page=2",
+                urlencode(sort)
+            ))
+            .await;
+        let numbered: Vec<&str> = second["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["source_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(numbered, expected[5..10], "sort={sort} page 2");
+    }
+
+    // Filters and orders together; a cursor keeps its order whatever `sort` says.
+    let filtered = walk(
+        &app,
+        "/data?sort=-value&min_value=0&updated_since=2026-01-10T00:00:00Z&source=s&",
+        2,
+    )
+    .await;
+    let expected: Vec<&str> = descending
+        .iter()
+        .copied()
+        .filter(|id| value_of(id) >= 0.0 && id.parse::<i32>().unwrap() % 4 != 3)
+        .collect();
+    assert_eq!(source_ids(&filtered), expected);
+    let (_, _, first) = app.get("/data?sort=value&page_size=4").await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, _, next) = app
+        .get(&format!("/data?sort=id&page_size=4&cursor={cursor}"))
+        .await;
+    let after: Vec<&str> = next["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(after, ascending[4..8]);
+    assert_eq!(next["page"], 2);
+}
+
+#[tokio::test]
 async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
     let db = TestDb::new().await;
     let app = App::start(&db.url, &[]).await;

@@ -153,6 +153,35 @@ async fn the_generated_rust_client_pages_through_data_and_reads_stats() {
     let stats = client.get_stats().send().await.unwrap().into_inner();
     assert_eq!(stats.total_records, RECORDS as i64);
 
+    // One record by its key, and the largest values first.
+    let record = client
+        .get_record()
+        .source("gen")
+        .source_id("12")
+        .send()
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((record.name.as_str(), record.value), ("item 12", 12.0));
+    let absent = client
+        .get_record()
+        .source("gen")
+        .source_id("24")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(absent.status().map(|s| s.as_u16()), Some(404));
+    let largest = client
+        .list_data()
+        .sort(etl_query_client::types::Sort::Value)
+        .min_value(20.0)
+        .send()
+        .await
+        .unwrap()
+        .into_inner();
+    let values: Vec<f64> = largest.data.iter().map(|r| r.value).collect();
+    assert_eq!(values, [20.0, 21.0, 22.0, 23.0]);
+
     // Problems come as `application/problem+json`, which progenitor hands over as bytes: the
     // generated `Problem` type reads them.
     let refused = client.list_data().page_size(101).send().await.unwrap_err();

@@ -5,9 +5,9 @@ Usage: client_smoke.py BASE_URL EXPECTED_TOTAL   (the generated package on PYTHO
 import sys
 
 from etl_platform_query_api_client import Client
-from etl_platform_query_api_client.api.data import list_data
+from etl_platform_query_api_client.api.data import get_record, list_data
 from etl_platform_query_api_client.api.stats import get_stats
-from etl_platform_query_api_client.models import DataPage, Problem, Stats
+from etl_platform_query_api_client.models import DataPage, DataRecord, Problem, Sort, Stats
 
 base_url, expected = sys.argv[1], int(sys.argv[2])
 client = Client(base_url=base_url, raise_on_unexpected_status=True)
@@ -44,6 +44,14 @@ assert walked == seen, (walked, seen)
 stats = get_stats.sync(client=client)
 assert isinstance(stats, Stats), stats
 assert stats.total_records == expected, stats
+
+record = get_record.sync("gen", "12", client=client)
+assert isinstance(record, DataRecord) and record.name == "item 12", record
+absent = get_record.sync_detailed("gen", "24", client=client)
+assert absent.status_code == 404 and isinstance(absent.parsed, Problem), absent
+assert absent.parsed.code == "not_found", absent.parsed
+largest = list_data.sync(client=client, sort=Sort.VALUE_DESCENDING, max_value=3)
+assert isinstance(largest, DataPage) and [r.value for r in largest.data] == [3, 2, 1], largest
 
 bad = list_data.sync_detailed(client=client, page_size=101)
 assert bad.status_code == 400 and isinstance(bad.parsed, Problem), bad

@@ -5,7 +5,7 @@
 // Usage: node client_smoke.js BASE_URL EXPECTED_TOTAL
 
 import { createClient } from './client/client';
-import { getStats, listData, type DataRecord, type Problem } from './client';
+import { getRecord, getStats, listData, type DataRecord, type Problem } from './client';
 
 // Node's own global, declared here so the check needs no @types/node.
 declare const process: { argv: string[]; exitCode: number | undefined };
@@ -51,6 +51,14 @@ async function main(): Promise<string> {
 
   const stats = await getStats({ client });
   check(stats.data?.total_records === expected, 'stats', stats.error);
+
+  const record = await getRecord({ client, path: { source: 'gen', source_id: '12' } });
+  check(record.data?.name === 'item 12', 'one record', record.error);
+  const absent = await getRecord({ client, path: { source: 'gen', source_id: '24' } });
+  check(absent.response.status === 404 && absent.error?.code === 'not_found', 'absent record', absent.error);
+  const largest = await listData({ client, query: { sort: '-value', max_value: 3 } });
+  const values = largest.data?.data.map((r) => r.value);
+  check(JSON.stringify(values) === '[3,2,1]', 'sort and range', values);
 
   const bad = await listData({ client, query: { page_size: 101 } });
   const problem: Problem | undefined = bad.error;
