@@ -709,6 +709,30 @@ async fn query_load(
         .context("the page before the deep one is full")?;
     let count_all = "SELECT coalesce(sum(normalized_rows), 0)::bigint FROM etl_checkpoint;";
     let term = sources::SPECIAL_TERM;
+    // One record by its key (the deep page's first), and the instant after which the ten
+    // last changed records changed.
+    let (record_source, record_id) = (
+        before_deep["data"][0]["source"]
+            .as_str()
+            .context("a record's source")?,
+        before_deep["data"][0]["source_id"]
+            .as_str()
+            .context("a record's source_id")?,
+    );
+    let newest = get_json(
+        &reqwest::Client::new(),
+        &format!("{api}/data?sort=-updated_at&page_size=10"),
+    )
+    .await?;
+    let since = newest["data"][9]["updated_at"]
+        .as_str()
+        .context("ten records")?
+        .to_owned();
+    let capped = |filter: &str| {
+        format!("SELECT count(*) FROM (SELECT 1 FROM normalized_data WHERE {filter} LIMIT 1001) capped;\n")
+    };
+    let quoted = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let range = "value >= 500 AND value <= 501";
     let cases = [
         (
             "/data?page=1&page_size=10".to_owned(),
@@ -730,6 +754,39 @@ async fn query_load(
             format!(
                 "{select} WHERE (name ILIKE '%{term}%' OR description ILIKE '%{term}%') ORDER BY id LIMIT 11 OFFSET 0;\n\
                  SELECT count(*) FROM (SELECT 1 FROM normalized_data WHERE name ILIKE '%{term}%' OR description ILIKE '%{term}%' LIMIT 1001) capped;\n"
+            ),
+            None,
+        ),
+        (
+            format!("/data/{}/{}", path_segment(record_source), path_segment(record_id)),
+            format!(
+                "{select} WHERE source = {} AND source_id = {};\n",
+                quoted(record_source),
+                quoted(record_id)
+            ),
+            None,
+        ),
+        (
+            "/data?sort=-updated_at&page_size=10".to_owned(),
+            format!("{select} ORDER BY updated_at DESC, id DESC LIMIT 11 OFFSET 0;\n{count_all}\n"),
+            None,
+        ),
+        (
+            "/data?sort=-value&page_size=10".to_owned(),
+            format!("{select} ORDER BY value DESC, id DESC LIMIT 11 OFFSET 0;\n{count_all}\n"),
+            None,
+        ),
+        (
+            "/data?min_value=500&max_value=501&page_size=10".to_owned(),
+            format!("{select} WHERE {range} ORDER BY id LIMIT 11 OFFSET 0;\n{}", capped(range)),
+            None,
+        ),
+        (
+            format!("/data?updated_since={}&page_size=10", since.replace('+', "%2B")),
+            format!(
+                "{select} WHERE updated_at >= {} ORDER BY id LIMIT 11 OFFSET 0;\n{}",
+                quoted(&since),
+                capped(&format!("updated_at >= {}", quoted(&since)))
             ),
             None,
         ),
@@ -779,6 +836,18 @@ async fn query_load(
         );
     }
     Ok(())
+}
+
+/// `text` as one path segment: every byte but the unreserved ones percent-encoded.
+fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The query mix of a dashboard and its users: the first page, a 1% search, a page of 100 of
