@@ -14,10 +14,11 @@
 use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 use time::OffsetDateTime;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 use crate::reader::{Reader, Snapshot, Statement};
+use crate::sql::Sql;
 
 /// Searches count at most this many matches: counting is a heap visit per match, so an exact
 /// count of a broad search would cost far more than the page itself (10,000 matches: ~100 ms).
@@ -435,43 +436,8 @@ fn timestamp_of_micros(micros: i64) -> OffsetDateTime {
     })
 }
 
-/// SQL text made of constant pieces only, with its bind parameters: no value, and no text from
-/// a request, ever becomes SQL. The placeholders come from a constant table too.
-struct Sql<'a> {
-    text: String,
-    params: Vec<(&'a (dyn ToSql + Sync), Type)>,
-}
-
-const PLACEHOLDERS: [&str; 12] = [
-    "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11", "$12",
-];
-
+/// The filters of `GET /data` (and of its export).
 impl<'a> Sql<'a> {
-    fn new(head: &'static str) -> Self {
-        Self {
-            text: head.to_owned(),
-            params: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, piece: &'static str) -> &mut Self {
-        self.text.push_str(piece);
-        self
-    }
-
-    /// Appends the placeholder of a new parameter.
-    fn bind(&mut self, value: &'a (dyn ToSql + Sync), ty: Type) -> &mut Self {
-        let placeholder = self.param(value, ty);
-        self.push(placeholder)
-    }
-
-    /// Adds a parameter; its placeholder, to use as often as needed.
-    fn param(&mut self, value: &'a (dyn ToSql + Sync), ty: Type) -> &'static str {
-        let placeholder = PLACEHOLDERS[self.params.len()];
-        self.params.push((value, ty));
-        placeholder
-    }
-
     /// ` AND …` for each filter given; `pattern` is the search's.
     fn filters(&mut self, filters: &'a Filters, pattern: Option<&'a String>) -> &mut Self {
         if let Some(source) = &filters.source {

@@ -10,6 +10,7 @@ mod metrics;
 pub mod problem;
 pub mod reader;
 mod spec;
+mod sql;
 pub mod stats;
 
 use std::net::SocketAddr;
