@@ -78,15 +78,16 @@ async fn three_ingester_replicas_fetch_a_source_once_per_schedule_tick() {
     );
 }
 
+/// The JSON body of a 200 answer to `GET url`.
+async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    serde_json::from_str(&response.text().await.unwrap()).unwrap()
+}
+
 /// `/stats`'s ingest rejects for `source`.
 async fn rejected_at_ingest(api: &str, source: &str) -> i64 {
-    let body = reqwest::get(format!("{api}/stats"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let stats = get_json(&format!("{api}/stats")).await;
     stats["sources"]
         .as_array()
         .unwrap()
@@ -143,6 +144,32 @@ async fn ingest_rejects_are_those_of_the_latest_run() {
         (rejected_at_ingest(&api, "fixed").await == 1).then_some(())
     })
     .await;
+    // What an operator finds through the API: the reject, why, where, its bytes and its run.
+    let rejects = get_json(&format!("{api}/rejects?source=fixed&stage=ingest")).await;
+    let reject = &rejects["data"][0];
+    assert_eq!(
+        rejects["data"].as_array().map(Vec::len),
+        Some(1),
+        "{rejects}"
+    );
+    assert_eq!(reject["position"]["line"], 3, "{reject}");
+    assert_eq!(reject["raw_encoding"], "utf8", "{reject}");
+    assert_eq!(
+        reject["raw"].as_str().map(str::trim_end),
+        Some("2,b,2,extra")
+    );
+    assert!(
+        reject["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{reject}"
+    );
+    let runs = get_json(&format!("{api}/runs?source=fixed&service=ingester")).await;
+    let run = &runs["data"][0];
+    assert_eq!(
+        (&run["status"], &run["records_rejected"]),
+        (&"success".into(), &1.into()),
+        "{runs}"
+    );
+    assert_eq!(reject["run_id"], run["run_id"], "{reject} {run}");
 
     run_now().await;
     wait_for_runs(2).await;

@@ -223,6 +223,8 @@ fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
             ("/health", vec!["get"]),
             ("/health/live", vec!["get"]),
             ("/health/ready", vec!["get"]),
+            ("/rejects", vec!["get"]),
+            ("/runs", vec!["get"]),
             ("/stats", vec!["get"]),
         ],
         "every operation is a read of normalized data, stats or health"

@@ -9,9 +9,11 @@ use poem_openapi::payload::Json;
 use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 
-use crate::data::{self, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
+use crate::data::{self, After, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
+use crate::history::{self, Paging, RejectFilters, RejectPage, RunFilters, RunPage, Stage};
 use crate::problem;
 use crate::reader::Reader;
+use crate::stats::{RunStatus, Service};
 use crate::stats::{Stats, StatsCache};
 use etl_shared::problem::{Problem, ProblemCode};
 use time::OffsetDateTime;
@@ -22,6 +24,8 @@ enum Tag {
     Data,
     /// Pipeline statistics.
     Stats,
+    /// What the pipeline did: its runs, and the records it rejected.
+    History,
     /// Liveness and readiness.
     Health,
 }
@@ -135,6 +139,68 @@ enum RecordResponse {
 
 fn bad_record_request(err: poem::Error) -> RecordResponse {
     RecordResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_runs_request")]
+enum RunsResponse {
+    /// A page of runs, newest first.
+    #[oai(status = 200, content_type = "application/json")]
+    Ok(Json<RunPage>),
+    /// A parameter is malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
+}
+
+fn bad_runs_request(err: poem::Error) -> RunsResponse {
+    RunsResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_rejects_request")]
+enum RejectsResponse {
+    /// A page of rejected records, newest first.
+    #[oai(status = 200, content_type = "application/json")]
+    Ok(Json<RejectPage>),
+    /// A parameter is malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
+}
+
+fn bad_rejects_request(err: poem::Error) -> RejectsResponse {
+    RejectsResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+/// Page number or cursor of `/runs` and `/rejects`: the cursor's form is `/data`'s in `id`
+/// order (its id is the last one seen, the page goes on below it).
+fn history_start(page: u32, cursor: Option<&str>) -> Result<Start, Problem> {
+    match cursor.map(Cursor::decode) {
+        None => Ok(Start::Page(page)),
+        Some(Some(cursor)) if cursor.after == After::Id => Ok(Start::After(cursor)),
+        // The spec's pattern lets only decodable cursors of this form through.
+        Some(_) => Err(Problem::invalid_parameter(
+            "cursor",
+            "is not a next_cursor this API returned",
+        )),
+    }
 }
 
 #[derive(ApiResponse)]
@@ -297,6 +363,124 @@ impl Api {
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 RecordResponse::ServerError(status, problem)
+            }
+        }
+    }
+
+    /// List runs
+    ///
+    /// Every ingest and normalize run, newest first, with its counts and, for a failed one,
+    /// why. Page by `page` number or by following `next_cursor`.
+    #[oai(
+        path = "/runs",
+        method = "get",
+        operation_id = "listRuns",
+        tag = "Tag::History"
+    )]
+    async fn list_runs(
+        &self,
+        /// Page number, from 1.
+        #[oai(
+            default = "default_page",
+            validator(minimum(value = "1"), maximum(value = "1000000"))
+        )]
+        page: Query<u32>,
+        /// Runs per page.
+        #[oai(
+            default = "default_page_size",
+            validator(minimum(value = "1"), maximum(value = "100"))
+        )]
+        page_size: Query<u32>,
+        /// Only runs of this source (exact match).
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[^\x00]*$"))]
+        source: Query<Option<String>>,
+        /// Only runs of this service.
+        service: Query<Option<Service>>,
+        /// Only runs in this state.
+        status: Query<Option<RunStatus>>,
+        /// The `next_cursor` of the previous page; `page` is then ignored.
+        #[oai(validator(
+            max_length = 32,
+            pattern = r"^v1\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})$"
+        ))]
+        cursor: Query<Option<String>>,
+    ) -> RunsResponse {
+        let start = match history_start(page.0, cursor.0.as_deref()) {
+            Ok(start) => start,
+            Err(problem) => return RunsResponse::BadRequest(Json(problem)),
+        };
+        let paging = Paging {
+            start,
+            page_size: page_size.0,
+        };
+        let filters = RunFilters {
+            source: source.0,
+            service: service.0,
+            status: status.0,
+        };
+        match history::runs(&self.reader, paging, &filters).await {
+            Ok(runs) => RunsResponse::Ok(Json(runs)),
+            Err(e) => {
+                let (status, problem) = problem::server_error(&e);
+                RunsResponse::ServerError(status, problem)
+            }
+        }
+    }
+
+    /// List rejected records
+    ///
+    /// Every record the ingester could not land or the normalizer could not normalize,
+    /// newest first: why (`reason`), where it was (`position`), the run that rejected it and
+    /// its bytes. Page by `page` number or by following `next_cursor`.
+    #[oai(
+        path = "/rejects",
+        method = "get",
+        operation_id = "listRejects",
+        tag = "Tag::History"
+    )]
+    async fn list_rejects(
+        &self,
+        /// Page number, from 1.
+        #[oai(
+            default = "default_page",
+            validator(minimum(value = "1"), maximum(value = "1000000"))
+        )]
+        page: Query<u32>,
+        /// Rejected records per page.
+        #[oai(
+            default = "default_page_size",
+            validator(minimum(value = "1"), maximum(value = "100"))
+        )]
+        page_size: Query<u32>,
+        /// Only rejects of this source (exact match).
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[^\x00]*$"))]
+        source: Query<Option<String>>,
+        /// Only rejects of this stage.
+        stage: Query<Option<Stage>>,
+        /// The `next_cursor` of the previous page; `page` is then ignored.
+        #[oai(validator(
+            max_length = 32,
+            pattern = r"^v1\.[1-9][0-9]{0,8}\.(0|[1-9][0-9]{0,17})$"
+        ))]
+        cursor: Query<Option<String>>,
+    ) -> RejectsResponse {
+        let start = match history_start(page.0, cursor.0.as_deref()) {
+            Ok(start) => start,
+            Err(problem) => return RejectsResponse::BadRequest(Json(problem)),
+        };
+        let paging = Paging {
+            start,
+            page_size: page_size.0,
+        };
+        let filters = RejectFilters {
+            source: source.0,
+            stage: stage.0,
+        };
+        match history::rejects(&self.reader, paging, &filters).await {
+            Ok(rejects) => RejectsResponse::Ok(Json(rejects)),
+            Err(e) => {
+                let (status, problem) = problem::server_error(&e);
+                RejectsResponse::ServerError(status, problem)
             }
         }
     }

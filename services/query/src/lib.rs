@@ -6,6 +6,7 @@
 
 mod api;
 pub mod data;
+pub mod history;
 mod metrics;
 pub mod problem;
 pub mod reader;

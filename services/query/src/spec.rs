@@ -20,6 +20,9 @@ fn parameter_example(name: &str) -> Option<Value> {
         "max_value" => json!(99.5),
         "sort" => json!("-updated_at"),
         "source_id" => json!("sku-1042"),
+        "service" => json!("ingester"),
+        "status" => json!("failed"),
+        "stage" => json!("ingest"),
         _ => return None,
     })
 }

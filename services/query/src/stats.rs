@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem_openapi::types::{Example, ParseFromParameter};
+use poem_openapi::types::{Example, ParseFromParameter, ToJSON};
 use poem_openapi::{Enum, Object};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
@@ -116,6 +116,8 @@ pub struct Checkpoint {
 #[oai(example)]
 pub struct RunInfo {
     pub run_id: i64,
+    pub service: Service,
+    pub source: String,
     pub status: RunStatus,
     pub started_at: OffsetDateTime,
     #[oai(skip_serializing_if_is_none)]
@@ -133,6 +135,14 @@ pub struct RunInfo {
     /// Why it failed.
     #[oai(skip_serializing_if_is_none)]
     pub error_message: Option<String>,
+}
+
+/// The service that made a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum Service {
+    Ingester,
+    Normalizer,
 }
 
 /// Where a run stands.
@@ -170,6 +180,7 @@ impl Example for SourceStats {
             last_ingest: Some(RunInfo::example()),
             last_normalize: Some(RunInfo {
                 run_id: 43,
+                service: Service::Normalizer,
                 ..RunInfo::example()
             }),
             replay: None,
@@ -192,6 +203,8 @@ impl Example for RunInfo {
     fn example() -> Self {
         RunInfo {
             run_id: 42,
+            service: Service::Ingester,
+            source: "products".into(),
             status: RunStatus::Success,
             started_at: example_time(),
             ended_at: Some(example_time() + time::Duration::seconds(12)),
@@ -340,24 +353,11 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         });
     }
     for row in latest_runs {
-        let run = RunInfo {
-            run_id: row.get(2),
-            status: one_of(&row, 3)?,
-            started_at: row.get(4),
-            ended_at: row.get(5),
-            duration_seconds: row.get(6),
-            records_processed: row.get(7),
-            records_inserted: row.get(8),
-            records_updated: row.get(9),
-            records_unchanged: row.get(10),
-            records_rejected: row.get(11),
-            error_message: row.get(12),
-            records_deleted: row.get(13),
-        };
-        let s = entry(&mut sources, row.get(1));
-        match row.get::<_, &str>(0) {
-            "ingester" => s.last_ingest = Some(run),
-            _ => s.last_normalize = Some(run),
+        let run = run_of(&row)?;
+        let s = entry(&mut sources, run.source.clone());
+        match run.service {
+            Service::Ingester => s.last_ingest = Some(run),
+            Service::Normalizer => s.last_normalize = Some(run),
         }
     }
     for row in replays {
@@ -385,6 +385,14 @@ pub(crate) fn one_of<T: ParseFromParameter>(row: &Row, column: usize) -> Result<
         column: row.columns()[column].name().to_owned(),
         value: text.to_owned(),
     })
+}
+
+/// The value of a closed set as the API and the database spell it (`T`'s enum item).
+pub(crate) fn wire_name<T: ToJSON>(value: T) -> String {
+    match value.to_json() {
+        Some(serde_json::Value::String(name)) => name,
+        other => unreachable!("an enum is a JSON string, not {other:?}"),
+    }
 }
 
 /// The stats of `name`, created empty on first sight.
@@ -425,11 +433,41 @@ const REJECTS: &str = "SELECT source,
 const CHECKPOINTS: &str =
     "SELECT source, last_processed_id, last_processed_at, total_processed FROM etl_checkpoint";
 
-const LATEST_RUNS: &str = "SELECT DISTINCT ON (service, source)
-        service, source, id, status, started_at, ended_at, duration_seconds, records_processed,
-        records_inserted, records_updated, records_unchanged, records_rejected, error_message,
-        records_deleted
-    FROM etl_runs ORDER BY service, source, started_at DESC, id DESC";
+/// The columns [`run_of`] reads, in its order.
+macro_rules! run_columns {
+    () => {
+        "service, source, id, status, started_at, ended_at, duration_seconds, records_processed,
+         records_inserted, records_updated, records_unchanged, records_rejected, error_message,
+         records_deleted"
+    };
+}
+pub(crate) use run_columns;
+
+/// A run from a row of [`run_columns`].
+pub(crate) fn run_of(row: &Row) -> Result<RunInfo, QueryError> {
+    Ok(RunInfo {
+        service: one_of(row, 0)?,
+        source: row.try_get(1)?,
+        run_id: row.try_get(2)?,
+        status: one_of(row, 3)?,
+        started_at: row.try_get(4)?,
+        ended_at: row.try_get(5)?,
+        duration_seconds: row.try_get(6)?,
+        records_processed: row.try_get(7)?,
+        records_inserted: row.try_get(8)?,
+        records_updated: row.try_get(9)?,
+        records_unchanged: row.try_get(10)?,
+        records_rejected: row.try_get(11)?,
+        error_message: row.try_get(12)?,
+        records_deleted: row.try_get(13)?,
+    })
+}
+
+const LATEST_RUNS: &str = concat!(
+    "SELECT DISTINCT ON (service, source) ",
+    run_columns!(),
+    " FROM etl_runs ORDER BY service, source, started_at DESC, id DESC"
+);
 
 /// Replays under way: how far each is, and how many raw changes are past its position.
 const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,

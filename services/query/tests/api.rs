@@ -556,6 +556,113 @@ async fn filters_by_time_and_value_and_each_order_pages_by_number_and_by_cursor_
 }
 
 #[tokio::test]
+async fn runs_and_rejects_page_newest_first_with_filters_and_show_every_record_faithfully() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO etl_runs (service, source, status, ended_at, records_processed, error_message)
+             SELECT CASE WHEN g % 2 = 0 THEN 'ingester' ELSE 'normalizer' END,
+                    CASE WHEN g % 3 = 0 THEN 'a' ELSE 'b' END,
+                    CASE WHEN g % 5 = 0 THEN 'failed' ELSE 'success' END, now(), g,
+                    CASE WHEN g % 5 = 0 THEN 'HTTP 500 at page ' || g END
+             FROM generate_series(1, 30) g;
+             INSERT INTO etl_runs (service, source) VALUES ('ingester', 'a');
+             INSERT INTO etl_rejects (run_id, stage, source, line, reason, raw)
+             VALUES (1, 'ingest', 'a', 4, 'expected 3 fields, found 4', convert_to('2,b,é,extra', 'UTF8')),
+                    (1, 'ingest', 'a', 5, 'not UTF-8', '\\x66ff6f00'),
+                    (2, 'ingest', 'b', 6, 'too long', convert_to(repeat('é', 40000), 'UTF8'));
+             INSERT INTO etl_rejects (run_id, stage, source, source_id, raw_id, reason, raw)
+             VALUES (3, 'normalize', 'a', 'k<script>', 17, 'value: nothing at /price', convert_to('{\"id\": \"k<script>\"}', 'UTF8'));",
+        )
+        .await
+        .unwrap();
+    let app = App::start(&db.url, &[]).await;
+
+    // Newest first, by number and by cursor alike; filters combine.
+    let (status, _, first) = app.get("/runs?page_size=4").await;
+    assert_eq!(status, 200, "{first}");
+    let run_ids = |page: &Value| -> Vec<i64> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(run_ids(&first), [31, 30, 29, 28]);
+    assert_eq!(first["data"][0]["status"], "running");
+    let (_, _, by_cursor) = app
+        .get(&format!(
+            "/runs?page_size=4&cursor={}",
+            first["next_cursor"].as_str().unwrap()
+        ))
+        .await;
+    let (_, _, by_number) = app.get("/runs?page_size=4&page=2").await;
+    assert_eq!(
+        (run_ids(&by_cursor), by_cursor["page"].clone()),
+        (vec![27, 26, 25, 24], 2.into())
+    );
+    assert_eq!(run_ids(&by_cursor), run_ids(&by_number));
+    let (_, _, failed) = app
+        .get("/runs?source=a&service=normalizer&status=failed")
+        .await;
+    assert_eq!(run_ids(&failed), [15]);
+    assert_eq!(failed["data"][0]["error_message"], "HTTP 500 at page 15");
+    assert_eq!(
+        (&failed["has_more"], failed.get("next_cursor")),
+        (&false.into(), None)
+    );
+    let (status, _, problem) = app.get("/runs?status=exploded").await;
+    assert_eq!(
+        (status, &problem["parameter"]),
+        (400, &Value::from("status")),
+        "{problem}"
+    );
+
+    // Rejects: text when UTF-8, base64 otherwise, cut at 64 KiB without splitting a character.
+    let (status, _, rejects) = app.get("/rejects?source=a").await;
+    assert_eq!(status, 200, "{rejects}");
+    let a = rejects["data"].as_array().unwrap();
+    assert_eq!(a.len(), 3, "{rejects}");
+    assert_eq!(
+        (
+            &a[0]["stage"],
+            &a[0]["source_id"],
+            &a[0]["position"]["raw_id"]
+        ),
+        (&"normalize".into(), &"k<script>".into(), &17.into())
+    );
+    assert_eq!(a[0]["raw"], "{\"id\": \"k<script>\"}");
+    assert_eq!(
+        (&a[1]["raw"], &a[1]["raw_encoding"], &a[1]["raw_bytes"]),
+        (&"Zv9vAA==".into(), &"base64".into(), &4.into())
+    );
+    assert_eq!(
+        (&a[2]["raw"], &a[2]["raw_encoding"]),
+        (&"2,b,é,extra".into(), &"utf8".into())
+    );
+    assert_eq!(
+        (&a[2]["position"]["line"], &a[2]["run_id"], &a[2]["reason"]),
+        (&4.into(), &1.into(), &"expected 3 fields, found 4".into())
+    );
+    assert_eq!(a[2]["raw_truncated"], false);
+    let (_, _, long) = app.get("/rejects?source=b&stage=ingest").await;
+    let long = &long["data"][0];
+    assert_eq!(
+        (&long["raw_bytes"], &long["raw_truncated"]),
+        (&80_000.into(), &true.into())
+    );
+    assert_eq!(
+        long["raw"].as_str().unwrap(),
+        "é".repeat(32_768),
+        "whole characters up to 64 KiB"
+    );
+    let (_, _, normalize) = app.get("/rejects?stage=normalize").await;
+    assert_eq!(normalize["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
     let db = TestDb::new().await;
     let app = App::start(&db.url, &[]).await;
