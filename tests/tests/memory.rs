@@ -249,3 +249,59 @@ async fn four_rest_sources_with_30_mb_pages_at_once_land_in_under_64_mib() {
         "the ingester peaked at {kib} KiB: a page held in memory?"
     );
 }
+
+#[tokio::test]
+async fn exporting_300_mb_of_records_raises_the_query_services_peak_memory_by_under_16_mib() {
+    let db = TestDb::new().await;
+    // 250,000 records of 1.2 KB: some 300 MB as NDJSON.
+    db.client()
+        .await
+        .batch_execute(
+            "SELECT etl_ensure_partition('big');
+             INSERT INTO normalized_data (source, source_id, name, value, description)
+             SELECT 'big', g::text, 'item ' || g, g, repeat('x', 1200) FROM generate_series(1, 250000) g;",
+        )
+        .await
+        .unwrap();
+    let addr = etl_tests::free_local_addr();
+    let mut query = etl_tests::ServiceProcess::start(
+        "etl-query",
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("QUERY_ADDR", addr.to_string()),
+        ],
+    );
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    wait_for("the query service", DEADLINE, || async {
+        let page = http
+            .get(format!("{base}/data?page_size=100"))
+            .send()
+            .await
+            .ok()?;
+        page.status().is_success().then_some(())
+    })
+    .await;
+    let before = query.peak_rss_kib();
+
+    let mut export = http
+        .get(format!("{base}/data/export"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    let (mut bytes, mut lines) = (0usize, 0usize);
+    while let Some(chunk) = export.chunk().await.unwrap() {
+        bytes += chunk.len();
+        lines += chunk.iter().filter(|&&b| b == b'\n').count();
+    }
+    let after = query.peak_rss_kib();
+    eprintln!("exported {bytes} bytes; query peak memory {before} KiB before, {after} KiB after");
+    assert_eq!(lines, 250_000);
+    assert!(bytes > 300_000_000, "{bytes} bytes");
+    assert!(
+        after - before < 16 * 1024,
+        "the export raised the peak from {before} KiB to {after} KiB"
+    );
+    assert_eq!(query.stop().await, Some(0), "{}", query.log_tail());
+}

@@ -4,12 +4,14 @@
 use std::time::Duration;
 
 use poem::http::StatusCode;
+use poem::Body;
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{Binary, Json};
 use poem_openapi::types::Example;
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent, Tags};
 
 use crate::data::{self, After, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
+use crate::export::{ExportError, Exports, Format};
 use crate::history::{self, Paging, RejectFilters, RejectPage, RunFilters, RunPage, Stage};
 use crate::problem;
 use crate::reader::Reader;
@@ -33,6 +35,7 @@ enum Tag {
 pub struct Api {
     pub reader: Reader,
     pub stats: StatsCache,
+    pub exports: Exports,
 }
 
 /// Service and database status.
@@ -139,6 +142,42 @@ enum RecordResponse {
 
 fn bad_record_request(err: poem::Error) -> RecordResponse {
     RecordResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_export_request")]
+enum ExportResponse {
+    /// The records, streamed; `Content-Disposition` names a file for them.
+    #[oai(status = 200)]
+    Ok(ExportBody, #[oai(header = "Content-Disposition")] String),
+    /// A parameter is malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// Two exports are running already: try again after `Retry-After` seconds.
+    #[oai(status = 503, content_type = "application/problem+json")]
+    Busy(Json<Problem>, #[oai(header = "Retry-After")] u32),
+    /// Another client error, answered before the operation runs (a method the resource
+    /// does not allow, …); `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
+}
+
+/// An export's body, in the format asked for.
+#[derive(ResponseContent)]
+enum ExportBody {
+    #[oai(content_type = "application/x-ndjson")]
+    Ndjson(Binary<Body>),
+    #[oai(content_type = "text/csv")]
+    Csv(Binary<Body>),
+}
+
+fn bad_export_request(err: poem::Error) -> ExportResponse {
+    ExportResponse::BadRequest(Json(Problem::from_bad_request(err)))
 }
 
 #[derive(ApiResponse)]
@@ -329,6 +368,76 @@ impl Api {
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 DataResponse::ServerError(status, problem)
+            }
+        }
+    }
+
+    /// Export records
+    ///
+    /// Every record matching the filters of `/data`, in its order, streamed in one consistent
+    /// snapshot: `ndjson` (the default; one record per line, shaped like `/data`'s) or `csv`
+    /// (a header line, then RFC 4180 lines). At most two exports run at once.
+    #[oai(
+        path = "/data/export",
+        method = "get",
+        operation_id = "exportData",
+        tag = "Tag::Data"
+    )]
+    #[allow(clippy::too_many_arguments)] // one argument per query parameter
+    async fn export_data(
+        &self,
+        /// `ndjson` (the default) or `csv`.
+        format: Query<Option<Format>>,
+        /// Only records of this source (exact match).
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[^\x00]*$"))]
+        source: Query<Option<String>>,
+        /// Case-insensitive substring of `name` or `description`; `%`, `_` and `\` match
+        /// themselves.
+        #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00]*$"))]
+        search: Query<Option<String>>,
+        /// Only records changed at or after this instant (RFC 3339).
+        updated_since: Query<Option<OffsetDateTime>>,
+        /// Only records whose `value` is at least this.
+        min_value: Query<Option<f64>>,
+        /// Only records whose `value` is at most this.
+        max_value: Query<Option<f64>>,
+        /// The order, as for `/data` (default `id`).
+        sort: Query<Option<Sort>>,
+    ) -> ExportResponse {
+        let format = format.0.unwrap_or(Format::Ndjson);
+        let query = DataQuery {
+            start: Start::Page(1),
+            page_size: 1,
+            filters: Filters {
+                source: source.0,
+                search: search.0,
+                updated_since: updated_since.0,
+                min_value: min_value.0,
+                max_value: max_value.0,
+            },
+            sort: sort.0.unwrap_or_default(),
+        };
+        match self.exports.start(&self.reader, &query, format).await {
+            Ok(chunks) => {
+                let body = Binary(Body::from_bytes_stream(chunks));
+                let (body, file) = match format {
+                    Format::Ndjson => (ExportBody::Ndjson(body), "records.ndjson"),
+                    Format::Csv => (ExportBody::Csv(body), "records.csv"),
+                };
+                ExportResponse::Ok(body, format!("attachment; filename=\"{file}\""))
+            }
+            Err(ExportError::Busy) => ExportResponse::Busy(
+                Json(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ProblemCode::Unavailable,
+                    "Exports busy",
+                    "two exports are running already; try again shortly",
+                )),
+                5,
+            ),
+            Err(ExportError::Query(e)) => {
+                let (status, problem) = problem::server_error(&e);
+                ExportResponse::ServerError(status, problem)
             }
         }
     }

@@ -120,6 +120,18 @@ pub enum Sort {
     ValueDescending,
 }
 
+impl Sort {
+    /// The `ORDER BY` clause of this order, which its index serves.
+    pub fn order_by(self) -> &'static str {
+        match self {
+            Sort::Id => " ORDER BY id",
+            Sort::NewestFirst => " ORDER BY updated_at DESC, id DESC",
+            Sort::ValueAscending => " ORDER BY value, id",
+            Sort::ValueDescending => " ORDER BY value DESC, id DESC",
+        }
+    }
+}
+
 /// Where a walk by cursor stands: which page comes next, and the order key of the last row
 /// seen (its id, and the sorted column's value in the other orders). Clients treat it as
 /// opaque; its forms are `v1.<page>.<id>` (order `id`), `v1u.<page>.<id>.<microseconds since
@@ -333,12 +345,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
             _ => unreachable!("a cursor's key matches its order"),
         };
     }
-    page.push(match sort {
-        Sort::Id => " ORDER BY id",
-        Sort::NewestFirst => " ORDER BY updated_at DESC, id DESC",
-        Sort::ValueAscending => " ORDER BY value, id",
-        Sort::ValueDescending => " ORDER BY value DESC, id DESC",
-    });
+    page.push(sort.order_by());
     page.push(" LIMIT ").bind(&limit, Type::INT8);
     if cursor.is_none() {
         page.push(" OFFSET ").bind(&offset, Type::INT8);
@@ -439,7 +446,11 @@ fn timestamp_of_micros(micros: i64) -> OffsetDateTime {
 /// The filters of `GET /data` (and of its export).
 impl<'a> Sql<'a> {
     /// ` AND …` for each filter given; `pattern` is the search's.
-    fn filters(&mut self, filters: &'a Filters, pattern: Option<&'a String>) -> &mut Self {
+    pub(crate) fn filters(
+        &mut self,
+        filters: &'a Filters,
+        pattern: Option<&'a String>,
+    ) -> &mut Self {
         if let Some(source) = &filters.source {
             self.push(" AND source = ").bind(source, Type::TEXT);
         }
@@ -477,7 +488,7 @@ pub enum QueryError {
     UnknownValue { column: String, value: String },
 }
 
-fn record(row: &Row) -> DataRecord {
+pub(crate) fn record(row: &Row) -> DataRecord {
     DataRecord {
         id: row.get(0),
         source: row.get(1),

@@ -6,6 +6,7 @@
 
 mod api;
 pub mod data;
+mod export;
 pub mod history;
 mod metrics;
 pub mod problem;
@@ -122,6 +123,7 @@ fn openapi_generated() -> String {
     openapi(Api {
         reader: reader::Reader::new(pool, Duration::ZERO, reader::Sessions::Pooled),
         stats: StatsCache::new(Duration::ZERO),
+        exports: export::Exports::default(),
     })
     .spec()
 }
@@ -184,6 +186,7 @@ fn routes(
     let service = openapi(Api {
         reader,
         stats: StatsCache::new(settings.stats_max_age),
+        exports: export::Exports::default(),
     });
     let generated = service.spec();
     let spec = spec::document(&generated);

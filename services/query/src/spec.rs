@@ -23,6 +23,7 @@ fn parameter_example(name: &str) -> Option<Value> {
         "service" => json!("ingester"),
         "status" => json!("failed"),
         "stage" => json!("ingest"),
+        "format" => json!("csv"),
         _ => return None,
     })
 }

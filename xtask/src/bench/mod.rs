@@ -596,6 +596,9 @@ async fn whole_system(
     eprintln!("bench: query API under load");
     query_load(&db, launcher, &api, sizes, report).await?;
 
+    eprintln!("bench: exports");
+    exports(&db, &mut query, &api, report).await?;
+
     eprintln!("bench: the query mix at rest, while every row is refreshed, and right after");
     mix_under_writes(&db, launcher, data_server, &api, sizes, report).await?;
 
@@ -835,6 +838,75 @@ async fn query_load(
             target.map(|t| http.requests_per_s >= t * tps),
         );
     }
+    Ok(())
+}
+
+/// `GET /data/export` of every record, as NDJSON and as CSV, against Postgres's own
+/// `COPY (SELECT …) TO STDOUT` of the same rows; and what the exports did to the query
+/// service's peak memory.
+async fn exports(
+    db: &Client,
+    query: &mut procs::Service,
+    api: &str,
+    report: &mut Report,
+) -> Result<()> {
+    let started = Instant::now();
+    let copy = db
+        .copy_out(
+            "COPY (SELECT id, source, source_id, name, value, description, created_at, updated_at
+                   FROM normalized_data ORDER BY id) TO STDOUT (FORMAT csv)",
+        )
+        .await?;
+    futures_util::pin_mut!(copy);
+    let mut copied = 0u64;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut copy).await {
+        copied += chunk?.iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let copy_rate = rate(copied, started.elapsed().as_secs_f64());
+    let before_kib = query.peak_kib();
+    let http = reqwest::Client::new();
+    for format in ["ndjson", "csv"] {
+        let started = Instant::now();
+        let mut response = http
+            .get(format!("{api}/data/export?format={format}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        let (mut bytes, mut lines) = (0u64, 0u64);
+        while let Some(chunk) = response.chunk().await? {
+            bytes += chunk.len() as u64;
+            lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let records = if format == "csv" { lines - 1 } else { lines };
+        ensure!(
+            records == copied,
+            "the {format} export has {records} records, COPY {copied}"
+        );
+        let export_rate = rate(records, seconds);
+        report.add(
+            format!("export: GET /data/export?format={format}, every record"),
+            format!(
+                "{} rows/s ({:.0} MB/s, {seconds:.1} s)",
+                thousands(export_rate),
+                bytes as f64 / 1e6 / seconds
+            ),
+            format!("{} rows/s COPY TO STDOUT", thousands(copy_rate)),
+            ratio(export_rate, copy_rate),
+            "≥ 200,000 rows/s",
+            Some(export_rate >= 200_000.0),
+        );
+    }
+    let after_kib = query.peak_kib();
+    let growth_kib = after_kib.saturating_sub(before_kib);
+    report.add(
+        "query peak memory, before and after the exports",
+        format!("{} → {} (+{growth_kib} KiB)", mib(before_kib), mib(after_kib)),
+        "",
+        "",
+        "+ ≤ 8 MiB",
+        Some(growth_kib <= 8 * 1024),
+    );
     Ok(())
 }
 

@@ -101,6 +101,12 @@ impl Service {
         Ok(())
     }
 
+    /// The peak resident memory so far, in KiB.
+    pub fn peak_kib(&mut self) -> u64 {
+        self.sample();
+        self.peak_kib
+    }
+
     fn sample(&mut self) {
         if let Some(kib) = self.child.id().and_then(peak_rss_kib) {
             self.peak_kib = self.peak_kib.max(kib);
