@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use poem::http::StatusCode;
 use poem::Body;
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{Binary, Json};
 use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent, Tags};
 
+use crate::caching;
 use crate::data::{self, After, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
 use crate::export::{ExportError, Exports, Format};
 use crate::history::{self, Paging, RejectFilters, RejectPage, RunFilters, RunPage, Stage};
@@ -98,7 +99,18 @@ pub enum LiveStatus {
 enum DataResponse {
     /// A page of records. `X-Total-Count` repeats `total`.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<DataPage>, #[oai(header = "X-Total-Count")] i64),
+    Ok(
+        Json<DataPage>,
+        #[oai(header = "X-Total-Count")] i64,
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
+    /// The data has not changed since the page whose `ETag` came as `If-None-Match`.
+    #[oai(status = 304)]
+    NotModified(
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
     /// A parameter is missing its bounds or malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
@@ -122,7 +134,17 @@ fn bad_data_request(err: poem::Error) -> DataResponse {
 enum RecordResponse {
     /// The record.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<DataRecord>),
+    Ok(
+        Json<DataRecord>,
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
+    /// The data has not changed since the answer whose `ETag` came as `If-None-Match`.
+    #[oai(status = 304)]
+    NotModified(
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
@@ -149,7 +171,11 @@ fn bad_record_request(err: poem::Error) -> RecordResponse {
 enum ExportResponse {
     /// The records, streamed; `Content-Disposition` names a file for them.
     #[oai(status = 200)]
-    Ok(ExportBody, #[oai(header = "Content-Disposition")] String),
+    Ok(
+        ExportBody,
+        #[oai(header = "Content-Disposition")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
@@ -185,7 +211,7 @@ fn bad_export_request(err: poem::Error) -> ExportResponse {
 enum RunsResponse {
     /// A page of runs, newest first.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<RunPage>),
+    Ok(Json<RunPage>, #[oai(header = "Cache-Control")] String),
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
@@ -209,7 +235,7 @@ fn bad_runs_request(err: poem::Error) -> RunsResponse {
 enum RejectsResponse {
     /// A page of rejected records, newest first.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<RejectPage>),
+    Ok(Json<RejectPage>, #[oai(header = "Cache-Control")] String),
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
@@ -244,9 +270,20 @@ fn history_start(page: u32, cursor: Option<&str>) -> Result<Start, Problem> {
 
 #[derive(ApiResponse)]
 enum StatsResponse {
-    /// Statistics per source, at most `max_age_seconds` old.
+    /// Statistics per source, at most `max_age_seconds` old; `Cache-Control` says for how
+    /// much longer these are the latest.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<Stats>),
+    Ok(
+        Json<Stats>,
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
+    /// The snapshot whose `ETag` came as `If-None-Match` is still the latest.
+    #[oai(status = 304)]
+    NotModified(
+        #[oai(header = "ETag")] String,
+        #[oai(header = "Cache-Control")] String,
+    ),
     /// Another client error, answered before the operation runs (a method the resource
     /// does not allow, …); `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
@@ -262,17 +299,17 @@ enum StatsResponse {
 enum HealthResponse {
     /// The service and its database are up.
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<Health>),
+    Ok(Json<Health>, #[oai(header = "Cache-Control")] String),
     /// The database did not answer within 2 seconds.
     #[oai(status = 503, content_type = "application/json")]
-    Unavailable(Json<Health>),
+    Unavailable(Json<Health>, #[oai(header = "Cache-Control")] String),
 }
 
 #[derive(ApiResponse)]
 enum LiveResponse {
     /// The process is up (the database is not checked).
     #[oai(status = 200, content_type = "application/json")]
-    Ok(Json<Liveness>),
+    Ok(Json<Liveness>, #[oai(header = "Cache-Control")] String),
 }
 
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -329,6 +366,9 @@ impl Api {
         /// `value` or `-value`; ties in the other orders go by `id`.
         // No `default` attribute: poem-openapi would wrap the enum's `$ref` in an `allOf`.
         sort: Query<Option<Sort>>,
+        /// The `ETag` of an earlier answer: 304 if the data has not changed since.
+        #[oai(name = "If-None-Match")]
+        if_none_match: Header<Option<String>>,
         /// The `next_cursor` of the previous page, to walk by cursor; it carries its order, so
         /// `page` and `sort` are then ignored.
         #[oai(validator(
@@ -360,10 +400,25 @@ impl Api {
             },
             sort: sort.0.unwrap_or_default(),
         };
+        if if_none_match.0.is_some() {
+            match data::version(&self.reader).await {
+                Ok(version) => {
+                    let tag = caching::data_tag(&version);
+                    if caching::none_match(if_none_match.0.as_deref(), &tag) {
+                        return DataResponse::NotModified(tag, caching::REVALIDATE.into());
+                    }
+                }
+                Err(e) => {
+                    let (status, problem) = problem::server_error(&e);
+                    return DataResponse::ServerError(status, problem);
+                }
+            }
+        }
         match data::list(&self.reader, &query).await {
-            Ok(page) => {
+            Ok((page, version)) => {
                 let total = page.total;
-                DataResponse::Ok(Json(page), total)
+                let tag = caching::data_tag(&version);
+                DataResponse::Ok(Json(page), total, tag, caching::REVALIDATE.into())
             }
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
@@ -424,7 +479,11 @@ impl Api {
                     Format::Ndjson => (ExportBody::Ndjson(body), "records.ndjson"),
                     Format::Csv => (ExportBody::Csv(body), "records.csv"),
                 };
-                ExportResponse::Ok(body, format!("attachment; filename=\"{file}\""))
+                ExportResponse::Ok(
+                    body,
+                    format!("attachment; filename=\"{file}\""),
+                    caching::NO_STORE.into(),
+                )
             }
             Err(ExportError::Busy) => ExportResponse::Busy(
                 Json(Problem::new(
@@ -460,10 +519,20 @@ impl Api {
         /// The record's id within its source (URL-encoded: `/` is `%2F`).
         #[oai(validator(min_length = 1, max_length = 1000, pattern = r"^[^\x00]*$"))]
         source_id: Path<String>,
+        /// The `ETag` of an earlier answer: 304 if the data has not changed since.
+        #[oai(name = "If-None-Match")]
+        if_none_match: Header<Option<String>>,
     ) -> RecordResponse {
         match data::get(&self.reader, &source.0, &source_id.0).await {
-            Ok(Some(record)) => RecordResponse::Ok(Json(record)),
-            Ok(None) => RecordResponse::NotFound(Json(Problem::new(
+            Ok((Some(record), version)) => {
+                let tag = caching::data_tag(&version);
+                if caching::none_match(if_none_match.0.as_deref(), &tag) {
+                    RecordResponse::NotModified(tag, caching::REVALIDATE.into())
+                } else {
+                    RecordResponse::Ok(Json(record), tag, caching::REVALIDATE.into())
+                }
+            }
+            Ok((None, _)) => RecordResponse::NotFound(Json(Problem::new(
                 StatusCode::NOT_FOUND,
                 ProblemCode::NotFound,
                 "Record not found",
@@ -528,7 +597,7 @@ impl Api {
             status: status.0,
         };
         match history::runs(&self.reader, paging, &filters).await {
-            Ok(runs) => RunsResponse::Ok(Json(runs)),
+            Ok(runs) => RunsResponse::Ok(Json(runs), caching::REVALIDATE.into()),
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 RunsResponse::ServerError(status, problem)
@@ -586,7 +655,7 @@ impl Api {
             stage: stage.0,
         };
         match history::rejects(&self.reader, paging, &filters).await {
-            Ok(rejects) => RejectsResponse::Ok(Json(rejects)),
+            Ok(rejects) => RejectsResponse::Ok(Json(rejects), caching::REVALIDATE.into()),
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 RejectsResponse::ServerError(status, problem)
@@ -605,9 +674,28 @@ impl Api {
         operation_id = "getStats",
         tag = "Tag::Stats"
     )]
-    async fn stats(&self) -> StatsResponse {
+    async fn stats(
+        &self,
+        /// The `ETag` of an earlier answer: 304 while its snapshot is still the latest.
+        #[oai(name = "If-None-Match")]
+        if_none_match: Header<Option<String>>,
+    ) -> StatsResponse {
         match self.stats.get(&self.reader).await {
-            Ok(stats) => StatsResponse::Ok(Json(stats)),
+            Ok(stats) => {
+                let tag = caching::stats_tag(stats.generated_at);
+                let age = (OffsetDateTime::now_utc() - stats.generated_at)
+                    .try_into()
+                    .unwrap_or_default();
+                let fresh_for = caching::max_age(
+                    std::time::Duration::from_secs(stats.max_age_seconds.into()),
+                    age,
+                );
+                if caching::none_match(if_none_match.0.as_deref(), &tag) {
+                    StatsResponse::NotModified(tag, fresh_for)
+                } else {
+                    StatsResponse::Ok(Json(stats), tag, fresh_for)
+                }
+            }
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 StatsResponse::ServerError(status, problem)
@@ -637,16 +725,22 @@ impl Api {
     )]
     async fn ready(&self) -> HealthResponse {
         match etl_shared::admin::database_answers(self.reader.pool(), HEALTH_TIMEOUT).await {
-            Ok(()) => HealthResponse::Ok(Json(Health {
-                status: HealthStatus::Ok,
-                database: DatabaseStatus::Up,
-            })),
+            Ok(()) => HealthResponse::Ok(
+                Json(Health {
+                    status: HealthStatus::Ok,
+                    database: DatabaseStatus::Up,
+                }),
+                caching::NO_STORE.into(),
+            ),
             Err(why) => {
                 tracing::warn!(%why, "health check: database unavailable");
-                HealthResponse::Unavailable(Json(Health {
-                    status: HealthStatus::Unavailable,
-                    database: DatabaseStatus::Down,
-                }))
+                HealthResponse::Unavailable(
+                    Json(Health {
+                        status: HealthStatus::Unavailable,
+                        database: DatabaseStatus::Down,
+                    }),
+                    caching::NO_STORE.into(),
+                )
             }
         }
     }
@@ -661,9 +755,12 @@ impl Api {
         tag = "Tag::Health"
     )]
     async fn live(&self) -> LiveResponse {
-        LiveResponse::Ok(Json(Liveness {
-            status: LiveStatus::Ok,
-        }))
+        LiveResponse::Ok(
+            Json(Liveness {
+                status: LiveStatus::Ok,
+            }),
+            caching::NO_STORE.into(),
+        )
     }
 }
 

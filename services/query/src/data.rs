@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
+use crate::caching;
 use crate::reader::{Reader, Snapshot, Statement};
 use crate::sql::Sql;
 
@@ -299,7 +300,8 @@ pub enum Start {
     After(Cursor),
 }
 
-pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryError> {
+/// A page, and the data version it is at least as new as (see [`caching::DATA_VERSION`]).
+pub async fn list(reader: &Reader, query: &DataQuery) -> Result<(DataPage, String), QueryError> {
     let limit = i64::from(query.page_size) + 1; // one extra row tells whether there is more
     let (page_number, offset, cursor) = match query.start {
         Start::Page(page) => (page, i64::from(page - 1) * i64::from(query.page_size), None),
@@ -372,14 +374,18 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
         }
     };
     // Plain and per-source pages have one best plan; ranges and searches have one per value.
-    let statements = [page, count].map(|sql| match scan_to_count {
+    let [page, count] = [page, count].map(|sql| match scan_to_count {
         false => Statement::new(sql.text, sql.params),
         true => Statement::per_values(sql.text, sql.params),
     });
+    // The version first: statements run in order, so the page is at least as new as it, and
+    // a client revalidating with its tag never keeps a page older than the tag says.
+    let version = Statement::new(caching::DATA_VERSION, vec![]);
     let mut answers = reader
-        .read(Snapshot::PerStatement, &statements)
+        .read(Snapshot::PerStatement, &[version, page, count])
         .await?
         .into_iter();
+    let version = version_of(answers.next());
     let (rows, counted) = (
         answers.next().unwrap_or_default(),
         answers.next().unwrap_or_default(),
@@ -402,7 +408,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
         }
         _ => None,
     };
-    Ok(DataPage {
+    let page = DataPage {
         data,
         total,
         total_exact,
@@ -410,23 +416,44 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<DataPage, QueryE
         page_size: query.page_size,
         has_more,
         next_cursor,
-    })
+    };
+    Ok((page, version))
 }
 
-/// The record `source_id` of `source`, if there is one.
+/// The current data version (see [`caching::DATA_VERSION`]): one small statement, to answer a
+/// revalidation without reading the page.
+pub async fn version(reader: &Reader) -> Result<String, QueryError> {
+    let version = Statement::new(caching::DATA_VERSION, vec![]);
+    let mut answers = reader.read(Snapshot::PerStatement, &[version]).await?;
+    Ok(version_of(answers.pop()))
+}
+
+fn version_of(rows: Option<Vec<Row>>) -> String {
+    rows.and_then(|rows| rows.first().map(|row| row.get(0)))
+        .unwrap_or_default()
+}
+
+/// The record `source_id` of `source`, if there is one, and the data version it is at least
+/// as new as.
 pub async fn get(
     reader: &Reader,
     source: &str,
     source_id: &str,
-) -> Result<Option<DataRecord>, QueryError> {
+) -> Result<(Option<DataRecord>, String), QueryError> {
     let source = source.to_owned();
     let source_id = source_id.to_owned();
+    let version = Statement::new(caching::DATA_VERSION, vec![]);
     let one = Statement::new(
         RECORD,
         vec![(&source, Type::TEXT), (&source_id, Type::TEXT)],
     );
-    let rows = reader.read(Snapshot::PerStatement, &[one]).await?;
-    Ok(rows.first().and_then(|rows| rows.first()).map(record))
+    let mut answers = reader
+        .read(Snapshot::PerStatement, &[version, one])
+        .await?
+        .into_iter();
+    let version = version_of(answers.next());
+    let record = answers.next().and_then(|rows| rows.first().map(record));
+    Ok((record, version))
 }
 
 /// `micros` since 1970 as a timestamp, clamped to what `time` represents (years ±9999): a

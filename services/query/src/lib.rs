@@ -5,6 +5,8 @@
 //! `main.rs` parses the command line; [`Application`] is what tests and the binary start.
 
 mod api;
+mod caching;
+mod compression;
 pub mod data;
 mod export;
 pub mod history;
@@ -256,7 +258,7 @@ fn routes(
             }
             response
         });
-    let app = metrics.wrap(app);
+    let app = metrics.wrap(app).around(compression::compress);
     if settings.cors_origins.is_empty() {
         app.boxed()
     } else {

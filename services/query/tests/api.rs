@@ -811,6 +811,185 @@ async fn two_exports_run_at_once_a_third_is_told_when_to_retry_and_a_dropped_one
     drop(second);
 }
 
+/// `GET path` with `headers`: status, response headers, body bytes as sent (not decoded).
+async fn raw_get(
+    app: &App,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let http = reqwest::Client::builder().no_gzip().build().unwrap();
+    let mut request = http.get(format!("{}{path}", app.base));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn pages_and_records_revalidate_by_etag_until_the_normalizer_or_a_swap_changes_the_data() {
+    let db = TestDb::new().await;
+    seed(&db, &[("s", "first", None), ("s", "second", None)]).await;
+    let app = App::start(&db.url, &[]).await;
+    let etag = |headers: &reqwest::header::HeaderMap| headers["etag"].to_str().unwrap().to_owned();
+
+    let (status, headers, _) = raw_get(&app, "/data?source=s", &[]).await;
+    assert_eq!(
+        (status, &headers["cache-control"]),
+        (
+            200,
+            &"no-cache".parse::<reqwest::header::HeaderValue>().unwrap()
+        )
+    );
+    let tag = etag(&headers);
+    assert!(tag.starts_with("W/\"d"), "{tag}");
+    let (status, headers, body) = raw_get(&app, "/data?source=s", &[("if-none-match", &tag)]).await;
+    assert_eq!((status, body.len(), etag(&headers)), (304, 0, tag.clone()));
+    let (status, _, _) = raw_get(&app, "/data/s/0", &[("if-none-match", &tag)]).await;
+    assert_eq!(status, 304, "a record shares the data's version");
+    let (status, _, _) =
+        raw_get(&app, "/data?source=s", &[("if-none-match", "W/\"dother\"")]).await;
+    assert_eq!(status, 200);
+
+    // What the normalizer does in one transaction: a row and its source's checkpoint.
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE normalized_data SET name = 'changed', updated_at = now() WHERE source_id = '0';
+             UPDATE etl_checkpoint SET last_processed_id = last_processed_id + 1,
+                 total_processed = total_processed + 1, updated_at = now() WHERE source = 's';",
+        )
+        .await
+        .unwrap();
+    let (status, headers, body) = raw_get(&app, "/data?source=s", &[("if-none-match", &tag)]).await;
+    assert_eq!(status, 200, "a changed page is sent again");
+    assert!(String::from_utf8(body).unwrap().contains("changed"));
+    let changed = etag(&headers);
+    assert_ne!(changed, tag);
+
+    // A bulk build or a replay swaps the served partition: a new version, checkpoint or not.
+    db.client()
+        .await
+        .batch_execute(
+            "SELECT etl_begin_build('s');
+             INSERT INTO normalized_build (id, source, source_id, name, value)
+                 SELECT id, source, source_id, 'rebuilt', value FROM normalized_data WHERE source = 's';
+             SELECT etl_swap_build('s');",
+        )
+        .await
+        .unwrap();
+    let (status, headers, body) = raw_get(&app, "/data/s/1", &[("if-none-match", &changed)]).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(body).unwrap().contains("rebuilt"));
+    assert_ne!(etag(&headers), changed);
+}
+
+#[tokio::test]
+async fn stats_say_how_long_they_stay_fresh_and_revalidate_to_304_meanwhile() {
+    let db = TestDb::new().await;
+    seed(&db, &[("s", "x", None)]).await;
+    let app = App::start(&db.url, &[("QUERY_STATS_MAX_AGE_SECS", "60")]).await;
+    let (status, headers, _) = raw_get(&app, "/stats", &[]).await;
+    assert_eq!(status, 200);
+    let max_age: u64 = headers["cache-control"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("max-age=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((55..=60).contains(&max_age), "{max_age}");
+    let tag = headers["etag"].to_str().unwrap().to_owned();
+    let (status, headers, body) = raw_get(&app, "/stats", &[("if-none-match", &tag)]).await;
+    assert_eq!((status, body.len()), (304, 0));
+    assert_eq!(headers["etag"], tag.as_str());
+    let (status, headers, _) = raw_get(&app, "/health", &[]).await;
+    assert_eq!(
+        (status, &headers["cache-control"]),
+        (
+            200,
+            &"no-store".parse::<reqwest::header::HeaderValue>().unwrap()
+        )
+    );
+}
+
+#[tokio::test]
+async fn answers_come_compressed_with_brotli_or_gzip_when_asked_and_plain_otherwise() {
+    use tokio::io::AsyncReadExt;
+    let db = TestDb::new().await;
+    let rows: Vec<(&str, &str, Option<&str>)> = (0..50)
+        .map(|_| {
+            (
+                "s",
+                "a name that repeats",
+                Some("and a description that repeats"),
+            )
+        })
+        .collect();
+    seed(&db, &rows).await;
+    let app = App::start(&db.url, &[]).await;
+    let (_, plain_headers, plain) = raw_get(&app, "/data?page_size=50", &[]).await;
+    assert!(plain_headers.get("content-encoding").is_none());
+    assert_eq!(plain_headers["vary"], "accept-encoding");
+    let (_, _, plain_export) = raw_get(&app, "/data/export", &[]).await;
+
+    for (asked, coding) in [
+        ("gzip", "gzip"),
+        ("gzip, deflate, br", "br"),
+        ("br;q=0.2, gzip", "gzip"),
+    ] {
+        for (path, expected) in [
+            ("/data?page_size=50", &plain),
+            ("/data/export", &plain_export),
+        ] {
+            let (status, headers, body) = raw_get(&app, path, &[("accept-encoding", asked)]).await;
+            assert_eq!(status, 200);
+            assert_eq!(headers["content-encoding"], coding, "{asked} {path}");
+            assert!(
+                body.len() < expected.len() / 3,
+                "{path}: {} of {} bytes",
+                body.len(),
+                expected.len()
+            );
+            let mut decoded = Vec::new();
+            match coding {
+                "gzip" => async_compression::tokio::bufread::GzipDecoder::new(&body[..])
+                    .read_to_end(&mut decoded)
+                    .await
+                    .unwrap(),
+                _ => async_compression::tokio::bufread::BrotliDecoder::new(&body[..])
+                    .read_to_end(&mut decoded)
+                    .await
+                    .unwrap(),
+            };
+            let (decoded, expected): (Value, Value) = if path.contains("export") {
+                (
+                    Value::from(String::from_utf8(decoded).unwrap()),
+                    Value::from(String::from_utf8(expected.clone()).unwrap()),
+                )
+            } else {
+                (
+                    serde_json::from_slice(&decoded).unwrap(),
+                    serde_json::from_slice(expected).unwrap(),
+                )
+            };
+            assert_eq!(decoded, expected, "{asked} {path}");
+        }
+    }
+    // Nothing to compress in a 304.
+    let (_, headers, _) = raw_get(&app, "/data", &[]).await;
+    let tag = headers["etag"].to_str().unwrap().to_owned();
+    let (status, headers, body) = raw_get(
+        &app,
+        "/data",
+        &[("if-none-match", &tag), ("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!((status, body.len()), (304, 0));
+    assert!(headers.get("content-encoding").is_none());
+}
+
 #[tokio::test]
 async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
     let db = TestDb::new().await;

@@ -901,7 +901,11 @@ async fn exports(
     let growth_kib = after_kib.saturating_sub(before_kib);
     report.add(
         "query peak memory, before and after the exports",
-        format!("{} → {} (+{growth_kib} KiB)", mib(before_kib), mib(after_kib)),
+        format!(
+            "{} → {} (+{growth_kib} KiB)",
+            mib(before_kib),
+            mib(after_kib)
+        ),
         "",
         "",
         "+ ≤ 8 MiB",
