@@ -46,6 +46,8 @@ pub enum ProblemCode {
     Timeout,
     Unavailable,
     Internal,
+    Unauthorized,
+    RateLimited,
 }
 
 impl ProblemCode {
@@ -58,6 +60,8 @@ impl ProblemCode {
             ProblemCode::Timeout => "timeout",
             ProblemCode::Unavailable => "unavailable",
             ProblemCode::Internal => "internal",
+            ProblemCode::Unauthorized => "unauthorized",
+            ProblemCode::RateLimited => "rate_limited",
         }
     }
 }

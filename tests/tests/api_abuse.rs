@@ -12,6 +12,11 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The query service over a database with a few records of two sources.
 async fn query_service(db: &TestDb) -> (ServiceProcess, String) {
+    query_service_with(db, &[]).await
+}
+
+/// [`query_service`] with `extra` variables.
+async fn query_service_with(db: &TestDb, extra: &[(&str, String)]) -> (ServiceProcess, String) {
     db.client()
         .await
         .batch_execute(
@@ -26,13 +31,12 @@ async fn query_service(db: &TestDb) -> (ServiceProcess, String) {
         .await
         .unwrap();
     let addr = etl_tests::free_local_addr();
-    let service = ServiceProcess::start(
-        "etl-query",
-        &[
-            ("DATABASE_URL", db.url.clone()),
-            ("QUERY_ADDR", addr.to_string()),
-        ],
-    );
+    let mut vars = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("QUERY_ADDR", addr.to_string()),
+    ];
+    vars.extend(extra.iter().cloned());
+    let service = ServiceProcess::start("etl-query", &vars);
     let base = format!("http://{addr}");
     wait_for("the query service to answer", DEADLINE, || async {
         let ok = reqwest::get(format!("{base}/health/live")).await.ok()?;
@@ -49,10 +53,20 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_spec() {
     );
     let schemathesis = std::path::Path::new(&python).with_file_name("schemathesis");
     let db = TestDb::new().await;
-    let (mut service, base) = query_service(&db).await;
+    // With API keys on: schemathesis sends the key, and checks that requests without it or
+    // with a wrong one are refused (its `ignored_auth` check).
+    let (key, entry) = etl_query::access::new_key("schemathesis");
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), entry).unwrap();
+    let (mut service, base) = query_service_with(
+        &db,
+        &[("QUERY_API_KEYS_FILE", keys.path().display().to_string())],
+    )
+    .await;
 
     let output = tokio::process::Command::new(&schemathesis)
         .args(["run", &format!("{base}/openapi.json")])
+        .args(["--header", &format!("Authorization: Bearer {key}")])
         .args([
             "--checks",
             "all",
@@ -102,6 +116,31 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_spec() {
     assert!(
         generated >= 100,
         "only {generated} requests generated:\n{report}"
+    );
+    // It got past the key: most of /data's answers were 200s.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let answered = |status: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("etl_http_requests_total{") && l.contains("route=\"/data\""))
+            .filter(|l| l.contains(&format!("status=\"{status}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        answered("200") > answered("401"),
+        "200: {}, 401: {}\n{metrics}",
+        answered("200"),
+        answered("401")
+    );
+    assert!(
+        answered("401") > 0.0,
+        "the checks without a key were refused"
     );
     assert_eq!(service.stop().await, Some(0), "{}", service.log_tail());
 }

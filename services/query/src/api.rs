@@ -114,8 +114,10 @@ enum DataResponse {
     /// A parameter is missing its bounds or malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),
@@ -151,8 +153,10 @@ enum RecordResponse {
     /// The source has no record with that id (`code` is `not_found`).
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),
@@ -182,8 +186,10 @@ enum ExportResponse {
     /// Two exports are running already: try again after `Retry-After` seconds.
     #[oai(status = 503, content_type = "application/problem+json")]
     Busy(Json<Problem>, #[oai(header = "Retry-After")] u32),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),
@@ -215,8 +221,10 @@ enum RunsResponse {
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),
@@ -239,8 +247,10 @@ enum RejectsResponse {
     /// A parameter is malformed; `parameter` names it.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),
@@ -284,8 +294,10 @@ enum StatsResponse {
         #[oai(header = "ETag")] String,
         #[oai(header = "Cache-Control")] String,
     ),
-    /// Another client error, answered before the operation runs (a method the resource
-    /// does not allow, …); `code` says which.
+    /// Another client error, answered before the operation runs: no or an unknown API key
+    /// (401, `unauthorized`, with `WWW-Authenticate`), the key's rate limit (429,
+    /// `rate_limited`, with `Retry-After`), a method the resource does not allow (405), …;
+    /// `code` says which.
     #[oai(status_range = "4XX", content_type = "application/problem+json")]
     #[allow(dead_code)] // in the spec for clients; the edge answers these (see `routes`)
     ClientError(StatusCode, Json<Problem>),

@@ -4,6 +4,7 @@
 //!
 //! `main.rs` parses the command line; [`Application`] is what tests and the binary start.
 
+pub mod access;
 mod api;
 mod caching;
 mod compression;
@@ -48,14 +49,39 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// How stale `/stats` may be.
     pub stats_max_age: Duration,
+    /// The clients allowed in (`QUERY_API_KEYS_FILE`); `None`: everyone.
+    pub api_keys: Option<access::ApiKeys>,
+    /// Requests per second per API key (`QUERY_RATE_LIMIT_PER_SECOND`).
+    pub rate_limit_per_second: Option<u32>,
 }
 
 impl Settings {
     /// Reads `DATABASE_*`, `QUERY_ADDR` (default `0.0.0.0:8080`), `QUERY_CORS_ORIGINS`
     /// (comma-separated), `QUERY_STATEMENT_TIMEOUT_MS` (10–600000, default 5000),
-    /// `QUERY_REQUEST_TIMEOUT_SECS` (1–600, default 10) and `QUERY_STATS_MAX_AGE_SECS` (0–3600,
-    /// default 5).
+    /// `QUERY_REQUEST_TIMEOUT_SECS` (1–600, default 10), `QUERY_STATS_MAX_AGE_SECS` (0–3600,
+    /// default 5), `QUERY_API_KEYS_FILE` (a path; unset: no keys needed) and
+    /// `QUERY_RATE_LIMIT_PER_SECOND` (1–100000, per key; needs the keys file).
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let api_keys = env
+            .get("QUERY_API_KEYS_FILE")?
+            .map(|path| access::ApiKeys::load(std::path::Path::new(&path)))
+            .transpose()
+            .map_err(|e| ConfigError::Invalid {
+                var: "QUERY_API_KEYS_FILE".into(),
+                reason: e.to_string(),
+            })?;
+        let rate_limit_per_second = match env.get("QUERY_RATE_LIMIT_PER_SECOND")? {
+            None => None,
+            Some(_) if api_keys.is_none() => {
+                return Err(ConfigError::Invalid {
+                    var: "QUERY_RATE_LIMIT_PER_SECOND".into(),
+                    reason: "it limits each API key: set QUERY_API_KEYS_FILE too".into(),
+                })
+            }
+            Some(_) => {
+                Some(env.parse_in_range("QUERY_RATE_LIMIT_PER_SECOND", 1..=100_000, 1)? as u32)
+            }
+        };
         let cors_origins = env
             .get("QUERY_CORS_ORIGINS")?
             .map(|list| {
@@ -94,6 +120,8 @@ impl Settings {
                 0..=3600,
                 5,
             )?),
+            api_keys,
+            rate_limit_per_second,
         })
     }
 }
@@ -200,6 +228,7 @@ fn routes(
         .replacen(&generated, &spec_json, 1);
     let metrics = HttpMetrics::new();
     let request_timeout = settings.request_timeout;
+    let access = access::Access::new(settings.api_keys.clone(), settings.rate_limit_per_second);
     let app = Route::new()
         .at(
             "/openapi.json",
@@ -224,12 +253,17 @@ fn routes(
         )
         .nest("/", service)
         .around(move |ep, req| {
+            let access = access.clone();
+            async move { access.check(ep, req).await }
+        })
+        .around(move |ep, req| {
             // One span per request, continuing the caller's trace (W3C traceparent).
             let span = tracing::info_span!(
                 "HTTP request",
                 otel.name = %format!("{} {}", req.method(), metrics::route_of(req.uri().path())),
                 http.request.method = %req.method(),
                 url.path = %req.uri().path(),
+                client = tracing::field::Empty,
             );
             etl_shared::telemetry::continue_trace_from(&span, req.headers());
             async move {

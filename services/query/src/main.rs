@@ -6,7 +6,8 @@ use etl_shared::config::Env;
 /// Serves normalized data, stats and health over HTTP with a generated OpenAPI spec.
 ///
 /// Configuration comes from the environment: DATABASE_URL, QUERY_ADDR, QUERY_CORS_ORIGINS,
-/// QUERY_STATEMENT_TIMEOUT_MS, QUERY_REQUEST_TIMEOUT_SECS, QUERY_STATS_MAX_AGE_SECS.
+/// QUERY_STATEMENT_TIMEOUT_MS, QUERY_REQUEST_TIMEOUT_SECS, QUERY_STATS_MAX_AGE_SECS,
+/// QUERY_API_KEYS_FILE, QUERY_RATE_LIMIT_PER_SECOND.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -22,6 +23,12 @@ enum Command {
     Spec,
     /// Apply pending schema migrations and exit (for a compose one-shot or a Helm hook).
     Migrate,
+    /// Make an API key for client NAME: prints the key (give it to the client; it is kept
+    /// nowhere) and the entry to add to QUERY_API_KEYS_FILE.
+    ApiKey {
+        /// Who the key is for (shown in the request logs).
+        name: String,
+    },
 }
 
 #[tokio::main]
@@ -44,6 +51,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied: {}", report.applied.len());
         }
         Command::Spec => println!("{}", etl_query::openapi_json()),
+        Command::ApiKey { name } => {
+            let (key, entry) = etl_query::access::new_key(&name);
+            eprintln!("the key for {name:?} (shown once: it is kept nowhere):");
+            println!("{key}");
+            eprintln!("its entry for QUERY_API_KEYS_FILE:\n\n{entry}");
+        }
         Command::Serve => {
             let settings = Settings::from_env(&env).context("invalid configuration")?;
             Application::build(settings, etl_shared::shutdown::on_signal())

@@ -1,6 +1,7 @@
 //! The published spec: what poem-openapi derives from the API's types, plus what it has no
 //! attribute for (examples on parameters and enum schemas, names for enum values that are not
-//! identifiers), added here in one place so that
+//! identifiers, the API key's security scheme, which poem-openapi would also enforce, while
+//! keys are optional here: see `access`), added here in one place so that
 //! `/openapi.json`, `/openapi.yaml`, Swagger UI and the committed `openapi.json` all carry
 //! them. A unit test fails when a parameter or a component schema has none.
 
@@ -28,6 +29,9 @@ fn parameter_example(name: &str) -> Option<Value> {
         _ => return None,
     })
 }
+
+/// The name of the API key scheme in the spec.
+const SECURITY_SCHEME: &str = "apiKey";
 
 /// Names for the values of enums whose values are not identifiers, for generators that name
 /// them (`x-enum-varnames`: openapi-python-client, openapi-generator), in the values' order.
@@ -57,6 +61,28 @@ pub fn document(generated: &str) -> Value {
             }
         }
     }
+    // Every operation but the probes declares the API key, so generated clients send one.
+    if let Some(paths) = spec["paths"].as_object_mut() {
+        for operations in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in operations.values_mut() {
+                let probe = op["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.contains(&json!("Health")));
+                if !probe {
+                    op["security"] = json!([{ SECURITY_SCHEME: [] }]);
+                }
+            }
+        }
+    }
+    spec["components"]["securitySchemes"] = json!({
+        SECURITY_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `etl-query api-key <name>`, as `Authorization: \
+                Bearer <key>`. Required when the service has keys (`QUERY_API_KEYS_FILE`); \
+                without keys the service lets every request in and ignores the header."
+        }
+    });
     if let Some(schemas) = spec["components"]["schemas"].as_object_mut() {
         for (name, schema) in schemas.iter_mut() {
             if let Some(names) = enum_names(name) {

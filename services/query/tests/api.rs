@@ -990,6 +990,163 @@ async fn answers_come_compressed_with_brotli_or_gzip_when_asked_and_plain_otherw
     assert!(headers.get("content-encoding").is_none());
 }
 
+/// A keys file for clients `names`, from `etl-query api-key`: the keys, and the file.
+fn api_keys(names: &[&str]) -> (Vec<String>, tempfile::NamedTempFile) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let mut keys = Vec::new();
+    for name in names {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_etl-query"))
+            .args(["api-key", name])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        keys.push(String::from_utf8(output.stdout).unwrap().trim().to_owned());
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let entry = &stderr[stderr.find("[[keys]]").unwrap()..];
+        std::io::Write::write_all(&mut file, format!("{entry}\n").as_bytes()).unwrap();
+    }
+    (keys, file)
+}
+
+#[tokio::test]
+async fn with_keys_configured_only_probes_spec_and_metrics_answer_without_one() {
+    let db = TestDb::new().await;
+    seed(&db, &[("s", "x", None)]).await;
+    let (keys, file) = api_keys(&["dashboard", "etl-cli"]);
+    let app = App::start(
+        &db.url,
+        &[("QUERY_API_KEYS_FILE", file.path().to_str().unwrap())],
+    )
+    .await;
+    let bearer = |key: &str| format!("Bearer {key}");
+
+    for path in [
+        "/data",
+        "/data/s/0",
+        "/data/export",
+        "/stats",
+        "/runs",
+        "/rejects",
+    ] {
+        let (status, headers, body) = raw_get(&app, path, &[]).await;
+        let problem: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, &problem["code"]),
+            (401, &Value::from("unauthorized")),
+            "{path}"
+        );
+        assert_eq!(headers["www-authenticate"], "Bearer realm=\"etl-query\"");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        let (status, headers, _) =
+            raw_get(&app, path, &[("authorization", "Bearer etlq_not-a-key")]).await;
+        assert_eq!(status, 401, "{path}");
+        assert!(headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token"));
+        for key in &keys {
+            let (status, _, _) = raw_get(&app, path, &[("authorization", &bearer(key))]).await;
+            assert_eq!(status, 200, "{path} with a key");
+        }
+    }
+    let (status, _, _) = raw_get(&app, "/data", &[("authorization", &keys[0])]).await;
+    assert_eq!(status, 401, "a key without its scheme is not one");
+    for open in [
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/openapi.json",
+        "/openapi.yaml",
+        "/docs",
+        "/metrics",
+    ] {
+        let (status, _, _) = raw_get(&app, open, &[]).await;
+        assert_eq!(status, 200, "{open} answers without a key");
+    }
+    // The keys file holds digests, not keys.
+    let text = std::fs::read_to_string(file.path()).unwrap();
+    assert!(
+        keys.iter().all(|key| !text.contains(key.as_str())),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn each_key_gets_its_rate_and_a_429_with_retry_after_beyond_it() {
+    let db = TestDb::new().await;
+    let (keys, file) = api_keys(&["busy", "calm"]);
+    let app = App::start(
+        &db.url,
+        &[
+            ("QUERY_API_KEYS_FILE", file.path().to_str().unwrap()),
+            ("QUERY_RATE_LIMIT_PER_SECOND", "5"),
+        ],
+    )
+    .await;
+    let busy = format!("Bearer {}", keys[0]);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..30 {
+        let (status, headers, body) =
+            raw_get(&app, "/data?page_size=1", &[("authorization", &busy)]).await;
+        if status == 429 {
+            let problem: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(problem["code"], "rate_limited");
+            retry_after = Some(
+                headers["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            );
+        }
+        statuses.push(status);
+    }
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        statuses.contains(&429),
+        "30 quick requests at 5 per second: {statuses:?}"
+    );
+    assert!(served >= 5, "a second's worth at once: {statuses:?}");
+    assert_eq!(retry_after, Some(1));
+    let calm = format!("Bearer {}", keys[1]);
+    let (status, _, _) = raw_get(&app, "/data?page_size=1", &[("authorization", &calm)]).await;
+    assert_eq!(status, 200, "another key has its own rate");
+    let (status, _, _) = raw_get(&app, "/health", &[]).await;
+    assert_eq!(status, 200, "probes are not limited");
+}
+
+#[tokio::test]
+async fn a_rate_limit_without_keys_or_a_malformed_keys_file_stops_the_service_at_start() {
+    let db = TestDb::new().await;
+    let settings = |pairs: Vec<(&str, &str)>| {
+        let mut all = vec![("DATABASE_URL", db.url.as_str())];
+        all.extend(pairs);
+        Settings::from_env(&Env::from_pairs(all))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let error = settings(vec![("QUERY_RATE_LIMIT_PER_SECOND", "5")]);
+    assert!(
+        error.contains("QUERY_RATE_LIMIT_PER_SECOND") && error.contains("QUERY_API_KEYS_FILE"),
+        "{error}"
+    );
+    let error = settings(vec![("QUERY_API_KEYS_FILE", "/nonexistent/keys.toml")]);
+    assert!(
+        error.contains("QUERY_API_KEYS_FILE") && error.contains("/nonexistent/keys.toml"),
+        "{error}"
+    );
+    let mut bad = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut bad,
+        b"[[keys]]\nname = \"x\"\nsha256 = \"plain-key\"\n",
+    )
+    .unwrap();
+    let error = settings(vec![("QUERY_API_KEYS_FILE", bad.path().to_str().unwrap())]);
+    assert!(error.contains("not 64 hex digits"), "{error}");
+}
+
 #[tokio::test]
 async fn bad_parameters_unknown_routes_and_wrong_methods_get_problem_json() {
     let db = TestDb::new().await;

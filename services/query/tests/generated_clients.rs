@@ -26,8 +26,28 @@ fn from_xtask(var: &str) -> String {
     })
 }
 
-/// The query service over [`RECORDS`] records of source `gen`; its base URL.
-async fn serve_records(db: &TestDb, shutdown: &CancellationToken) -> String {
+/// A client's API key, and the keys file that lets it in (kept until dropped).
+fn api_key() -> (String, tempfile::NamedTempFile) {
+    let output = Command::new(env!("CARGO_BIN_EXE_etl-query"))
+        .args(["api-key", "generated client"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let entry = &stderr[stderr.find("[[keys]]").expect("the entry")..];
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, entry.as_bytes()).unwrap();
+    (key, file)
+}
+
+/// The query service over [`RECORDS`] records of source `gen`, requiring the key of `keys`;
+/// its base URL.
+async fn serve_records(
+    db: &TestDb,
+    keys: &tempfile::NamedTempFile,
+    shutdown: &CancellationToken,
+) -> String {
     db.client()
         .await
         .batch_execute(
@@ -39,9 +59,11 @@ async fn serve_records(db: &TestDb, shutdown: &CancellationToken) -> String {
         )
         .await
         .unwrap();
+    let keys = keys.path().to_str().unwrap();
     let settings = Settings::from_env(&Env::from_pairs([
         ("DATABASE_URL", db.url.as_str()),
         ("QUERY_ADDR", "127.0.0.1:0"),
+        ("QUERY_API_KEYS_FILE", keys),
     ]))
     .unwrap();
     let app = Application::build(settings, shutdown.clone())
@@ -71,7 +93,8 @@ async fn the_generated_python_client_pages_through_data_and_reads_stats() {
     let (python, client_dir) = (from_xtask("ETL_PYTHON"), from_xtask("ETL_PY_CLIENT_DIR"));
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
-    let base = serve_records(&db, &shutdown).await;
+    let (key, keys) = api_key();
+    let base = serve_records(&db, &keys, &shutdown).await;
     let mut command = Command::new(python);
     command
         .arg(concat!(
@@ -80,6 +103,7 @@ async fn the_generated_python_client_pages_through_data_and_reads_stats() {
         ))
         .arg(base)
         .arg(RECORDS.to_string())
+        .arg(&key)
         .env("PYTHONPATH", client_dir);
     assert_eq!(
         run_script(command).await,
@@ -93,9 +117,14 @@ async fn the_generated_typescript_client_pages_through_data_and_reads_stats() {
     let (node, script) = (from_xtask("ETL_NODE"), from_xtask("ETL_TS_CLIENT_SMOKE"));
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
-    let base = serve_records(&db, &shutdown).await;
+    let (key, keys) = api_key();
+    let base = serve_records(&db, &keys, &shutdown).await;
     let mut command = Command::new(node);
-    command.arg(script).arg(base).arg(RECORDS.to_string());
+    command
+        .arg(script)
+        .arg(base)
+        .arg(RECORDS.to_string())
+        .arg(&key);
     assert_eq!(
         run_script(command).await,
         "paged 23 records over 4 pages, by cursor over 4; stats total 23; \
@@ -108,8 +137,27 @@ async fn the_generated_typescript_client_pages_through_data_and_reads_stats() {
 async fn the_generated_rust_client_pages_through_data_and_reads_stats() {
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
-    let base = serve_records(&db, &shutdown).await;
-    let client = etl_query_client::Client::new(&base);
+    let (key, keys) = api_key();
+    let base = serve_records(&db, &keys, &shutdown).await;
+    // progenitor leaves authentication to the reqwest client it is given.
+    let with_key = |key: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    };
+    let refused = etl_query_client::Client::new_with_client(&base, with_key("etlq_wrong"))
+        .list_data()
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status().map(|s| s.as_u16()), Some(401));
+    let client = etl_query_client::Client::new_with_client(&base, with_key(&key));
 
     let mut by_page: Vec<DataRecord> = Vec::new();
     let mut pages = 0;

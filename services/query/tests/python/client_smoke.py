@@ -1,16 +1,22 @@
 """Drives the query API through the client generated from the committed spec.
 
-Usage: client_smoke.py BASE_URL EXPECTED_TOTAL   (the generated package on PYTHONPATH)
+Usage: client_smoke.py BASE_URL EXPECTED_TOTAL API_KEY   (the generated package on PYTHONPATH)
 """
 import sys
 
-from etl_platform_query_api_client import Client
+from etl_platform_query_api_client import AuthenticatedClient
 from etl_platform_query_api_client.api.data import get_record, list_data
 from etl_platform_query_api_client.api.stats import get_stats
 from etl_platform_query_api_client.models import DataPage, DataRecord, Problem, Sort, Stats
 
-base_url, expected = sys.argv[1], int(sys.argv[2])
-client = Client(base_url=base_url, raise_on_unexpected_status=True)
+base_url, expected, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+client = AuthenticatedClient(base_url=base_url, token=key, raise_on_unexpected_status=True)
+
+# The spec declares the API key, so the client sends it; a wrong one is a typed 401 problem.
+wrong = AuthenticatedClient(base_url=base_url, token="etlq_wrong")
+refused = list_data.sync_detailed(client=wrong)
+assert refused.status_code == 401 and isinstance(refused.parsed, Problem), refused
+assert refused.parsed.code == "unauthorized", refused.parsed
 
 seen, page = [], 1
 while True:

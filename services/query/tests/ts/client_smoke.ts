@@ -2,7 +2,7 @@
 // the committed spec (`cargo xtask test` generates it, type-checks this file against it and
 // compiles both).
 //
-// Usage: node client_smoke.js BASE_URL EXPECTED_TOTAL
+// Usage: node client_smoke.js BASE_URL EXPECTED_TOTAL API_KEY
 
 import { createClient } from './client/client';
 import { getRecord, getStats, listData, type DataRecord, type Problem } from './client';
@@ -17,9 +17,16 @@ function check(condition: boolean, what: string, detail: unknown): asserts condi
 }
 
 async function main(): Promise<string> {
-  const [baseUrl, expectedText] = process.argv.slice(2);
+  const [baseUrl, expectedText, key] = process.argv.slice(2);
   const expected = Number(expectedText);
-  const client = createClient({ baseUrl });
+  // The spec declares the API key: the client sends `auth` where the spec asks for it.
+  const client = createClient({ baseUrl, auth: key });
+  const wrong = await listData({ client: createClient({ baseUrl, auth: 'etlq_wrong' }) });
+  check(
+    wrong.response.status === 401 && wrong.error?.code === 'unauthorized',
+    'a wrong key',
+    wrong.error,
+  );
 
   const seen: DataRecord[] = [];
   let page = 1;
