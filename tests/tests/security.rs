@@ -194,7 +194,7 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
 }
 
 #[test]
-fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
+fn every_api_operation_is_a_read_of_data_history_stats_or_health() {
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(workspace().join("services/query/openapi.json")).unwrap(),
     )
@@ -219,6 +219,7 @@ fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
         paths,
         [
             ("/data", vec!["get"]),
+            ("/data/export", vec!["get"]),
             ("/data/{source}/{source_id}", vec!["get"]),
             ("/health", vec!["get"]),
             ("/health/live", vec!["get"]),
@@ -227,6 +228,6 @@ fn the_api_serves_normalized_data_stats_and_health_and_nothing_else() {
             ("/runs", vec!["get"]),
             ("/stats", vec!["get"]),
         ],
-        "every operation is a read of normalized data, stats or health"
+        "every operation is a read: of normalized data, the pipeline's history, stats or health"
     );
 }

@@ -279,7 +279,11 @@ async fn a_query_request_continues_the_callers_trace_down_to_its_sql() {
         .iter()
         .filter(|s| s.name == "db.query" && s.parent_span_id == request.span_id)
         .collect();
-    assert_eq!(sql.len(), 2, "the page and its count: {spans:#?}");
+    assert_eq!(
+        sql.len(),
+        3,
+        "the data version (its ETag), the page and its count: {spans:#?}"
+    );
 }
 
 #[tokio::test]
