@@ -12,12 +12,27 @@ pub const REVALIDATE: &str = "no-cache";
 /// Not worth keeping: probes, exports.
 pub const NO_STORE: &str = "no-store";
 
-/// One statement, in O(sources): a digest of every checkpoint and of every served partition.
-pub const DATA_VERSION: &str = "SELECT md5(coalesce(string_agg(concat_ws(':', source,
-        c.last_processed_id, c.total_processed, c.normalized_rows, extract(epoch FROM c.updated_at),
-        p.relid::oid), ',' ORDER BY source), ''))
-    FROM etl_checkpoint c
-    FULL JOIN (SELECT source, relid FROM etl_partitions WHERE role = 'live') p USING (source)";
+/// The data version: a digest of every checkpoint and of every served partition, over the
+/// rows of [`versioned_from`].
+macro_rules! data_version {
+    () => {
+        "md5(coalesce(string_agg(concat_ws(':', source, c.last_processed_id, c.total_processed,
+             c.normalized_rows, extract(epoch FROM c.updated_at), p.relid::oid), ',' ORDER BY source), ''))"
+    };
+}
+pub(crate) use data_version;
+
+/// One row per source, checkpointed or served (`c` the checkpoint, `p` the served partition).
+macro_rules! versioned_from {
+    () => {
+        " FROM etl_checkpoint c
+          FULL JOIN (SELECT source, relid FROM etl_partitions WHERE role = 'live') p USING (source)"
+    };
+}
+pub(crate) use versioned_from;
+
+/// One statement, in O(sources).
+pub const DATA_VERSION: &str = concat!("SELECT ", data_version!(), versioned_from!());
 
 /// The tag of every data answer at `version` (a [`DATA_VERSION`]).
 pub fn data_tag(version: &str) -> String {

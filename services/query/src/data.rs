@@ -368,7 +368,7 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<(DataPage, Strin
             None => Sql::new(COUNT_ALL),
             Some(source) => {
                 let mut count = Sql::new(COUNT_SOURCE);
-                count.bind(source, Type::TEXT);
+                count.param(source, Type::TEXT); // its $1
                 count
             }
         }
@@ -378,19 +378,33 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<(DataPage, Strin
         false => Statement::new(sql.text, sql.params),
         true => Statement::per_values(sql.text, sql.params),
     });
-    // The version first: statements run in order, so the page is at least as new as it, and
-    // a client revalidating with its tag never keeps a page older than the tag says.
-    let version = Statement::new(caching::DATA_VERSION, vec![]);
-    let mut answers = reader
-        .read(Snapshot::PerStatement, &[version, page, count])
-        .await?
-        .into_iter();
-    let version = version_of(answers.next());
-    let (rows, counted) = (
-        answers.next().unwrap_or_default(),
-        answers.next().unwrap_or_default(),
-    );
-    let counted: i64 = counted.first().map_or(0, |row| row.get(0));
+    // The version before the page: statements run in order, so the page is at least as new
+    // as it, and a client revalidating with its tag never keeps a page older than the tag
+    // says. A count from the checkpoints comes with the version, in the same statement.
+    let (version, rows, counted) = if scan_to_count {
+        let version = Statement::new(caching::DATA_VERSION, vec![]);
+        let mut answers = reader
+            .read(Snapshot::PerStatement, &[version, page, count])
+            .await?
+            .into_iter();
+        let version = version_of(answers.next());
+        let rows = answers.next().unwrap_or_default();
+        let counted: i64 = answers
+            .next()
+            .and_then(|rows| rows.first().map(|row| row.get(0)))
+            .unwrap_or(0);
+        (version, rows, counted)
+    } else {
+        let mut answers = reader
+            .read(Snapshot::PerStatement, &[count, page])
+            .await?
+            .into_iter();
+        let (counted, version) = answers
+            .next()
+            .and_then(|rows| rows.first().map(|row| (row.get(0), row.get(1))))
+            .unwrap_or_default();
+        (version, answers.next().unwrap_or_default(), counted)
+    };
     let (total, total_exact) = if scan_to_count {
         (counted.min(SEARCH_COUNT_CAP), counted <= SEARCH_COUNT_CAP)
     } else {
@@ -546,11 +560,19 @@ const RECORD: &str =
     "SELECT id, source, source_id, name, value, description, created_at, updated_at
      FROM normalized_data WHERE source = $1 AND source_id = $2";
 
-/// Exact and O(sources): the normalizer keeps `normalized_rows` in the batch transaction. The
-/// per-source count takes its source as the parameter [`Sql::bind`] appends.
-const COUNT_ALL: &str = "SELECT coalesce(sum(normalized_rows), 0)::bigint FROM etl_checkpoint";
-const COUNT_SOURCE: &str =
-    "SELECT coalesce(sum(normalized_rows), 0)::bigint FROM etl_checkpoint WHERE source = ";
+/// Exact and O(sources): the normalizer keeps `normalized_rows` in the batch transaction. With
+/// the data version, read in the same pass over the checkpoints.
+const COUNT_ALL: &str = concat!(
+    "SELECT coalesce(sum(c.normalized_rows), 0)::bigint, ",
+    caching::data_version!(),
+    caching::versioned_from!()
+);
+/// [`COUNT_ALL`] of source `$1`.
+const COUNT_SOURCE: &str = concat!(
+    "SELECT coalesce(sum(c.normalized_rows) FILTER (WHERE source = $1), 0)::bigint, ",
+    caching::data_version!(),
+    caching::versioned_from!()
+);
 
 #[cfg(test)]
 mod tests {
