@@ -22,6 +22,10 @@ VARIANTS = [
       "otel": {"endpoint": "http://otel-collector.observability:4318"},
       "query": {"autoscaling": {"enabled": True}, "corsOrigins": ["https://app.example.com"]}},
      {"Deployment": 2, "CronJob": 1, "HorizontalPodAutoscaler": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
+    ("API keys from a Secret, with a rate limit",
+     {"database": {"existingSecret": "etl-db"},
+      "query": {"apiKeys": {"secretName": "etl-query-keys"}, "rateLimitPerSecond": 50}},
+     {"Deployment": 3, "Service": 1, "ConfigMap": 1, "Job": 1}),
     ("TLS to Postgres with the CA from a Secret",
      {"database": {"existingSecret": "etl-db", "sslmode": "verify-full",
                    "caCert": {"secretName": "pg-ca", "key": "root.crt"}}},
@@ -70,6 +74,36 @@ def check_database_tls(what, values, objects):
                 if ca.get("configMapName") and source.get("configMap", {}).get("name") != ca["configMapName"]:
                     problems.append(f"{name}: CA volume {source}")
     return [f"{what}: {p}" for p in problems]
+
+def check_api_keys(what, values, objects):
+    """With apiKeys.secretName, the query pods read the keys file from that Secret (and the rate
+    limit when set); without it, no keys variable, volume or limit at all."""
+    query = values.get("query", {})
+    secret = query.get("apiKeys", {}).get("secretName")
+    limit = query.get("rateLimitPerSecond", 0)
+    problems = []
+    for obj in objects:
+        if not obj["metadata"]["name"].endswith("-query") or obj["kind"] != "Deployment":
+            continue
+        for pod in pod_specs(obj):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+                if not secret:
+                    if "QUERY_API_KEYS_FILE" in env or "api-keys" in volumes or "QUERY_RATE_LIMIT_PER_SECOND" in env:
+                        problems.append("keys configured though none are set")
+                    continue
+                if env.get("QUERY_API_KEYS_FILE") != "/etc/etl-query-keys/keys.toml":
+                    problems.append(f"QUERY_API_KEYS_FILE = {env.get('QUERY_API_KEYS_FILE')}")
+                if mounts.get("api-keys") != "/etc/etl-query-keys":
+                    problems.append(f"the keys file is not mounted: {mounts}")
+                if volumes.get("api-keys", {}).get("secret", {}).get("secretName") != secret:
+                    problems.append(f"keys volume {volumes.get('api-keys')}")
+                if env.get("QUERY_RATE_LIMIT_PER_SECOND") != (str(limit) if limit else None):
+                    problems.append(f"QUERY_RATE_LIMIT_PER_SECOND = {env.get('QUERY_RATE_LIMIT_PER_SECOND')}")
+    return [f"{what}: {p}" for p in problems]
+
 
 def check_ingester_spool(what, objects):
     """The ingester spools large REST pages to /tmp: with a read-only root filesystem, /tmp must
@@ -120,6 +154,7 @@ for what, values, expected in VARIANTS:
                 failures.append(f"{what}: {path}: {obj['kind']} {obj['metadata']['name']}: {e.message}")
     failures += check_database_tls(what, values, objects)
     failures += check_ingester_spool(what, objects)
+    failures += check_api_keys(what, values, objects)
     if kinds != expected:
         failures.append(f"{what}: rendered {kinds}, expected {expected}")
     exporting = "OTEL_EXPORTER_OTLP_ENDPOINT" in "".join(rendered.values())
