@@ -260,7 +260,11 @@ fn routes(
             // One span per request, continuing the caller's trace (W3C traceparent).
             let span = tracing::info_span!(
                 "HTTP request",
-                otel.name = %format!("{} {}", req.method(), metrics::route_of(req.uri().path())),
+                otel.name = %format!(
+                    "{} {}",
+                    metrics::method_of(req.method()),
+                    metrics::route_of(req.uri().path())
+                ),
                 http.request.method = %req.method(),
                 url.path = %req.uri().path(),
                 client = tracing::field::Empty,

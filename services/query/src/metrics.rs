@@ -1,6 +1,6 @@
 //! HTTP metrics of the query API: requests by route, method and status, and latency by route.
-//! Routes are the API's own paths (anything else is `unmatched`), so a scanner cannot blow up
-//! the number of series.
+//! Every label is bounded: routes are the API's own path templates and methods the standard
+//! ones, anything else `other`, so a scanner cannot blow up the number of series.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,8 +15,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-const ROUTES: [&str; 9] = [
+const ROUTES: [&str; 12] = [
     "/data",
+    "/data/export",
+    "/runs",
+    "/rejects",
     "/stats",
     "/health",
     "/health/live",
@@ -30,7 +33,7 @@ const ROUTES: [&str; 9] = [
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -100,7 +103,7 @@ impl HttpMetrics {
             async move {
                 let started = Instant::now();
                 let route = route_of(req.uri().path());
-                let method = req.method().to_string();
+                let method = method_of(req.method());
                 let response = match ep.call(req).await {
                     Ok(r) => r.into_response(),
                     Err(e) => e.into_response(),
@@ -109,7 +112,7 @@ impl HttpMetrics {
                     .requests
                     .get_or_create(&RequestLabels {
                         route,
-                        method: method.clone(),
+                        method,
                         status: response.status().as_u16(),
                     })
                     .inc();
@@ -137,16 +140,43 @@ impl HttpMetrics {
     }
 }
 
+/// The route template `path` belongs to, or `other`.
 pub fn route_of(path: &str) -> &'static str {
     let path = path.trim_end_matches('/');
     if path.starts_with("/docs") {
         return "/docs";
     }
+    if let Some(key) = path.strip_prefix("/data/") {
+        // `/data/{source}/{source_id}`: two non-empty segments (a `/` in an id is `%2F`).
+        if matches!(key.split_once('/'), Some((s, id)) if !s.is_empty() && !id.is_empty() && !id.contains('/'))
+        {
+            return "/data/{source}/{source_id}";
+        }
+    }
     ROUTES
         .iter()
         .find(|r| **r == path)
         .copied()
-        .unwrap_or("unmatched")
+        .unwrap_or("other")
+}
+
+/// The method's name when it is one of HTTP's own, else `other`.
+pub fn method_of(method: &poem::http::Method) -> &'static str {
+    use poem::http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ]
+    .iter()
+    .find(|m| *m == method)
+    .map_or("other", Method::as_str)
 }
 
 #[handler]

@@ -1337,13 +1337,27 @@ async fn cors_answers_listed_origins_only_and_nothing_when_unconfigured() {
 }
 
 #[tokio::test]
-async fn metrics_count_requests_by_route_and_status() {
+async fn metrics_count_requests_by_route_and_status_with_every_label_bounded() {
     let db = TestDb::new().await;
+    seed(&db, &[("s", "x", None)]).await;
     let app = App::start(&db.url, &[]).await;
     app.get("/data").await;
     app.get("/data?page=0").await;
     app.get("/data?page=0").await;
+    app.get("/data/s/0").await;
+    app.get("/data/s/nothing").await;
+    app.get("/runs").await;
     app.get("/no/such/thing").await;
+    app.get("/data/a/b/c").await;
+    // A scanner's made-up methods and paths: one series, not one per guess.
+    for guess in ["PROPFIND", "BREW", "X-SCAN-1", "X-SCAN-2"] {
+        let method = reqwest::Method::from_bytes(guess.as_bytes()).unwrap();
+        app.http
+            .request(method, format!("{}/guess-{guess}", app.base))
+            .send()
+            .await
+            .unwrap();
+    }
 
     let (_, _, metrics) = app.get("/metrics").await;
     let metrics = metrics.as_str().unwrap().to_owned();
@@ -1351,11 +1365,19 @@ async fn metrics_count_requests_by_route_and_status() {
     for line in [
         r#"etl_http_requests_total{route="/data",method="GET",status="200"} 1"#,
         r#"etl_http_requests_total{route="/data",method="GET",status="400"} 2"#,
-        r#"etl_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
+        r#"etl_http_requests_total{route="/data/{source}/{source_id}",method="GET",status="200"} 1"#,
+        r#"etl_http_requests_total{route="/data/{source}/{source_id}",method="GET",status="404"} 1"#,
+        r#"etl_http_requests_total{route="/runs",method="GET",status="200"} 1"#,
+        r#"etl_http_requests_total{route="other",method="GET",status="404"} 2"#,
+        r#"etl_http_requests_total{route="other",method="other",status="404"} 4"#,
         r#"etl_http_request_duration_seconds_count{route="/data"} 3"#,
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
+    assert!(
+        !metrics.contains("PROPFIND") && !metrics.contains("guess"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
