@@ -47,6 +47,7 @@ pub enum ProblemCode {
     Unavailable,
     Internal,
     Unauthorized,
+    Forbidden,
     RateLimited,
 }
 
@@ -61,6 +62,7 @@ impl ProblemCode {
             ProblemCode::Unavailable => "unavailable",
             ProblemCode::Internal => "internal",
             ProblemCode::Unauthorized => "unauthorized",
+            ProblemCode::Forbidden => "forbidden",
             ProblemCode::RateLimited => "rate_limited",
         }
     }

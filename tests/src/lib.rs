@@ -591,22 +591,59 @@ pub fn free_local_addr() -> std::net::SocketAddr {
         .expect("a free local port")
 }
 
+/// An admin token in a file of its own, for `ADMIN_TOKEN_FILE` (removed when dropped).
+pub struct AdminTokenFile {
+    pub token: String,
+    pub path: std::path::PathBuf,
+}
+
+impl AdminTokenFile {
+    pub fn new() -> Self {
+        let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+        let path = std::env::temp_dir().join(format!("etl-admin-token-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, format!("{token}\n")).expect("write the admin token");
+        Self { token, path }
+    }
+
+    /// The value of `ADMIN_TOKEN_FILE`.
+    pub fn env_value(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Default for AdminTokenFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AdminTokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The three services as processes, sharing `env` (database, sources file, tuning), each on a
-/// port of its own.
+/// port of its own, with an admin token (`admin_token`) for the ingester's actions.
 pub struct Pipeline {
     pub services: Vec<ServiceProcess>,
     pub ingester_admin: std::net::SocketAddr,
     pub normalizer_admin: std::net::SocketAddr,
     pub query_addr: std::net::SocketAddr,
+    pub admin_token: AdminTokenFile,
 }
 
 impl Pipeline {
     pub fn start(env: &[(&'static str, String)]) -> Self {
         let (ingester_admin, normalizer_admin, query_addr) =
             (free_local_addr(), free_local_addr(), free_local_addr());
+        let admin_token = AdminTokenFile::new();
         let with = |var: &'static str, addr: std::net::SocketAddr| {
             let mut env = env.to_vec();
             env.push((var, addr.to_string()));
+            if !env.iter().any(|(k, _)| *k == "ADMIN_TOKEN_FILE") {
+                env.push(("ADMIN_TOKEN_FILE", admin_token.env_value()));
+            }
             env
         };
         Self {
@@ -621,6 +658,7 @@ impl Pipeline {
             ingester_admin,
             normalizer_admin,
             query_addr,
+            admin_token,
         }
     }
 

@@ -100,6 +100,7 @@ async fn run_case(file: &str) -> Outcome {
             headers: Default::default(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             retention_days: 30,
+            admin_token: Default::default(),
         },
         pool.clone(),
         CancellationToken::new(),

@@ -115,7 +115,12 @@ async fn ingest_rejects_are_those_of_the_latest_run() {
     let api = pipeline.api();
     let run_now = || async {
         let admin = format!("http://{}/sources/fixed/run", pipeline.ingester_admin);
-        let response = reqwest::Client::new().post(admin).send().await.unwrap();
+        let response = reqwest::Client::new()
+            .post(admin)
+            .bearer_auth(&pipeline.admin_token.token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
     };
     let client = db.client().await;
@@ -340,7 +345,12 @@ async fn the_demo_run_twice_shows_the_same_rejects_at_ingest() {
 
     for source in ["products", "sensors"] {
         let admin = format!("http://{}/sources/{source}/run", pipeline.ingester_admin);
-        let response = reqwest::Client::new().post(admin).send().await.unwrap();
+        let response = reqwest::Client::new()
+            .post(admin)
+            .bearer_auth(&pipeline.admin_token.token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
     }
     successful_runs(4).await;
@@ -390,7 +400,12 @@ async fn a_snapshot_source_withdraws_rows_gone_upstream_and_a_failed_run_deletes
     let client = db.client().await;
     let admin = format!("http://{}/sources/snap/run", pipeline.ingester_admin);
     let run_now = || async {
-        let response = reqwest::Client::new().post(&admin).send().await.unwrap();
+        let response = reqwest::Client::new()
+            .post(&admin)
+            .bearer_auth(&pipeline.admin_token.token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
     };
     // (live raw ids, normalized ids), once nothing is pending.

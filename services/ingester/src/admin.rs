@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use etl_shared::admin::AdminToken;
 use etl_shared::problem::{Problem, ProblemCode};
 use poem::http::StatusCode;
 use poem::web::{Data, Json, Path};
@@ -16,10 +17,15 @@ use crate::Ingester;
 /// One wake-up per source; a trigger while a run is in progress queues exactly one more run.
 pub type Triggers = HashMap<String, Arc<Notify>>;
 
-pub fn routes(ingester: Ingester, triggers: Arc<Triggers>) -> impl Endpoint {
+/// The probes and `/metrics`, open; `POST /sources/{name}/run`, behind the admin token.
+pub fn routes(ingester: Ingester, triggers: Arc<Triggers>, token: AdminToken) -> impl Endpoint {
+    let guarded = post(trigger).around(move |ep, req| {
+        let token = token.clone();
+        async move { token.check(ep, req).await }
+    });
     etl_shared::admin::probes()
         .at("/metrics", get(etl_shared::admin::metrics))
-        .at("/sources/:name/run", post(trigger))
+        .at("/sources/:name/run", guarded)
         .data(ingester.pool().clone())
         .data(ingester.metrics().clone())
         .data(triggers)

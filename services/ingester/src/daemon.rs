@@ -21,6 +21,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 pub struct Application {
     ingester: Ingester,
+    admin_token: etl_shared::admin::AdminToken,
     retention_days: u32,
     triggers: Arc<Triggers>,
     acceptor: TcpAcceptor,
@@ -44,6 +45,7 @@ impl Application {
             .collect();
         Ok(Self {
             ingester,
+            admin_token: settings.admin_token.clone(),
             retention_days: settings.retention_days,
             triggers: Arc::new(triggers),
             acceptor,
@@ -87,7 +89,11 @@ impl Application {
         tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
 
         let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(
-            admin::routes(self.ingester.clone(), self.triggers.clone()),
+            admin::routes(
+                self.ingester.clone(),
+                self.triggers.clone(),
+                self.admin_token.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
             Some(Duration::from_secs(5)),
         );

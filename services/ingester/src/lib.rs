@@ -49,6 +49,8 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     /// Days of run and reject history kept (`ETL_RETENTION_DAYS`, default 30).
     pub retention_days: u32,
+    /// What `POST /sources/{name}/run` needs (`ADMIN_TOKEN_FILE`).
+    pub admin_token: etl_shared::admin::AdminToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +68,8 @@ impl Settings {
     pub const RETENTION_DAYS_VAR: &'static str = "ETL_RETENTION_DAYS";
 
     /// Reads `DATABASE_*`, `SOURCES_FILE` (required), `INGESTER_ADMIN_ADDR` (default
-    /// `0.0.0.0:8081`) and `ETL_RETENTION_DAYS` (default 30), and the environment variables the
-    /// sources' headers name.
+    /// `0.0.0.0:8081`), `ETL_RETENTION_DAYS` (default 30), `ADMIN_TOKEN_FILE` (unset: no
+    /// actions), and the environment variables the sources' headers name.
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
         let database = DatabaseSettings::from_env(env)?;
         let path: PathBuf = env
@@ -96,6 +98,7 @@ impl Settings {
             headers,
             admin_addr,
             retention_days,
+            admin_token: etl_shared::admin::AdminToken::from_env(env)?,
         })
     }
 }

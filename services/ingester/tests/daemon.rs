@@ -61,7 +61,8 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
     let db = TestDb::new().await;
     let (_server, toml) = good_and_bad_sources().await;
     let shutdown = CancellationToken::new();
-    let app = Application::build(settings(&db, &toml), shutdown.clone())
+    let token = etl_tests::AdminTokenFile::new();
+    let app = Application::build(settings_with_token(&db, &toml, &token), shutdown.clone())
         .await
         .unwrap();
     let admin = format!("http://{}", app.admin_addr());
@@ -112,9 +113,29 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
         "{metrics}"
     );
 
-    // Triggering runs the source now instead of in an hour.
+    // Triggering needs the admin token, and runs the source now instead of in an hour.
+    for refused in [
+        http.post(format!("{admin}/sources/good/run")),
+        http.post(format!("{admin}/sources/good/run"))
+            .bearer_auth("test-admin-not-the-token"),
+        http.post(format!("{admin}/sources/good/run"))
+            .header("authorization", &token.token),
+    ] {
+        let refused = refused.send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            refused.headers()["www-authenticate"],
+            "Bearer realm=\"etl-admin\""
+        );
+    }
+    assert_eq!(
+        finished_runs(&db, "good").await.len(),
+        1,
+        "a refused trigger runs nothing"
+    );
     let triggered = http
         .post(format!("{admin}/sources/good/run"))
+        .bearer_auth(&token.token)
         .send()
         .await
         .unwrap();
@@ -125,6 +146,7 @@ async fn the_daemon_runs_every_source_and_one_failing_source_does_not_stop_anoth
     .await;
     let unknown = http
         .post(format!("{admin}/sources/nope/run"))
+        .bearer_auth(&token.token)
         .send()
         .await
         .unwrap();
@@ -453,4 +475,52 @@ async fn history_past_the_retention_is_pruned_but_the_latest_runs_and_current_re
         .await
         .unwrap();
     assert_eq!((again.runs, again.rejects), (0, 0));
+}
+
+#[tokio::test]
+async fn without_an_admin_token_file_the_admin_port_takes_no_action_and_a_short_token_stops_the_start(
+) {
+    let db = TestDb::new().await;
+    let (_server, toml) = good_and_bad_sources().await;
+    let shutdown = CancellationToken::new();
+    let app = Application::build(settings(&db, &toml), shutdown.clone())
+        .await
+        .unwrap();
+    let admin = format!("http://{}", app.admin_addr());
+    let daemon = tokio::spawn(app.run_until_stopped());
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(format!("{admin}/sources/good/run"))
+        .bearer_auth("anything-at-all-long-enough")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let problem: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(problem["code"], "forbidden", "{problem}");
+    for open in ["/health/live", "/metrics"] {
+        let response = http.get(format!("{admin}{open}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{open} needs no token");
+    }
+    shutdown.cancel();
+    daemon.await.unwrap().unwrap();
+
+    let short = tempfile_with("short\n");
+    let env =
+        etl_shared::config::Env::from_pairs([("ADMIN_TOKEN_FILE", short.display().to_string())]);
+    let error = etl_shared::admin::AdminToken::from_env(&env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("ADMIN_TOKEN_FILE") && error.contains("at least 16"),
+        "{error}"
+    );
+    std::fs::remove_file(short).unwrap();
+}
+
+/// A file under the temporary folder holding `text`.
+fn tempfile_with(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("etl-test-{}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
 }

@@ -1,5 +1,5 @@
 //! The normalizer's admin HTTP port: the shared probes, and `/metrics` with the lag per source
-//! read fresh from the database at every scrape.
+//! read from the database at most every few seconds, however often it is scraped.
 
 use poem::web::Data;
 use poem::{get, handler, Endpoint, EndpointExt, Response};
@@ -15,7 +15,7 @@ pub fn routes(normalizer: Normalizer) -> impl Endpoint {
 
 #[handler]
 async fn metrics(Data(normalizer): Data<&Normalizer>) -> Response {
-    if let Err(e) = normalizer.refresh_lag().await {
+    if let Err(e) = normalizer.refresh_lag_cached().await {
         // Still serve the counters: a scrape during an outage is when they matter most.
         tracing::warn!(error = %e, "could not refresh the lag gauges");
     }

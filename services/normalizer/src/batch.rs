@@ -91,7 +91,10 @@ pub async fn stall(
 }
 
 /// Raw rows not yet checkpointed (the lag); counts the index range, so it is for metrics.
-pub async fn lag(client: &Client, source: &Source) -> Result<i64, tokio_postgres::Error> {
+pub async fn lag(
+    client: &impl tokio_postgres::GenericClient,
+    source: &Source,
+) -> Result<i64, tokio_postgres::Error> {
     let sql = RawTable::of(source.kind).sql().count_pending;
     Ok(client.query_one(sql, &[&source.name]).await?.get(0))
 }

@@ -126,8 +126,17 @@ pub struct Normalizer {
     inner: Arc<Inner>,
 }
 
+/// Scrapes read the lag from the database at most this often (see
+/// [`Normalizer::refresh_lag_cached`]).
+pub const LAG_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// Each statement of a lag refresh may take this long.
+const SCRAPE_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '2s'";
+
 struct Inner {
     pool: Pool,
+    /// When the lag gauges were last read from the database.
+    lag_refreshed: std::sync::Mutex<Option<Instant>>,
     runs: Runs,
     sources: Sources,
     paths: HashMap<String, FieldPaths>,
@@ -187,6 +196,7 @@ impl Normalizer {
             .collect();
         Self {
             inner: Arc::new(Inner {
+                lag_refreshed: std::sync::Mutex::new(None),
                 runs: Runs::new(pool.clone(), &settings.database, Service::Normalizer),
                 pool,
                 sources: settings.sources.clone(),
@@ -228,17 +238,21 @@ impl Normalizer {
         self.inner.reconnects.inc();
     }
 
-    /// Refreshes the per-source lag and replay gauges from the database.
+    /// Refreshes the per-source lag and replay gauges from the database, each statement
+    /// bounded by [`SCRAPE_STATEMENT_TIMEOUT`].
     pub async fn refresh_lag(&self) -> Result<(), NormalizeError> {
-        let client = self.inner.pool.get().await?;
-        let replays: HashMap<String, i64> = client
+        let mut client = self.inner.pool.get().await?;
+        // Counting pending changes scans them: bounded, so a scrape cannot pile up queries.
+        let tx = client.transaction().await?;
+        tx.batch_execute(SCRAPE_STATEMENT_TIMEOUT).await?;
+        let replays: HashMap<String, i64> = tx
             .query("SELECT source, processed FROM etl_replays", &[])
             .await?
             .iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
         for source in &self.inner.sources.sources {
-            let lag = batch::lag(&client, source).await?;
+            let lag = batch::lag(&*tx, source).await?;
             let labels = SourceLabels {
                 source: source.name.clone(),
             };
@@ -246,7 +260,29 @@ impl Normalizer {
             let replayed = replays.get(&source.name).copied().unwrap_or(0);
             self.inner.replay.get_or_create(&labels).set(replayed);
         }
+        tx.commit().await?;
+        *self
+            .inner
+            .lag_refreshed
+            .lock()
+            .expect("never held across a panic") = Some(Instant::now());
         Ok(())
+    }
+
+    /// [`refresh_lag`](Self::refresh_lag) unless it ran less than [`LAG_MAX_AGE`] ago: what a
+    /// scrape of `/metrics` calls, so frequent scrapes (several Prometheus replicas, a
+    /// dashboard) count the pending changes at most once per interval.
+    pub async fn refresh_lag_cached(&self) -> Result<(), NormalizeError> {
+        let fresh = self
+            .inner
+            .lag_refreshed
+            .lock()
+            .expect("never held across a panic")
+            .is_some_and(|at| at.elapsed() < LAG_MAX_AGE);
+        if fresh {
+            return Ok(());
+        }
+        self.refresh_lag().await
     }
 
     /// One normalize run of `name`: everything after its checkpoint, batch by batch, until

@@ -311,6 +311,19 @@ async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
         .metrics()
         .encode()
         .contains(r#"etl_normalize_lag_rows{source="api"} 7"#));
+    // Scrapes read it at most every LAG_MAX_AGE: three more rows show on a refresh, not on a
+    // scrape just after the last one.
+    write_raw(&mut client, RawTable::Api, "api", &api_items(8..=10), false).await;
+    idle.refresh_lag_cached().await.unwrap();
+    assert!(idle
+        .metrics()
+        .encode()
+        .contains(r#"etl_normalize_lag_rows{source="api"} 7"#));
+    idle.refresh_lag().await.unwrap();
+    assert!(idle
+        .metrics()
+        .encode()
+        .contains(r#"etl_normalize_lag_rows{source="api"} 10"#));
 
     let daemon = Daemon::start(settings).await;
     wait_for("the start-up scan", DEADLINE, || async {
@@ -332,7 +345,7 @@ async fn the_admin_port_reports_readiness_and_the_lag_per_source() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"etl_normalize_rows_total{source="api",outcome="inserted"} 7"#),
+        metrics.contains(r#"etl_normalize_rows_total{source="api",outcome="inserted"} 10"#),
         "{metrics}"
     );
     assert!(

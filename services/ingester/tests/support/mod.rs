@@ -30,6 +30,20 @@ pub fn settings(db: &TestDb, sources_toml: &str) -> Settings {
         headers,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         retention_days: 30,
+        admin_token: etl_shared::admin::AdminToken::default(),
+    }
+}
+
+/// [`settings`] whose admin actions need the token of `token`.
+pub fn settings_with_token(
+    db: &TestDb,
+    sources_toml: &str,
+    token: &etl_tests::AdminTokenFile,
+) -> Settings {
+    let env = etl_shared::config::Env::from_pairs([("ADMIN_TOKEN_FILE", token.env_value())]);
+    Settings {
+        admin_token: etl_shared::admin::AdminToken::from_env(&env).expect("a usable token"),
+        ..settings(db, sources_toml)
     }
 }
 
