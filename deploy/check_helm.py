@@ -22,8 +22,8 @@ VARIANTS = [
       "otel": {"endpoint": "http://otel-collector.observability:4318"},
       "query": {"autoscaling": {"enabled": True}, "corsOrigins": ["https://app.example.com"]}},
      {"Deployment": 2, "CronJob": 1, "HorizontalPodAutoscaler": 1, "Service": 1, "ConfigMap": 1, "Job": 1}),
-    ("API keys from a Secret, with a rate limit",
-     {"database": {"existingSecret": "etl-db"},
+    ("API keys and the admin token from Secrets, with a rate limit",
+     {"database": {"existingSecret": "etl-db"}, "adminToken": {"secretName": "etl-admin"},
       "query": {"apiKeys": {"secretName": "etl-query-keys"}, "rateLimitPerSecond": 50}},
      {"Deployment": 3, "Service": 1, "ConfigMap": 1, "Job": 1}),
     ("TLS to Postgres with the CA from a Secret",
@@ -105,6 +105,32 @@ def check_api_keys(what, values, objects):
     return [f"{what}: {p}" for p in problems]
 
 
+def check_admin_token(what, values, objects):
+    """With adminToken.secretName, the ingester Deployment reads its admin token from that
+    Secret; without it, no token variable or volume anywhere."""
+    secret = values.get("adminToken", {}).get("secretName")
+    problems = []
+    for obj in objects:
+        for pod in pod_specs(obj):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+                name = f"{obj['kind']} {obj['metadata']['name']}"
+                wanted = bool(secret) and obj["kind"] == "Deployment" and name.endswith("-ingester")
+                if not wanted:
+                    if "ADMIN_TOKEN_FILE" in env or "admin-token" in volumes:
+                        problems.append(f"{name}: an admin token though none is wanted")
+                    continue
+                if env.get("ADMIN_TOKEN_FILE") != "/etc/etl-admin/token":
+                    problems.append(f"{name}: ADMIN_TOKEN_FILE = {env.get('ADMIN_TOKEN_FILE')}")
+                if mounts.get("admin-token") != "/etc/etl-admin":
+                    problems.append(f"{name}: the token is not mounted: {mounts}")
+                if volumes.get("admin-token", {}).get("secret", {}).get("secretName") != secret:
+                    problems.append(f"{name}: token volume {volumes.get('admin-token')}")
+    return [f"{what}: {p}" for p in problems]
+
+
 def check_ingester_spool(what, objects):
     """The ingester spools large REST pages to /tmp: with a read-only root filesystem, /tmp must
     be a writable emptyDir with a size limit."""
@@ -155,6 +181,7 @@ for what, values, expected in VARIANTS:
     failures += check_database_tls(what, values, objects)
     failures += check_ingester_spool(what, objects)
     failures += check_api_keys(what, values, objects)
+    failures += check_admin_token(what, values, objects)
     if kinds != expected:
         failures.append(f"{what}: rendered {kinds}, expected {expected}")
     exporting = "OTEL_EXPORTER_OTLP_ENDPOINT" in "".join(rendered.values())
