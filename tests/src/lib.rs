@@ -69,6 +69,27 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// `rows` normalized records of `source`, each with a description of 1,200 bytes, written
+    /// straight into `normalized_data` (the reads under test do not care how they came).
+    pub async fn seed_large_records(&self, source: &str, rows: i64) {
+        let client = self.client().await;
+        client
+            .execute("SELECT etl_ensure_partition($1)", &[&source])
+            .await
+            .expect("the source's partition");
+        client
+            .execute(
+                "INSERT INTO normalized_data (source, source_id, name, value, description)
+                 SELECT $1, g::text, 'item ' || g, g, repeat('x', 1200)
+                 FROM generate_series(1, $2::bigint) g",
+                &[&source, &rows],
+            )
+            .await
+            .expect("seed records");
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Drop cannot be async, and we may be inside a runtime: do it on a thread of its own.

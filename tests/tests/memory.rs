@@ -254,15 +254,7 @@ async fn four_rest_sources_with_30_mb_pages_at_once_land_in_under_64_mib() {
 async fn exporting_300_mb_of_records_raises_the_query_services_peak_memory_by_under_16_mib() {
     let db = TestDb::new().await;
     // 250,000 records of 1.2 KB: some 300 MB as NDJSON.
-    db.client()
-        .await
-        .batch_execute(
-            "SELECT etl_ensure_partition('big');
-             INSERT INTO normalized_data (source, source_id, name, value, description)
-             SELECT 'big', g::text, 'item ' || g, g, repeat('x', 1200) FROM generate_series(1, 250000) g;",
-        )
-        .await
-        .unwrap();
+    db.seed_large_records("big", 250000).await;
     let addr = etl_tests::free_local_addr();
     let mut query = etl_tests::ServiceProcess::start(
         "etl-query",

@@ -767,15 +767,7 @@ async fn two_exports_run_at_once_a_third_is_told_when_to_retry_and_a_dropped_one
     let db = TestDb::new().await;
     // Some 24 MB of records: more than loopback buffers hold, so an export its client does
     // not read stays running.
-    db.client()
-        .await
-        .batch_execute(
-            "SELECT etl_ensure_partition('big');
-             INSERT INTO normalized_data (source, source_id, name, value, description)
-             SELECT 'big', g::text, 'item ' || g, g, repeat('x', 1200) FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .unwrap();
+    db.seed_large_records("big", 20000).await;
     let app = App::start(&db.url, &[]).await;
     let url = format!("{}/data/export", app.base);
     let first = app.http.get(&url).send().await.unwrap();
