@@ -75,60 +75,59 @@ def check_database_tls(what, values, objects):
                     problems.append(f"{name}: CA volume {source}")
     return [f"{what}: {p}" for p in problems]
 
-def check_api_keys(what, values, objects):
-    """With apiKeys.secretName, the query pods read the keys file from that Secret (and the rate
-    limit when set); without it, no keys variable, volume or limit at all."""
-    query = values.get("query", {})
-    secret = query.get("apiKeys", {}).get("secretName")
-    limit = query.get("rateLimitPerSecond", 0)
-    problems = []
+def containers(objects):
+    """(name, pod volumes by name, env, mounts by volume) of every container of `objects`."""
     for obj in objects:
-        if not obj["metadata"]["name"].endswith("-query") or obj["kind"] != "Deployment":
-            continue
         for pod in pod_specs(obj):
             volumes = {v["name"]: v for v in pod.get("volumes", [])}
             for container in pod["containers"]:
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
-                if not secret:
-                    if "QUERY_API_KEYS_FILE" in env or "api-keys" in volumes or "QUERY_RATE_LIMIT_PER_SECOND" in env:
-                        problems.append("keys configured though none are set")
-                    continue
-                if env.get("QUERY_API_KEYS_FILE") != "/etc/etl-query-keys/keys.toml":
-                    problems.append(f"QUERY_API_KEYS_FILE = {env.get('QUERY_API_KEYS_FILE')}")
-                if mounts.get("api-keys") != "/etc/etl-query-keys":
-                    problems.append(f"the keys file is not mounted: {mounts}")
-                if volumes.get("api-keys", {}).get("secret", {}).get("secretName") != secret:
-                    problems.append(f"keys volume {volumes.get('api-keys')}")
-                if env.get("QUERY_RATE_LIMIT_PER_SECOND") != (str(limit) if limit else None):
-                    problems.append(f"QUERY_RATE_LIMIT_PER_SECOND = {env.get('QUERY_RATE_LIMIT_PER_SECOND')}")
+                yield f"{obj['kind']} {obj['metadata']['name']}", volumes, env, mounts
+
+
+def check_secret_file(what, objects, wanted, secret, var, path, volume):
+    """Where `wanted(name)` and a Secret is set, `var` is `path`, a file of the Secret `secret`
+    mounted from volume `volume`; everywhere else, neither the variable nor the volume."""
+    problems = []
+    for name, volumes, env, mounts in containers(objects):
+        if not (secret and wanted(name)):
+            if var in env or volume in volumes:
+                problems.append(f"{name}: {var} or volume {volume} though none is wanted")
+            continue
+        if env.get(var) != path:
+            problems.append(f"{name}: {var} = {env.get(var)}")
+        if mounts.get(volume) != path.rsplit("/", 1)[0]:
+            problems.append(f"{name}: {path} is not mounted: {mounts}")
+        if volumes.get(volume, {}).get("secret", {}).get("secretName") != secret:
+            problems.append(f"{name}: volume {volumes.get(volume)}")
     return [f"{what}: {p}" for p in problems]
+
+
+def check_api_keys(what, values, objects):
+    """With query.apiKeys.secretName, the query pods read the keys file from that Secret (and
+    the rate limit when set); without it, no keys variable, volume or limit at all."""
+    query = values.get("query", {})
+    secret = query.get("apiKeys", {}).get("secretName")
+    limit = query.get("rateLimitPerSecond", 0)
+    is_query = lambda name: name.startswith("Deployment ") and name.endswith("-query")
+    problems = check_secret_file(what, objects, is_query, secret, "QUERY_API_KEYS_FILE",
+                                 "/etc/etl-query-keys/keys.toml", "api-keys")
+    for name, _, env, _ in containers(objects):
+        wanted = str(limit) if secret and limit and is_query(name) else None
+        if env.get("QUERY_RATE_LIMIT_PER_SECOND") != wanted:
+            problems.append(f"{what}: {name}: QUERY_RATE_LIMIT_PER_SECOND = "
+                            f"{env.get('QUERY_RATE_LIMIT_PER_SECOND')}")
+    return problems
 
 
 def check_admin_token(what, values, objects):
     """With adminToken.secretName, the ingester Deployment reads its admin token from that
     Secret; without it, no token variable or volume anywhere."""
-    secret = values.get("adminToken", {}).get("secretName")
-    problems = []
-    for obj in objects:
-        for pod in pod_specs(obj):
-            volumes = {v["name"]: v for v in pod.get("volumes", [])}
-            for container in pod["containers"]:
-                env = {e["name"]: e.get("value") for e in container.get("env", [])}
-                mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
-                name = f"{obj['kind']} {obj['metadata']['name']}"
-                wanted = bool(secret) and obj["kind"] == "Deployment" and name.endswith("-ingester")
-                if not wanted:
-                    if "ADMIN_TOKEN_FILE" in env or "admin-token" in volumes:
-                        problems.append(f"{name}: an admin token though none is wanted")
-                    continue
-                if env.get("ADMIN_TOKEN_FILE") != "/etc/etl-admin/token":
-                    problems.append(f"{name}: ADMIN_TOKEN_FILE = {env.get('ADMIN_TOKEN_FILE')}")
-                if mounts.get("admin-token") != "/etc/etl-admin":
-                    problems.append(f"{name}: the token is not mounted: {mounts}")
-                if volumes.get("admin-token", {}).get("secret", {}).get("secretName") != secret:
-                    problems.append(f"{name}: token volume {volumes.get('admin-token')}")
-    return [f"{what}: {p}" for p in problems]
+    is_ingester = lambda name: name.startswith("Deployment ") and name.endswith("-ingester")
+    return check_secret_file(what, objects, is_ingester,
+                             values.get("adminToken", {}).get("secretName"),
+                             "ADMIN_TOKEN_FILE", "/etc/etl-admin/token", "admin-token")
 
 
 def check_ingester_spool(what, objects):
