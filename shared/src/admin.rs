@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use poem::http::{header, HeaderValue, StatusCode};
+use poem::http::StatusCode;
 use poem::web::{Data, Json};
 use poem::{get, handler, Endpoint, IntoResponse, Request, Response, Route};
 use serde_json::json;
@@ -69,30 +69,16 @@ impl AdminToken {
                 .into_response());
             }
         };
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
         // Digests compared, so the time taken says nothing of the token's bytes.
         let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+        let presented = crate::bearer::credential(req.headers());
         if presented.is_some_and(|p| digest(p).as_ref() == digest(&expected).as_ref()) {
             return ep.call(req).await.map(IntoResponse::into_response);
         }
-        let mut refused = Problem::new(
-            StatusCode::UNAUTHORIZED,
-            ProblemCode::Unauthorized,
-            "Unauthorized",
+        Ok(crate::bearer::unauthorized(
+            "Bearer realm=\"etl-admin\"",
             "admin actions need `Authorization: Bearer <the token of ADMIN_TOKEN_FILE>`",
-        )
-        .into_response();
-        refused.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"etl-admin\""),
-        );
-        Ok(refused)
+        ))
     }
 }
 

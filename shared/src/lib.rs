@@ -3,6 +3,7 @@
 //! behave the same way and stay thin.
 
 pub mod admin;
+pub mod bearer;
 pub mod config;
 pub mod db;
 pub mod metrics;

@@ -78,6 +78,18 @@ async fn three_ingester_replicas_fetch_a_source_once_per_schedule_tick() {
     );
 }
 
+/// Asks the pipeline's ingester to run `source` now (its admin action, with the token).
+async fn run_now(pipeline: &Pipeline, source: &str) {
+    let admin = format!("http://{}/sources/{source}/run", pipeline.ingester_admin);
+    let response = reqwest::Client::new()
+        .post(admin)
+        .bearer_auth(&pipeline.admin_token.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "run {source} now");
+}
+
 /// The JSON body of a 200 answer to `GET url`.
 async fn get_json(url: &str) -> serde_json::Value {
     let response = reqwest::get(url).await.unwrap();
@@ -113,16 +125,7 @@ async fn ingest_rejects_are_those_of_the_latest_run() {
         ("SOURCES_FILE", sources.env_value()),
     ]);
     let api = pipeline.api();
-    let run_now = || async {
-        let admin = format!("http://{}/sources/fixed/run", pipeline.ingester_admin);
-        let response = reqwest::Client::new()
-            .post(admin)
-            .bearer_auth(&pipeline.admin_token.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-    };
+    let run_now = || run_now(&pipeline, "fixed");
     let client = db.client().await;
     let runs = || async {
         client
@@ -344,14 +347,7 @@ async fn the_demo_run_twice_shows_the_same_rejects_at_ingest() {
     .await;
 
     for source in ["products", "sensors"] {
-        let admin = format!("http://{}/sources/{source}/run", pipeline.ingester_admin);
-        let response = reqwest::Client::new()
-            .post(admin)
-            .bearer_auth(&pipeline.admin_token.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
+        run_now(&pipeline, source).await;
     }
     successful_runs(4).await;
     let after: i64 = client
@@ -398,16 +394,7 @@ async fn a_snapshot_source_withdraws_rows_gone_upstream_and_a_failed_run_deletes
         ("SOURCES_FILE", sources.env_value()),
     ]);
     let client = db.client().await;
-    let admin = format!("http://{}/sources/snap/run", pipeline.ingester_admin);
-    let run_now = || async {
-        let response = reqwest::Client::new()
-            .post(&admin)
-            .bearer_auth(&pipeline.admin_token.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-    };
+    let run_now = || run_now(&pipeline, "snap");
     // (live raw ids, normalized ids), once nothing is pending.
     let settled = |runs: i64| {
         let client = &client;

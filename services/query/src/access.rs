@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use etl_shared::bearer;
 use etl_shared::problem::{Problem, ProblemCode};
 use poem::http::{header, HeaderValue, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
@@ -202,23 +203,16 @@ impl Access {
         let Some(keys) = self.keys.as_ref().filter(|_| !is_open(req.uri().path())) else {
             return ep.call(req).await.map(IntoResponse::into_response);
         };
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, key) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-            });
+        let presented = bearer::credential(req.headers());
         let client = match presented.map(|key| keys.client_of(key)) {
             None => {
-                return Ok(unauthorized(
+                return Ok(bearer::unauthorized(
                     "Bearer realm=\"etl-query\"",
                     "send an API key as `Authorization: Bearer <key>`",
                 ))
             }
             Some(None) => {
-                return Ok(unauthorized(
+                return Ok(bearer::unauthorized(
                     "Bearer realm=\"etl-query\", error=\"invalid_token\"",
                     "the API key is not one of this service's",
                 ))
@@ -246,21 +240,6 @@ impl Access {
         }
         ep.call(req).await.map(IntoResponse::into_response)
     }
-}
-
-fn unauthorized(challenge: &'static str, detail: &str) -> Response {
-    let mut response = Problem::new(
-        StatusCode::UNAUTHORIZED,
-        ProblemCode::Unauthorized,
-        "Unauthorized",
-        detail,
-    )
-    .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    response
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use poem_openapi::types::Example;
 use poem_openapi::{Enum, Object};
 use time::OffsetDateTime;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 use crate::caching;
@@ -318,33 +318,27 @@ pub async fn list(reader: &Reader, query: &DataQuery) -> Result<(DataPage, Strin
     };
     let after_id = cursor.map(|c| c.after_id);
 
-    let mut page = Sql::new(concat!(
-        "SELECT id, source, source_id, name, value, description, created_at, updated_at",
-        " FROM normalized_data WHERE true"
-    ));
+    let mut page = Sql::new(SELECT_RECORDS);
     page.filters(filters, pattern.as_ref());
     if let Some(after_id) = &after_id {
-        match (sort, &after_updated, &after_value) {
-            (Sort::Id, _, _) => page.push(" AND id > ").bind(after_id, Type::INT8),
-            (Sort::NewestFirst, Some(key), _) => page
-                .push(" AND (updated_at, id) < (")
-                .bind(key, Type::TIMESTAMPTZ)
+        // After the cursor's row in the page's order (the cursor's own): its key, then its id.
+        let keyed: Option<(&'static str, &(dyn ToSql + Sync), Type)> =
+            match (&after_updated, &after_value) {
+                (Some(at), _) => Some((" AND (updated_at, id) < (", at, Type::TIMESTAMPTZ)),
+                (_, Some(value)) if sort == Sort::ValueAscending => {
+                    Some((" AND (value, id) > (", value, Type::FLOAT8))
+                }
+                (_, Some(value)) => Some((" AND (value, id) < (", value, Type::FLOAT8)),
+                (None, None) => None,
+            };
+        match keyed {
+            None => page.push(" AND id > ").bind(after_id, Type::INT8),
+            Some((clause, key, ty)) => page
+                .push(clause)
+                .bind(key, ty)
                 .push(", ")
                 .bind(after_id, Type::INT8)
                 .push(")"),
-            (Sort::ValueAscending, _, Some(key)) => page
-                .push(" AND (value, id) > (")
-                .bind(key, Type::FLOAT8)
-                .push(", ")
-                .bind(after_id, Type::INT8)
-                .push(")"),
-            (Sort::ValueDescending, _, Some(key)) => page
-                .push(" AND (value, id) < (")
-                .bind(key, Type::FLOAT8)
-                .push(", ")
-                .bind(after_id, Type::INT8)
-                .push(")"),
-            _ => unreachable!("a cursor's key matches its order"),
         };
     }
     page.push(sort.order_by());
@@ -556,9 +550,18 @@ pub fn like_pattern(search: &str) -> String {
     pattern
 }
 
-const RECORD: &str =
-    "SELECT id, source, source_id, name, value, description, created_at, updated_at
-     FROM normalized_data WHERE source = $1 AND source_id = $2";
+/// Every column [`record`] reads, in its order, of the records the filters that follow select:
+/// the head of every read of records (pages, one record, exports).
+macro_rules! select_records {
+    () => {
+        "SELECT id, source, source_id, name, value, description, created_at, updated_at
+         FROM normalized_data WHERE true"
+    };
+}
+
+pub(crate) const SELECT_RECORDS: &str = select_records!();
+
+const RECORD: &str = concat!(select_records!(), " AND source = $1 AND source_id = $2");
 
 /// Exact and O(sources): the normalizer keeps `normalized_rows` in the batch transaction. With
 /// the data version, read in the same pass over the checkpoints.
@@ -717,6 +720,15 @@ mod tests {
         assert_eq!(timestamp_of_micros(999_999_999_999_999_999).year(), 9999);
         assert_eq!(timestamp_of_micros(-999_999_999_999_999_999).year(), -9999);
         assert_eq!(timestamp_of_micros(0), OffsetDateTime::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn every_read_of_records_selects_every_column_in_the_order_record_reads_them() {
+        const COLUMNS: &str =
+            "SELECT id, source, source_id, name, value, description, created_at, updated_at";
+        for sql in [SELECT_RECORDS, RECORD] {
+            assert!(sql.starts_with(COLUMNS), "{sql}");
+        }
     }
 
     #[test]

@@ -106,10 +106,7 @@ impl Exports {
             .await?;
         let filters = &query.filters;
         let pattern = filters.search.as_deref().map(data::like_pattern);
-        let mut sql = Sql::new(concat!(
-            "SELECT id, source, source_id, name, value, description, created_at, updated_at",
-            " FROM normalized_data WHERE true"
-        ));
+        let mut sql = Sql::new(data::SELECT_RECORDS);
         sql.filters(filters, pattern.as_ref());
         sql.push(query.sort.order_by());
         let rows = client.query_typed_raw(&sql.text, sql.params).await?;

@@ -42,34 +42,26 @@ fn enum_names(schema: &str) -> Option<Value> {
     })
 }
 
-/// `generated` (poem-openapi's JSON) with the examples and enum names added.
+/// `generated` (poem-openapi's JSON) with the examples, the enum names and the API key added.
 pub fn document(generated: &str) -> Value {
     let mut spec: Value = serde_json::from_str(generated).expect("poem-openapi writes JSON");
     if let Some(paths) = spec["paths"].as_object_mut() {
-        for operation in paths.values_mut().filter_map(Value::as_object_mut) {
-            for op in operation.values_mut() {
-                let Some(parameters) = op.get_mut("parameters").and_then(Value::as_array_mut)
-                else {
-                    continue;
-                };
-                for parameter in parameters {
-                    let name = parameter["name"].as_str().unwrap_or_default();
-                    if let Some(example) = parameter_example(name) {
-                        parameter["example"] = example;
-                    }
-                }
-            }
-        }
-    }
-    // Every operation but the probes declares the API key, so generated clients send one.
-    if let Some(paths) = spec["paths"].as_object_mut() {
         for operations in paths.values_mut().filter_map(Value::as_object_mut) {
             for op in operations.values_mut() {
+                // Every operation but the probes declares the API key, so generated clients
+                // send one.
                 let probe = op["tags"]
                     .as_array()
                     .is_some_and(|t| t.contains(&json!("Health")));
                 if !probe {
                     op["security"] = json!([{ SECURITY_SCHEME: [] }]);
+                }
+                let parameters = op.get_mut("parameters").and_then(Value::as_array_mut);
+                for parameter in parameters.into_iter().flatten() {
+                    let name = parameter["name"].as_str().unwrap_or_default();
+                    if let Some(example) = parameter_example(name) {
+                        parameter["example"] = example;
+                    }
                 }
             }
         }

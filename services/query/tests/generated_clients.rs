@@ -28,16 +28,9 @@ fn from_xtask(var: &str) -> String {
 
 /// A client's API key, and the keys file that lets it in (kept until dropped).
 fn api_key() -> (String, tempfile::NamedTempFile) {
-    let output = Command::new(env!("CARGO_BIN_EXE_etl-query"))
-        .args(["api-key", "generated client"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    let entry = &stderr[stderr.find("[[keys]]").expect("the entry")..];
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut file, entry.as_bytes()).unwrap();
+    let (key, entry) = etl_query::access::new_key("generated client");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), entry).unwrap();
     (key, file)
 }
 
