@@ -244,16 +244,20 @@ async fn with_its_listener_connection_killed_the_normalizer_reconnects_and_catch
     })
     .await;
     assert_eq!(tallies(&client, "api").await.0, 20);
-    let metrics = reqwest::get(format!("{}/metrics", daemon.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("etl_normalize_listen_reconnects_total 1"),
-        "{metrics}"
-    );
+    // The rows can also be found by a wake-up still queued from the first ones, before the
+    // listener notices its link is gone: wait for the reconnect to be counted, not just done.
+    wait_for("the reconnect to be counted", DEADLINE, || async {
+        let metrics = reqwest::get(format!("{}/metrics", daemon.admin))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics
+            .contains("etl_normalize_listen_reconnects_total 1")
+            .then_some(())
+    })
+    .await;
     daemon.stop().await;
 }
 
