@@ -275,6 +275,13 @@ pub struct HttpOptions {
         deserialize_with = "human_duration"
     )]
     pub max_response_time: Duration,
+    /// Whether a next-page link or a redirect to another origin (scheme, host, port) than
+    /// `url`'s is followed. Either way the source's headers (its secrets) go only to `url`'s
+    /// origin; `false` refuses such a link instead, for a source that must never be read from
+    /// anywhere else. The default follows: APIs hand out CDN and pre-signed download links, and
+    /// what goes there carries nothing of ours.
+    #[serde(default = "default_follow_cross_origin")]
+    pub follow_cross_origin: bool,
 }
 
 impl Default for HttpOptions {
@@ -289,6 +296,7 @@ impl Default for HttpOptions {
             max_file_bytes: default_max_file_bytes(),
             max_record_bytes: default_max_record_bytes(),
             max_response_time: default_max_response_time(),
+            follow_cross_origin: default_follow_cross_origin(),
         }
     }
 }
@@ -659,6 +667,9 @@ fn default_max_record_bytes() -> u64 {
 }
 fn default_max_response_time() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_follow_cross_origin() -> bool {
+    true
 }
 fn default_max_pages() -> u32 {
     10_000

@@ -6,23 +6,41 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use etl_shared::sources::{HttpOptions, Source};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::secrets::{self, Secrets};
 use crate::SafeUrl;
+
+/// Redirects followed for one request before it fails (a loop, most likely).
+const MAX_REDIRECTS: u32 = 10;
+
+/// How much of an error response's body is read, and how much of it an error quotes.
+const ERROR_BODY_BYTES: usize = 4096;
+const ERROR_BODY_CHARS: usize = 160;
 
 /// Why a fetch failed. `retryable` says whether trying again could help.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("HTTP {status}{}", snippet(body))]
+    /// `body` is the start of the response's body, already cut short and scrubbed of secrets.
+    #[error("HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
         body: String,
     },
+    /// A next-page link or a redirect leads to another origin and `http.follow_cross_origin`
+    /// is off.
+    #[error(
+        "refused to follow {to}: its origin is not that of the source's url \
+         (http.follow_cross_origin = false)"
+    )]
+    CrossOrigin { to: SafeUrl },
+    #[error("{0}")]
+    Redirect(String),
     #[error("{0}")]
     Transport(String),
     #[error("{0}")]
@@ -41,15 +59,6 @@ pub enum FetchError {
     NotModified,
 }
 
-fn snippet(body: &str) -> String {
-    let body = body.trim();
-    if body.is_empty() {
-        return String::new();
-    }
-    let cut: String = body.chars().take(200).collect();
-    format!(": {cut}")
-}
-
 impl FetchError {
     fn retryable(&self) -> bool {
         match self {
@@ -62,7 +71,9 @@ impl FetchError {
             | FetchError::TooSlow { .. }
             | FetchError::Shutdown
             | FetchError::Spool(_)
-            | FetchError::NotModified => false,
+            | FetchError::NotModified
+            | FetchError::CrossOrigin { .. }
+            | FetchError::Redirect(_) => false,
         }
     }
 
@@ -95,10 +106,16 @@ pub struct GaveUp {
 }
 
 /// Fetches for one source: its client (timeouts), headers (secrets) and retry policy.
+/// Redirects are followed here rather than by reqwest, which keeps custom headers (an
+/// `X-Api-Key`) on a redirect to another host: the headers go only to the origin of the
+/// source's `url`.
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
     headers: HeaderMap,
+    /// The origin of the source's `url`: the only one its headers are sent to.
+    origin: url::Origin,
+    secrets: Secrets,
     options: HttpOptions,
     shutdown: CancellationToken,
     /// The URL fetched conditionally, with the validators the last successful run got for it.
@@ -136,22 +153,30 @@ impl Validators {
 }
 
 impl Fetcher {
-    /// `headers` are the resolved secret values (see [`resolve_headers`]).
+    /// `headers` are the resolved secret values (see [`resolve_headers`]); `secrets` what
+    /// errors are scrubbed of.
     pub fn new(
         source: &Source,
         headers: HeaderMap,
+        secrets: Secrets,
         shutdown: CancellationToken,
-    ) -> Result<Self, reqwest::Error> {
+    ) -> Result<Self, IngestClientError> {
         let options = source.http.clone();
         let client = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .read_timeout(options.read_timeout)
             .user_agent(concat!("etl-ingester/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(10))
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| IngestClientError(etl_shared::error_chain(&e)))?;
+        let origin = Url::parse(&source.url)
+            .map_err(|e| IngestClientError(format!("bad url: {e}")))?
+            .origin();
         Ok(Self {
             client,
             headers,
+            origin,
+            secrets,
             options,
             shutdown,
             conditional: None,
@@ -191,7 +216,7 @@ impl Fetcher {
             };
             let error = match outcome {
                 Ok(value) => return Ok(value),
-                Err(e) => e,
+                Err(e) => self.scrubbed(e),
             };
             if !error.retryable() || attempt >= self.options.attempts {
                 return Err(GaveUp {
@@ -216,17 +241,49 @@ impl Fetcher {
         F: Fn(Response) -> Fut,
         Fut: Future<Output = Result<T, FetchError>>,
     {
-        let mut request = self.client.get(url.clone()).headers(self.headers.clone());
         let conditional = self.conditional.as_ref().filter(|(at, _)| at == url);
-        if let Some((_, validators)) = conditional {
-            if let Some(etag) = &validators.etag {
-                request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+        let mut at = url.clone();
+        let mut redirects = 0;
+        let response = loop {
+            if at.origin() != self.origin && !self.options.follow_cross_origin {
+                return Err(FetchError::CrossOrigin {
+                    to: SafeUrl::from(&at),
+                });
             }
-            if let Some(since) = &validators.last_modified {
-                request = request.header(reqwest::header::IF_MODIFIED_SINCE, since);
+            let mut request = self.client.get(at.clone());
+            if at.origin() == self.origin {
+                request = request.headers(self.headers.clone());
             }
-        }
-        let response = request.send().await.map_err(FetchError::from_reqwest)?;
+            if let Some((_, validators)) = conditional {
+                if let Some(etag) = &validators.etag {
+                    request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+                }
+                if let Some(since) = &validators.last_modified {
+                    request = request.header(reqwest::header::IF_MODIFIED_SINCE, since);
+                }
+            }
+            let response = request.send().await.map_err(FetchError::from_reqwest)?;
+            let Some(location) = redirect_target(&response) else {
+                break response;
+            };
+            redirects += 1;
+            if redirects > MAX_REDIRECTS {
+                return Err(FetchError::Redirect(format!(
+                    "stopped after {MAX_REDIRECTS} redirects (a redirect loop?)"
+                )));
+            }
+            at = at
+                .join(&location)
+                .ok()
+                .filter(|next| matches!(next.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    FetchError::Redirect(format!(
+                        "HTTP {} redirects to {:?}, which is not an http(s) URL",
+                        response.status(),
+                        secrets::snippet(&location, ERROR_BODY_CHARS)
+                    ))
+                })?;
+        };
         let status = response.status();
         if conditional.is_some() {
             if status == StatusCode::NOT_MODIFIED {
@@ -240,7 +297,7 @@ impl Fetcher {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let body = response.text().await.unwrap_or_default();
+            let body = error_body(response).await;
             return Err(FetchError::Status {
                 status,
                 retry_after,
@@ -248,6 +305,25 @@ impl Fetcher {
             });
         }
         read(response).await
+    }
+
+    /// `error` without the source's secrets (an upstream body may echo them).
+    fn scrubbed(&self, error: FetchError) -> FetchError {
+        match error {
+            FetchError::Status {
+                status,
+                retry_after,
+                body,
+            } => FetchError::Status {
+                status,
+                retry_after,
+                body: self.secrets.scrub(&body),
+            },
+            FetchError::Transport(m) => FetchError::Transport(self.secrets.scrub(&m)),
+            FetchError::Body(m) => FetchError::Body(self.secrets.scrub(&m)),
+            FetchError::Redirect(m) => FetchError::Redirect(self.secrets.scrub(&m)),
+            other => other,
+        }
     }
 
     /// Exponential from `initial_backoff`, half fixed and half random (so replicas retrying
@@ -292,6 +368,36 @@ impl Fetcher {
     pub fn max_response_time(&self) -> Duration {
         self.options.max_response_time
     }
+}
+
+/// The client for a source's requests could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IngestClientError(String);
+
+/// Where a redirect response sends the client: `Location` of a 301, 302, 303, 307 or 308.
+fn redirect_target(response: &Response) -> Option<String> {
+    let redirects = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
+    if !redirects {
+        return None;
+    }
+    let location = response.headers().get(LOCATION)?;
+    Some(String::from_utf8_lossy(location.as_bytes()).into_owned())
+}
+
+/// The start of an error response's body, as an error may quote it: at most
+/// `ERROR_BODY_BYTES` are read (a hostile body may be endless), and a short, single-line
+/// snippet of them kept.
+async fn error_body(mut response: Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    bytes.truncate(ERROR_BODY_BYTES);
+    secrets::snippet(&String::from_utf8_lossy(&bytes), ERROR_BODY_CHARS)
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3).

@@ -16,6 +16,7 @@ pub mod lease;
 mod page_scan;
 pub mod purge;
 mod rest;
+pub mod secrets;
 mod state;
 
 use std::collections::HashMap;
@@ -247,8 +248,9 @@ impl Ingester {
             .filter(|_| source.kind == SourceKind::Rest);
         // The largest incremental value this run saw.
         let mut max_seen: Option<String> = None;
+        let headers = inner.headers.get(name).cloned().unwrap_or_default();
+        let secrets = secrets::Secrets::of(source, &headers);
         let (counts, outcome, validators) = {
-            let headers = inner.headers.get(name).cloned().unwrap_or_default();
             let (mut lander, writer) = land::pipeline(
                 &inner.pool,
                 &source.name,
@@ -258,12 +260,11 @@ impl Ingester {
                 &inner.metrics,
                 &inner.in_flight,
             );
-            let fetcher = Fetcher::new(source, headers, inner.shutdown.clone()).map(|fetcher| {
-                match conditional_url(source, previous.as_ref()) {
+            let fetcher = Fetcher::new(source, headers, secrets.clone(), inner.shutdown.clone())
+                .map(|fetcher| match conditional_url(source, previous.as_ref()) {
                     Some((url, validators)) => fetcher.conditional(url, validators),
                     None => fetcher,
-                }
-            });
+                });
             let since = previous
                 .as_ref()
                 .and_then(|p| p.incremental.as_deref())
@@ -280,7 +281,7 @@ impl Ingester {
                         }
                         SourceKind::Csv => csv::ingest(source, fetcher, &mut lander).await,
                     },
-                    Err(e) => Err(IngestError::Client(etl_shared::error_chain(e))),
+                    Err(e) => Err(IngestError::Client(e.to_string())),
                 };
                 // A failed read drops what it queued since the last batch (the next run reads
                 // the source again); a whole read hands over its last batch. Either way the
@@ -359,7 +360,10 @@ impl Ingester {
             (Ok(()), Err(e)) => Err(IngestError::Claim(e)),
             (outcome, _) => outcome,
         };
-        let error = outcome.err().map(|e| etl_shared::error_chain(&e));
+        // Stored, logged and served: scrubbed of the source's secrets whatever the error.
+        let error = outcome
+            .err()
+            .map(|e| secrets.scrub(&etl_shared::error_chain(&e)));
         Ok(Ok(run.end(&inner.metrics, counts, error).await?))
     }
 }
