@@ -1,7 +1,11 @@
 //! Logs and traces, set up the same way for every service.
 //!
 //! - Logs go to stderr, human-readable by default or one JSON object per line with
-//!   `LOG_FORMAT=json`; the level comes from `RUST_LOG` (default `info`).
+//!   `LOG_FORMAT=json`; the level comes from `RUST_LOG` (default `info`), which filters the
+//!   logs only: operators quiet the logs without losing traces.
+//! - Traces carry every span at `info` and above, whatever `RUST_LOG` says; which traces are
+//!   kept is the standard sampler's choice (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`;
+//!   default `parentbased_always_on`), and an unknown sampler or a bad ratio stops the start.
 //! - Traces and metrics are exported over OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with the protocol from
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `http/json`). The resource
@@ -15,8 +19,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -64,6 +69,7 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
         }
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let sampler = sampler(&env)?;
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
@@ -74,22 +80,26 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .boxed()
-    };
+    }
+    .with_filter(filter);
     let mut endpoint = None;
     for var in ENDPOINT_VARS {
         endpoint = endpoint.or(env.get(var)?);
     }
-    let exporter = endpoint.as_ref().map(|_| build_providers(service, &env));
+    let exporter = endpoint
+        .as_ref()
+        .map(|_| build_providers(service, &env, sampler));
     let (providers, export_error) = match exporter {
         Some(Ok(providers)) => (Some(providers), None),
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
     };
     let traces = providers.as_ref().map(|(traces, _)| {
-        tracing_opentelemetry::layer().with_tracer(traces.tracer(format!("etl-{service}")))
+        tracing_opentelemetry::layer()
+            .with_tracer(traces.tracer(format!("etl-{service}")))
+            .with_filter(LevelFilter::INFO)
     });
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(logs)
         .with(traces)
         .try_init()
@@ -122,9 +132,49 @@ pub fn init(service: &'static str) -> Result<Telemetry, ConfigError> {
     })
 }
 
+/// The sampler `OTEL_TRACES_SAMPLER` (and `OTEL_TRACES_SAMPLER_ARG`, a ratio from 0 to 1)
+/// name, as the OpenTelemetry specification defines them.
+fn sampler(env: &Env) -> Result<Sampler, ConfigError> {
+    const VAR: &str = "OTEL_TRACES_SAMPLER";
+    const ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
+    let ratio = || -> Result<f64, ConfigError> {
+        let Some(arg) = env.get(ARG)? else {
+            return Ok(1.0);
+        };
+        arg.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or_else(|| ConfigError::Invalid {
+                var: ARG.into(),
+                reason: format!("{arg:?} is not a ratio from 0 to 1"),
+            })
+    };
+    Ok(match env.get(VAR)?.as_deref() {
+        None | Some("parentbased_always_on") => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        Some("parentbased_always_off") => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        Some("parentbased_traceidratio") => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio()?)))
+        }
+        Some("always_on") => Sampler::AlwaysOn,
+        Some("always_off") => Sampler::AlwaysOff,
+        Some("traceidratio") => Sampler::TraceIdRatioBased(ratio()?),
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                var: VAR.into(),
+                reason: format!(
+                    "{other:?} is not one of always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+                ),
+            })
+        }
+    })
+}
+
 fn build_providers(
     service: &str,
     env: &Env,
+    sampler: Sampler,
 ) -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| "export needs the tokio runtime".to_owned())?;
@@ -158,6 +208,7 @@ fn build_providers(
     let resource = resource.build();
     let traces = SdkTracerProvider::builder()
         .with_batch_exporter(spans)
+        .with_sampler(sampler)
         .with_resource(resource.clone())
         .build();
     // Every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), and once more at shutdown.

@@ -483,8 +483,8 @@ impl ServiceProcess {
             std::env::temp_dir().join(format!("etl-test-{name}-{}-{n}.log", std::process::id()));
         let file = std::fs::File::create(&log).unwrap();
         let child = tokio::process::Command::new(service_binary(name))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

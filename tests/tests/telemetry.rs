@@ -2,8 +2,9 @@
 //! bodies): the ingest run and its batches come from `etl-ingester`, the normalizer's batches
 //! from `etl-normalizer` and link to the ingest batch that wrote their rows (the trace context
 //! crosses the queue on the raw rows), and a query request continues the caller's W3C trace.
-//! Metrics go out over OTLP too. With export off, one log line says so and nothing else is
-//! said or started.
+//! Metrics go out over OTLP too, and both whatever `RUST_LOG` says (it filters logs only); the
+//! sampler decides what is traced, and idle polls trace nothing. With export off, one log line
+//! says so and nothing else is said or started.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -126,8 +127,12 @@ fn otel_env(collector: &TestServer) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Run at `RUST_LOG=warn`, the level operators set to quiet the logs: the spans and metrics
+/// arrive all the same, and the normalizer's idle sources (each polled at its start) export
+/// no span.
 #[tokio::test]
-async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_batch() {
+async fn at_log_level_warn_spans_and_metrics_arrive_and_the_normalizer_batch_links_to_the_ingest_batch(
+) {
     let db = TestDb::new().await;
     let received = Received::default();
     let points = Points::default();
@@ -146,10 +151,15 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
 ",
     )
     .await;
-    let sources = SourcesFile::of(&[SourceToml::csv("rows", &source.url("/rows.csv"))]);
+    let mut declared = vec![SourceToml::csv("rows", &source.url("/rows.csv"))];
+    for idle in ["idle_a", "idle_b", "idle_c", "idle_d"] {
+        declared.push(SourceToml::csv(idle, &source.url("/never-fetched.csv")));
+    }
+    let sources = SourcesFile::of(&declared);
     let mut env = otel_env(&collector);
     env.push(("DATABASE_URL", db.url.clone()));
     env.push(("SOURCES_FILE", sources.env_value()));
+    env.push(("RUST_LOG", "warn".to_owned()));
 
     // The one-shot ingest exits, flushing its spans on the way out.
     let ingest = tokio::process::Command::new(service_binary("etl-ingester"))
@@ -159,6 +169,11 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
         .await
         .unwrap();
     assert!(ingest.status.success(), "{ingest:?}");
+    let ingest_logs = String::from_utf8_lossy(&ingest.stderr);
+    assert!(
+        !ingest_logs.contains(" INFO "),
+        "RUST_LOG=warn quiets the logs: {ingest_logs}"
+    );
 
     let mut normalizer_env = env.clone();
     normalizer_env.push(("NORMALIZER_ADMIN_ADDR", "127.0.0.1:0".to_owned()));
@@ -181,6 +196,23 @@ async fn spans_reach_the_collector_and_the_normalizer_batch_links_to_the_ingest_
     );
 
     let spans = received.0.lock().unwrap().clone();
+    let normalizer_runs: i64 = client
+        .query_one(
+            "SELECT count(*) FROM etl_runs WHERE service = 'normalizer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let normalizer_run_spans = spans
+        .iter()
+        .filter(|s| s.service == "etl-normalizer" && s.name == "run_source")
+        .count();
+    assert_eq!(normalizer_runs, 1, "only `rows` had work");
+    assert_eq!(
+        normalizer_run_spans, 1,
+        "one span per run that found work, none for the idle polls: {spans:#?}"
+    );
     let ingest_batch = spans
         .iter()
         .find(|s| s.service == "etl-ingester" && s.name == "ingest_batch")
@@ -284,6 +316,73 @@ async fn a_query_request_continues_the_callers_trace_down_to_its_sql() {
         2,
         "the count with the data version (its ETag), and the page: {spans:#?}"
     );
+}
+
+/// `OTEL_TRACES_SAMPLER` decides what is traced: `always_off` exports no span (metrics still go
+/// out), and a sampler the specification does not define stops the start, naming the variable.
+#[tokio::test]
+async fn the_sampler_decides_what_is_traced_and_a_bad_one_stops_the_start() {
+    let db = TestDb::new().await;
+    let received = Received::default();
+    let points = Points::default();
+    let collector = TestServer::start(
+        Route::new()
+            .at("/v1/traces", post(collect).data(received.clone()))
+            .at("/v1/metrics", post(collect_metrics).data(points.clone())),
+    )
+    .await;
+    let source = TestServer::serving("/rows.csv", "id,name,value\n1,one,1\n").await;
+    let sources = SourcesFile::of(&[SourceToml::csv("rows", &source.url("/rows.csv"))]);
+    let ingest = |sampler: &'static str, arg: &'static str| {
+        let mut command = tokio::process::Command::new(service_binary("etl-ingester"));
+        command
+            .arg("ingest")
+            .envs(otel_env(&collector))
+            .env("DATABASE_URL", &db.url)
+            .env("SOURCES_FILE", sources.env_value())
+            .env("OTEL_TRACES_SAMPLER", sampler)
+            .env("OTEL_TRACES_SAMPLER_ARG", arg);
+        command
+    };
+
+    let off = ingest("always_off", "").output().await.unwrap();
+    assert!(off.status.success(), "{off:?}");
+    assert_eq!(
+        received.0.lock().unwrap().len(),
+        0,
+        "always_off traces nothing"
+    );
+    assert!(
+        points
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.1 == "etl_ingest_rows_read" && p.3 == 1.0),
+        "metrics do not depend on the sampler"
+    );
+
+    let ratio_one = ingest("traceidratio", "1").output().await.unwrap();
+    assert!(ratio_one.status.success(), "{ratio_one:?}");
+    assert!(
+        received
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "run_source"),
+        "a ratio of 1 traces every run"
+    );
+
+    for (sampler, arg, named) in [
+        ("sometimes", "", "OTEL_TRACES_SAMPLER"),
+        ("traceidratio", "1.5", "OTEL_TRACES_SAMPLER_ARG"),
+    ] {
+        let bad = ingest(sampler, arg).output().await.unwrap();
+        let logs = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success(), "{sampler} {arg}: {logs}");
+        assert!(logs.contains(named), "the error names {named}: {logs}");
+    }
 }
 
 #[tokio::test]

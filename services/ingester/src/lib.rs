@@ -198,7 +198,8 @@ impl Ingester {
         .await
     }
 
-    #[tracing::instrument(name = "run_source", skip(self), fields(run_id))]
+    /// Traced from the claim on: a scheduled tick that finds the source held or not yet due
+    /// exports no span.
     async fn run(
         &self,
         name: &str,
@@ -210,7 +211,7 @@ impl Ingester {
             .get(name)
             .ok_or_else(|| IngestError::UnknownSource(name.into()))?;
         inner.runs.reap().await?;
-        let mut run = inner.runs.reserve(name).await?;
+        let run = inner.runs.reserve(name).await?;
         let claim = match start {
             Start::Now { wait } => lease::claim_within(&inner.pool, name, run.id, wait).await,
             Start::Scheduled { due_after } => {
@@ -224,12 +225,23 @@ impl Ingester {
                 return Ok(Err(lost));
             }
         }
+        let span = tracing::info_span!("run_source", name, ?start, run_id = run.id);
+        tracing::Instrument::instrument(self.run_claimed(source, run), span).await
+    }
+
+    /// A run of `source` that holds its claim: from recording it to releasing the claim.
+    async fn run_claimed(
+        &self,
+        source: &etl_shared::sources::Source,
+        mut run: etl_shared::runs::Run,
+    ) -> Result<Result<RunSummary, Claim>, IngestError> {
+        let inner = &self.inner;
+        let name = source.name.as_str();
         if let Err(e) = run.record().await {
             let _ = lease::release(&inner.pool, name, run.id, lease::Outcome::Failed, None).await;
             return Err(e.into());
         }
         let run_id = run.id;
-        tracing::Span::current().record("run_id", run_id);
         let server_started = server_start_time(&inner.pool).await;
         let previous = match state::load(&inner.pool, name).await {
             Ok(previous) => previous,

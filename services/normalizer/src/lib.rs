@@ -286,33 +286,52 @@ impl Normalizer {
     }
 
     /// One normalize run of `name`: everything after its checkpoint, batch by batch, until
-    /// caught up (or another replica holds the source). Recorded in `etl_runs` only when it did
-    /// something or failed.
-    #[tracing::instrument(skip(self), fields(run_id))]
+    /// caught up (or another replica holds the source). Recorded in `etl_runs`, and traced, only
+    /// when it found something to do: an idle normalizer's polls export no span.
     pub async fn run_source(&self, name: &str) -> Result<RunOutcome, NormalizeError> {
         let inner = &self.inner;
         let source = inner
             .sources
             .get(name)
             .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
-        let paths = &inner.paths[name];
         let idle = RunOutcome {
             summary: None,
             busy: false,
         };
         // One pooled connection for the run's batches (a normalize run never waits on anything
         // but the database).
-        let mut client = inner.pool.get().await?;
-        match replay::mode(&client, name, &inner.fingerprints[name]).await? {
-            replay::Mode::Current => {}
-            replay::Mode::Replaying => return self.replay_source(source, client).await,
+        let client = inner.pool.get().await?;
+        let replaying = match replay::mode(&client, name, &inner.fingerprints[name]).await? {
+            replay::Mode::Current => false,
+            replay::Mode::Replaying => true,
             // One failed run said why; the previous version stays served until the mapping
             // changes again, a replay is asked for, or (ordinary batches) new raw rows arrive.
             replay::Mode::Stalled => return Ok(idle),
-        }
-        if !batch::has_work(&client, source).await? {
+        };
+        if !replaying && !batch::has_work(&client, source).await? {
             return Ok(idle);
         }
+        self.run_with_work(source, client, replaying).await
+    }
+
+    /// The part of [`run_source`](Self::run_source) that has something to do.
+    #[tracing::instrument(name = "run_source", skip_all, fields(name = %source.name))]
+    async fn run_with_work(
+        &self,
+        source: &Source,
+        mut client: deadpool_postgres::Object,
+        replaying: bool,
+    ) -> Result<RunOutcome, NormalizeError> {
+        if replaying {
+            return self.replay_source(source, client).await;
+        }
+        let inner = &self.inner;
+        let name = source.name.as_str();
+        let paths = &inner.paths[name];
+        let idle = RunOutcome {
+            summary: None,
+            busy: false,
+        };
         if batch::wants_bulk(&client, source, inner.bulk_min_rows).await? {
             self.begin_bulk(&client, name).await?;
             return self.replay_source(source, client).await;
