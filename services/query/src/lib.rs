@@ -17,13 +17,14 @@ pub mod reader;
 mod spec;
 mod sql;
 pub mod stats;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use etl_shared::config::{ConfigError, DatabaseSettings, Env};
-use poem::listener::TcpAcceptor;
+use poem::listener::{AcceptorExt, BoxAcceptor, TcpAcceptor};
 use poem::middleware::Cors;
 use poem::{get, Endpoint, EndpointExt, IntoResponse, Response, Route, Server};
 use poem_openapi::OpenApiService;
@@ -53,14 +54,17 @@ pub struct Settings {
     pub api_keys: Option<access::ApiKeys>,
     /// Requests per second per API key (`QUERY_RATE_LIMIT_PER_SECOND`).
     pub rate_limit_per_second: Option<u32>,
+    /// HTTPS instead of HTTP (`QUERY_TLS_CERT_FILE` and `QUERY_TLS_KEY_FILE`).
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl Settings {
     /// Reads `DATABASE_*`, `QUERY_ADDR` (default `0.0.0.0:8080`), `QUERY_CORS_ORIGINS`
     /// (comma-separated), `QUERY_STATEMENT_TIMEOUT_MS` (10–600000, default 5000),
     /// `QUERY_REQUEST_TIMEOUT_SECS` (1–600, default 10), `QUERY_STATS_MAX_AGE_SECS` (0–3600,
-    /// default 5), `QUERY_API_KEYS_FILE` (a path; unset: no keys needed) and
-    /// `QUERY_RATE_LIMIT_PER_SECOND` (1–100000, per key; needs the keys file).
+    /// default 5), `QUERY_API_KEYS_FILE` (a path; unset: no keys needed),
+    /// `QUERY_RATE_LIMIT_PER_SECOND` (1–100000, per key; needs the keys file) and
+    /// `QUERY_TLS_CERT_FILE` with `QUERY_TLS_KEY_FILE` (both or neither; set: HTTPS only).
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let api_keys = env
             .get("QUERY_API_KEYS_FILE")?
@@ -122,6 +126,7 @@ impl Settings {
             )?),
             api_keys,
             rate_limit_per_second,
+            tls: tls::TlsFiles::from_env(env)?,
         })
     }
 }
@@ -159,7 +164,8 @@ fn openapi_generated() -> String {
 }
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    acceptor: BoxAcceptor,
+    https: bool,
     addr: SocketAddr,
     endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
     shutdown: CancellationToken,
@@ -180,8 +186,16 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
         let addr = listener.local_addr()?;
         let endpoint = routes(&settings, reader);
+        let tcp = TcpAcceptor::from_tokio(listener)?;
+        let acceptor = match settings.tls.clone() {
+            Some(files) => tls::TlsAcceptor::new(tcp, files)
+                .context("cannot serve HTTPS (QUERY_TLS_CERT_FILE, QUERY_TLS_KEY_FILE)")?
+                .boxed(),
+            None => tcp.boxed(),
+        };
         Ok(Self {
-            acceptor: TcpAcceptor::from_tokio(listener)?,
+            acceptor,
+            https: settings.tls.is_some(),
             addr,
             endpoint,
             shutdown,
@@ -195,7 +209,8 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then lets requests in flight finish (up to
     /// 10 seconds).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.addr, "query API listening; Swagger UI at /docs");
+        let scheme = if self.https { "https" } else { "http" };
+        tracing::info!(addr = %self.addr, scheme, "query API listening; Swagger UI at /docs");
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(
                 self.endpoint,

@@ -1,6 +1,7 @@
 //! Clients generated from the committed spec by three generators, each driven against the
 //! running service on the same 23 records: they page through `/data` by number and by cursor,
-//! read `/stats` and get a typed problem back for a bad request.
+//! read `/stats` and get a typed problem back for a bad request. The Python client does it
+//! over HTTPS, trusting a CA made here.
 //! - Python (openapi-python-client) and TypeScript (@hey-api/openapi-ts, type-checked by
 //!   `tsc`): `cargo xtask test` generates them and says where through the environment.
 //! - Rust (progenitor): the `etl-query-client` crate, generated when it is compiled.
@@ -34,12 +35,38 @@ fn api_key() -> (String, tempfile::NamedTempFile) {
     (key, file)
 }
 
-/// The query service over [`RECORDS`] records of source `gen`, requiring the key of `keys`;
-/// its base URL.
+/// A CA (its PEM) and, in `dir`, a certificate it signed for 127.0.0.1 with its key.
+fn https_files(dir: &std::path::Path) -> (String, etl_query::tls::TlsFiles) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Not rcgen's default name, which the leaf has too: OpenSSL takes a leaf whose issuer is
+    // its own name for self-signed.
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "etl test CA");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let files = etl_query::tls::TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    (ca.pem(), files)
+}
+
+/// The query service over [`RECORDS`] records of source `gen`, requiring the key of `keys`,
+/// over HTTPS when `tls` says so; its base URL.
 async fn serve_records(
     db: &TestDb,
     keys: &tempfile::NamedTempFile,
     shutdown: &CancellationToken,
+    tls: Option<etl_query::tls::TlsFiles>,
 ) -> String {
     db.client()
         .await
@@ -53,16 +80,18 @@ async fn serve_records(
         .await
         .unwrap();
     let keys = keys.path().to_str().unwrap();
-    let settings = Settings::from_env(&Env::from_pairs([
+    let mut settings = Settings::from_env(&Env::from_pairs([
         ("DATABASE_URL", db.url.as_str()),
         ("QUERY_ADDR", "127.0.0.1:0"),
         ("QUERY_API_KEYS_FILE", keys),
     ]))
     .unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    settings.tls = tls;
     let app = Application::build(settings, shutdown.clone())
         .await
         .unwrap();
-    let base = format!("http://{}", app.addr());
+    let base = format!("{scheme}://{}", app.addr());
     tokio::spawn(app.run_until_stopped());
     base
 }
@@ -82,12 +111,17 @@ async fn run_script(mut command: Command) -> String {
 }
 
 #[tokio::test]
-async fn the_generated_python_client_pages_through_data_and_reads_stats() {
+async fn the_generated_python_client_pages_through_data_and_reads_stats_over_https() {
     let (python, client_dir) = (from_xtask("ETL_PYTHON"), from_xtask("ETL_PY_CLIENT_DIR"));
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
     let (key, keys) = api_key();
-    let base = serve_records(&db, &keys, &shutdown).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, tls) = https_files(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca).unwrap();
+    let base = serve_records(&db, &keys, &shutdown, Some(tls)).await;
+    assert!(base.starts_with("https://"), "{base}");
     let mut command = Command::new(python);
     command
         .arg(concat!(
@@ -97,6 +131,7 @@ async fn the_generated_python_client_pages_through_data_and_reads_stats() {
         .arg(base)
         .arg(RECORDS.to_string())
         .arg(&key)
+        .arg(&ca_file)
         .env("PYTHONPATH", client_dir);
     assert_eq!(
         run_script(command).await,
@@ -111,7 +146,7 @@ async fn the_generated_typescript_client_pages_through_data_and_reads_stats() {
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
     let (key, keys) = api_key();
-    let base = serve_records(&db, &keys, &shutdown).await;
+    let base = serve_records(&db, &keys, &shutdown, None).await;
     let mut command = Command::new(node);
     command
         .arg(script)
@@ -131,7 +166,7 @@ async fn the_generated_rust_client_pages_through_data_and_reads_stats() {
     let db = TestDb::new().await;
     let shutdown = CancellationToken::new();
     let (key, keys) = api_key();
-    let base = serve_records(&db, &keys, &shutdown).await;
+    let base = serve_records(&db, &keys, &shutdown, None).await;
     // progenitor leaves authentication to the reqwest client it is given.
     let with_key = |key: &str| {
         let mut headers = reqwest::header::HeaderMap::new();

@@ -1,7 +1,9 @@
 """Drives the query API through the client generated from the committed spec.
 
-Usage: client_smoke.py BASE_URL EXPECTED_TOTAL API_KEY   (the generated package on PYTHONPATH)
+Usage: client_smoke.py BASE_URL EXPECTED_TOTAL API_KEY [CA_FILE]
+(the generated package on PYTHONPATH; CA_FILE: the CA to trust for an https BASE_URL)
 """
+import ssl
 import sys
 
 from etl_platform_query_api_client import AuthenticatedClient
@@ -10,10 +12,14 @@ from etl_platform_query_api_client.api.stats import get_stats
 from etl_platform_query_api_client.models import DataPage, DataRecord, Problem, Sort, Stats
 
 base_url, expected, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-client = AuthenticatedClient(base_url=base_url, token=key, raise_on_unexpected_status=True)
+# Only this CA is trusted: the certificate is checked, host name included.
+verify = ssl.create_default_context(cafile=sys.argv[4]) if len(sys.argv) > 4 else True
+client = AuthenticatedClient(
+    base_url=base_url, token=key, raise_on_unexpected_status=True, verify_ssl=verify
+)
 
 # The spec declares the API key, so the client sends it; a wrong one is a typed 401 problem.
-wrong = AuthenticatedClient(base_url=base_url, token="etlq_wrong")
+wrong = AuthenticatedClient(base_url=base_url, token="etlq_wrong", verify_ssl=verify)
 refused = list_data.sync_detailed(client=wrong)
 assert refused.status_code == 401 and isinstance(refused.parsed, Problem), refused
 assert refused.parsed.code == "unauthorized", refused.parsed
