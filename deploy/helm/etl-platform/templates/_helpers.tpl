@@ -76,13 +76,79 @@ yes
 {{- end -}}
 {{- end -}}
 
+{{/* Non-root always; the uid and gid only when set (OpenShift assigns its own: set both null). */}}
 {{- define "etl.podSecurity" -}}
 securityContext:
   runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
+  {{- with .Values.podSecurityContext.runAsUser }}
+  runAsUser: {{ . }}
+  {{- end }}
+  {{- with .Values.podSecurityContext.runAsGroup }}
+  runAsGroup: {{ . }}
+  {{- end }}
   seccompProfile:
     type: RuntimeDefault
+{{- end -}}
+
+{{- define "etl.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "etl.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What every pod spec shares: the service account (no API token: nothing here calls the
+Kubernetes API), pull secrets, scheduling and security. Pass (dict "ctx" $ "component" "query");
+a spread constraint without a labelSelector gets the component's. The migration hook runs
+before the chart's own account exists: it takes the namespace's default account, or the
+existing one named when the chart makes none. */}}
+{{- define "etl.podSpec" -}}
+{{- $ := .ctx -}}
+{{- $selector := include "etl.selector" . | fromYaml -}}
+{{- if and (eq .component "migrate") $.Values.serviceAccount.create }}
+serviceAccountName: default
+{{- else }}
+serviceAccountName: {{ include "etl.serviceAccountName" $ }}
+{{- end }}
+automountServiceAccountToken: false
+{{- with $.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $.Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $.Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $.Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $.Values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- range . }}
+  - {{- toYaml (merge (dict) . (dict "labelSelector" (dict "matchLabels" $selector))) | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{ include "etl.podSecurity" $ }}
+{{- end -}}
+
+{{/* The pod template's annotations: podAnnotations, and the sources checksum when asked
+(pods that read the sources file roll when it changes). Pass (dict "ctx" $ "sources" true). */}}
+{{- define "etl.podAnnotations" -}}
+{{- $annotations := dict -}}
+{{- if .sources -}}
+{{- $_ := set $annotations "checksum/sources" (.ctx.Values.sources | sha256sum) -}}
+{{- end -}}
+{{- $annotations = merge $annotations .ctx.Values.podAnnotations -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "etl.containerSecurity" -}}
@@ -144,14 +210,15 @@ volumeMounts:
 {{- end }}
 {{- end -}}
 
-{{/* Liveness and readiness probes on a port's /health/live and /health/ready. */}}
+{{/* Liveness and readiness probes on a port's /health/live and /health/ready: pass
+(dict "port" "admin") or (dict "port" "http" "scheme" "HTTPS"). */}}
 {{- define "etl.probes" -}}
 livenessProbe:
-  httpGet: {path: /health/live, port: {{ . }}}
+  httpGet: {path: /health/live, port: {{ .port }}, scheme: {{ .scheme | default "HTTP" }}}
   periodSeconds: 10
   failureThreshold: 3
 readinessProbe:
-  httpGet: {path: /health/ready, port: {{ . }}}
+  httpGet: {path: /health/ready, port: {{ .port }}, scheme: {{ .scheme | default "HTTP" }}}
   periodSeconds: 5
   failureThreshold: 2
 {{- end -}}
