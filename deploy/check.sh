@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deploy files without a Docker engine or a helm binary (neither exists here):
-#   - docker-compose config on compose.yaml (Compose's own parser and validation)
+#   - docker-compose config on compose.yaml, with each profile and the own-secrets override
+#     (Compose's own parser and validation), and check_compose.py on what it resolves
 #   - yamllint on every plain YAML file
 #   - the Helm chart rendered offline by Helm's Go SDK (helm-python-sdk): helm lint --strict,
 #     values.schema.json, and each rendered object against the Kubernetes schemas
@@ -27,8 +28,12 @@ if [ ! -e "$marker" ]; then
 fi
 
 docker-compose -f deploy/compose.yaml config --quiet
-echo "ok: deploy/compose.yaml (docker-compose config)"
+docker-compose -f deploy/compose.yaml --profile observability config --quiet
+docker-compose -f deploy/compose.yaml -f deploy/compose.secrets.yaml config --quiet
+echo "ok: deploy/compose.yaml, every profile and the own-secrets override (docker-compose config)"
+"$venv/bin/python" deploy/check_compose.py
 "$venv/bin/yamllint" --strict -c deploy/yamllint.yaml \
-  deploy/compose.yaml deploy/helm/etl-platform/Chart.yaml deploy/helm/etl-platform/values.yaml
+  deploy/compose.yaml deploy/compose.secrets.yaml deploy/observability/*.y*ml \
+  deploy/helm/etl-platform/Chart.yaml deploy/helm/etl-platform/values.yaml
 echo "ok: yamllint"
 "$venv/bin/python" deploy/check_helm.py

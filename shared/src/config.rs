@@ -128,23 +128,46 @@ impl DatabaseSettings {
     pub const URL_VAR: &'static str = "DATABASE_URL";
     pub const POOL_MAX_SIZE_VAR: &'static str = "DATABASE_POOL_MAX_SIZE";
     pub const CONNECT_TIMEOUT_VAR: &'static str = "DATABASE_CONNECT_TIMEOUT_SECS";
+    /// A file holding the password (a Docker or Kubernetes secret), for a URL without one.
+    pub const PASSWORD_FILE_VAR: &'static str = "DATABASE_PASSWORD_FILE";
     /// libpq's variables for what the URL does not say (the Helm chart sets them, so the URL
     /// can stay in a Secret as the operator wrote it).
     pub const SSLMODE_VAR: &'static str = "PGSSLMODE";
     pub const SSLROOTCERT_VAR: &'static str = "PGSSLROOTCERT";
 
-    /// Reads `DATABASE_URL` (required), `DATABASE_POOL_MAX_SIZE` (1–1000, default: four per
-    /// CPU, kept within 5–20) and `DATABASE_CONNECT_TIMEOUT_SECS` (1–300, default 5).
+    /// Reads `DATABASE_URL` (required), `DATABASE_PASSWORD_FILE` (the password, for a URL
+    /// without one), `DATABASE_POOL_MAX_SIZE` (1–1000, default: four per CPU, kept within
+    /// 5–20) and `DATABASE_CONNECT_TIMEOUT_SECS` (1–300, default 5).
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let url = env.required(
             Self::URL_VAR,
             "e.g. postgres://user:password@localhost:5432/etl; `cargo xtask up` starts a local one",
         )?;
-        let (config, tls) = Self::parse_url(
+        let (mut config, tls) = Self::parse_url(
             &url,
             env.get(Self::SSLMODE_VAR)?,
             env.get(Self::SSLROOTCERT_VAR)?,
         )?;
+        if let Some(path) = env.get(Self::PASSWORD_FILE_VAR)? {
+            let invalid = |reason: String| ConfigError::Invalid {
+                var: Self::PASSWORD_FILE_VAR.into(),
+                reason,
+            };
+            if config.get_password().is_some() {
+                return Err(invalid(
+                    "DATABASE_URL has a password too: give it in one place".into(),
+                ));
+            }
+            let password =
+                std::fs::read(&path).map_err(|e| invalid(format!("cannot read {path}: {e}")))?;
+            // Files written by `echo` or an editor end in a newline that is not the password's.
+            let password = password.strip_suffix(b"\n").unwrap_or(&password);
+            let password = password.strip_suffix(b"\r").unwrap_or(password);
+            if password.is_empty() {
+                return Err(invalid(format!("{path} is empty")));
+            }
+            config.password(password);
+        }
         let pool_max_size = env.parse_in_range(
             Self::POOL_MAX_SIZE_VAR,
             1..=1000,
@@ -229,6 +252,32 @@ fn default_pool_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_may_come_from_a_file_but_not_from_two_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let file = file.to_str().unwrap();
+        let settings = DatabaseSettings::from_env(&Env::from_pairs([
+            ("DATABASE_URL", "postgres://etl@db/etl"),
+            ("DATABASE_PASSWORD_FILE", file),
+        ]))
+        .unwrap();
+        assert_eq!(settings.config.get_password(), Some(&b"s3cret"[..]));
+        for (url, path) in [
+            ("postgres://etl:other@db/etl", file),
+            ("postgres://etl@db/etl", "/nonexistent/pw"),
+        ] {
+            let err = DatabaseSettings::from_env(&Env::from_pairs([
+                ("DATABASE_URL", url),
+                ("DATABASE_PASSWORD_FILE", path),
+            ]))
+            .err()
+            .expect("refused");
+            assert!(err.to_string().contains("DATABASE_PASSWORD_FILE"), "{err}");
+        }
+    }
 
     #[test]
     fn sslmode_comes_from_the_url_else_from_pgsslmode_else_prefer() {

@@ -199,3 +199,74 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
         );
     }
 }
+
+/// What `docker compose up` ingests: `deploy/sources.toml` as committed, against `deploy/demo/`
+/// served as files over HTTP (the stack's `demo-source` is a static file server; here the
+/// host name points at one started by the test): both demo sources are read whole and their
+/// runs succeed.
+#[tokio::test]
+async fn the_compose_stacks_demo_sources_ingest_deploy_demo_served_as_static_files() {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let demo = workspace.join("deploy/demo");
+    let files = Route::new()
+        .at(
+            "/products.json",
+            make_sync({
+                let body = std::fs::read(demo.join("products.json")).unwrap();
+                move |_| {
+                    Response::builder()
+                        .content_type("application/json")
+                        .body(body.clone())
+                }
+            }),
+        )
+        .at(
+            "/sensors.csv",
+            make_sync({
+                let body = std::fs::read(demo.join("sensors.csv")).unwrap();
+                move |_| {
+                    Response::builder()
+                        .content_type("text/csv")
+                        .body(body.clone())
+                }
+            }),
+        );
+    let server = TestServer::start(files).await;
+    let compose_sources = std::fs::read_to_string(workspace.join("deploy/sources.toml")).unwrap();
+    assert!(compose_sources.contains("http://demo-source/"));
+    let sources =
+        SourcesFile::new(&compose_sources.replace("http://demo-source/", &server.url("/")));
+    let db = TestDb::new().await;
+    let output = tokio::process::Command::new(etl_tests::service_binary("etl-ingester"))
+        .arg("ingest")
+        .env("DATABASE_URL", &db.url)
+        .env("SOURCES_FILE", sources.env_value())
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let client = db.client().await;
+    let expected_rows = |file: &str| {
+        let text = std::fs::read_to_string(demo.join(file)).unwrap();
+        match file {
+            "products.json" => serde_json::from_str::<Vec<Value>>(&text).unwrap().len() as i64,
+            _ => text.lines().count() as i64 - 1,
+        }
+    };
+    for (source, file) in [("products", "products.json"), ("sensors", "sensors.csv")] {
+        let row = client
+            .query_one(
+                "SELECT status, records_processed FROM etl_runs \
+                 WHERE service = 'ingester' AND source = $1",
+                &[&source],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "success", "{source}");
+        assert_eq!(
+            row.get::<_, i64>(1),
+            expected_rows(file),
+            "{source}: every row read"
+        );
+    }
+}
