@@ -208,30 +208,20 @@ async fn the_three_services_move_rows_end_to_end_survive_a_sigkill_and_stop_on_s
 async fn the_compose_stacks_demo_sources_ingest_deploy_demo_served_as_static_files() {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let demo = workspace.join("deploy/demo");
-    let files = Route::new()
-        .at(
-            "/products.json",
-            make_sync({
-                let body = std::fs::read(demo.join("products.json")).unwrap();
-                move |_| {
-                    Response::builder()
-                        .content_type("application/json")
-                        .body(body.clone())
-                }
-            }),
-        )
-        .at(
-            "/sensors.csv",
-            make_sync({
-                let body = std::fs::read(demo.join("sensors.csv")).unwrap();
-                move |_| {
-                    Response::builder()
-                        .content_type("text/csv")
-                        .body(body.clone())
-                }
-            }),
-        );
-    let server = TestServer::start(files).await;
+    let file = |name: &str, content_type: &'static str| {
+        let body = std::fs::read(demo.join(name)).unwrap();
+        make_sync(move |_| {
+            Response::builder()
+                .content_type(content_type)
+                .body(body.clone())
+        })
+    };
+    let server = TestServer::start(
+        Route::new()
+            .at("/products.json", file("products.json", "application/json"))
+            .at("/sensors.csv", file("sensors.csv", "text/csv")),
+    )
+    .await;
     let compose_sources = std::fs::read_to_string(workspace.join("deploy/sources.toml")).unwrap();
     assert!(compose_sources.contains("http://demo-source/"));
     let sources =

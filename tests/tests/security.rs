@@ -219,6 +219,16 @@ fn received(log: &Received, req: &Request) -> bool {
     authorized
 }
 
+/// An endpoint that records each request in `log` and answers `respond(keyed)`, `keyed` saying
+/// whether the request carried the source's key.
+fn recording(
+    log: &Received,
+    respond: impl Fn(bool) -> Response + Send + Sync + 'static,
+) -> impl poem::Endpoint {
+    let log = log.clone();
+    make_sync(move |req: Request| respond(received(&log, &req)))
+}
+
 const HEADER_SECRET: &str = "hdr-3c9e1f-secret";
 const QUERY_SECRET: &str = "qry-8d2a7b-secret";
 const BODY_SECRET: &str = "body-51f0ce-secret";
@@ -248,25 +258,14 @@ async fn secrets_stay_with_their_origin_and_out_of_every_error() {
         Route::new()
             .at(
                 "/page2",
-                make_sync({
-                    let log = elsewhere.clone();
-                    move |req: Request| {
-                        received(&log, &req);
-                        json(
-                            r#"{"items": [{"id": 2, "title": "b", "price": 2}], "next": null}"#
-                                .into(),
-                        )
-                    }
+                recording(&elsewhere, |_| {
+                    json(r#"{"items": [{"id": 2, "title": "b", "price": 2}], "next": null}"#.into())
                 }),
             )
             .at(
                 "/moved",
-                make_sync({
-                    let log = elsewhere.clone();
-                    move |req: Request| {
-                        received(&log, &req);
-                        json(r#"{"items": [{"id": 3, "title": "c", "price": 3}]}"#.into())
-                    }
+                recording(&elsewhere, |_| {
+                    json(r#"{"items": [{"id": 3, "title": "c", "price": 3}]}"#.into())
                 }),
             ),
     )
@@ -274,40 +273,34 @@ async fn secrets_stay_with_their_origin_and_out_of_every_error() {
     let at_home: Received = Default::default();
     let (page2, moved) = (other.url("/page2"), other.url("/moved"));
     // Every path of the source's own origin answers 401 without the key.
+    let unauthorized = || {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .finish()
+    };
     let home = TestServer::start(
         Route::new()
             .at(
                 "/page1",
-                make_sync({
-                    let log = at_home.clone();
-                    move |req: Request| {
-                        if !received(&log, &req) {
-                            return Response::builder().status(StatusCode::UNAUTHORIZED).finish();
-                        }
-                        json(format!(
-                            r#"{{"items": [{{"id": 1, "title": "a", "price": 1}}], "next": "{page2}"}}"#
-                        ))
-                    }
+                recording(&at_home, move |keyed| match keyed {
+                    true => json(format!(
+                        r#"{{"items": [{{"id": 1, "title": "a", "price": 1}}], "next": "{page2}"}}"#
+                    )),
+                    false => unauthorized(),
                 }),
             )
             .at(
                 "/hop1",
-                make_sync({
-                    let log = at_home.clone();
-                    move |req: Request| match received(&log, &req) {
-                        true => redirect("/hop2".into()),
-                        false => Response::builder().status(StatusCode::UNAUTHORIZED).finish(),
-                    }
+                recording(&at_home, move |keyed| match keyed {
+                    true => redirect("/hop2".into()),
+                    false => unauthorized(),
                 }),
             )
             .at(
                 "/hop2",
-                make_sync({
-                    let log = at_home.clone();
-                    move |req: Request| match received(&log, &req) {
-                        true => redirect(moved.clone()),
-                        false => Response::builder().status(StatusCode::UNAUTHORIZED).finish(),
-                    }
+                recording(&at_home, move |keyed| match keyed {
+                    true => redirect(moved.clone()),
+                    false => unauthorized(),
                 }),
             )
             .at(

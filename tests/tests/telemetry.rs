@@ -120,6 +120,18 @@ fn collect(body: poem::web::Json<Value>, Data(received): Data<&Received>) -> &'s
     "{}"
 }
 
+/// A collector stand-in: OTLP/HTTP JSON bodies in, the spans and metric points it received.
+async fn collector() -> (TestServer, Received, Points) {
+    let (received, points) = (Received::default(), Points::default());
+    let server = TestServer::start(
+        Route::new()
+            .at("/v1/traces", post(collect).data(received.clone()))
+            .at("/v1/metrics", post(collect_metrics).data(points.clone())),
+    )
+    .await;
+    (server, received, points)
+}
+
 fn otel_env(collector: &TestServer) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url("")),
@@ -134,14 +146,7 @@ fn otel_env(collector: &TestServer) -> Vec<(&'static str, String)> {
 async fn at_log_level_warn_spans_and_metrics_arrive_and_the_normalizer_batch_links_to_the_ingest_batch(
 ) {
     let db = TestDb::new().await;
-    let received = Received::default();
-    let points = Points::default();
-    let collector = TestServer::start(
-        Route::new()
-            .at("/v1/traces", post(collect).data(received.clone()))
-            .at("/v1/metrics", post(collect_metrics).data(points.clone())),
-    )
-    .await;
+    let (collector, received, points) = collector().await;
     let source = TestServer::serving(
         "/rows.csv",
         "id,name,value
@@ -323,14 +328,7 @@ async fn a_query_request_continues_the_callers_trace_down_to_its_sql() {
 #[tokio::test]
 async fn the_sampler_decides_what_is_traced_and_a_bad_one_stops_the_start() {
     let db = TestDb::new().await;
-    let received = Received::default();
-    let points = Points::default();
-    let collector = TestServer::start(
-        Route::new()
-            .at("/v1/traces", post(collect).data(received.clone()))
-            .at("/v1/metrics", post(collect_metrics).data(points.clone())),
-    )
-    .await;
+    let (collector, received, points) = collector().await;
     let source = TestServer::serving("/rows.csv", "id,name,value\n1,one,1\n").await;
     let sources = SourcesFile::of(&[SourceToml::csv("rows", &source.url("/rows.csv"))]);
     let ingest = |sampler: &'static str, arg: &'static str| {
