@@ -160,7 +160,7 @@ impl Fetcher {
         headers: HeaderMap,
         secrets: Secrets,
         shutdown: CancellationToken,
-    ) -> Result<Self, IngestClientError> {
+    ) -> Result<Self, ClientError> {
         let options = source.http.clone();
         let client = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
@@ -168,9 +168,9 @@ impl Fetcher {
             .user_agent(concat!("etl-ingester/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| IngestClientError(etl_shared::error_chain(&e)))?;
+            .map_err(|e| ClientError(etl_shared::error_chain(&e)))?;
         let origin = Url::parse(&source.url)
-            .map_err(|e| IngestClientError(format!("bad url: {e}")))?
+            .map_err(|e| ClientError(format!("bad url: {e}")))?
             .origin();
         Ok(Self {
             client,
@@ -373,7 +373,7 @@ impl Fetcher {
 /// The client for a source's requests could not be made.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct IngestClientError(String);
+pub struct ClientError(String);
 
 /// Where a redirect response sends the client: `Location` of a 301, 302, 303, 307 or 308.
 fn redirect_target(response: &Response) -> Option<String> {
