@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod bearer;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod metrics;
 pub mod migrate;

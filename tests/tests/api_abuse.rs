@@ -55,7 +55,7 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_spec() {
     let db = TestDb::new().await;
     // With API keys on: schemathesis sends the key, and checks that requests without it or
     // with a wrong one are refused (its `ignored_auth` check).
-    let (key, entry) = etl_query::access::new_key("schemathesis");
+    let (key, entry) = etl_query::access::new_key("schemathesis", false);
     let keys = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(keys.path(), entry).unwrap();
     let (mut service, base) = query_service_with(

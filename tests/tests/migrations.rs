@@ -73,7 +73,7 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
     let db = TestDb::new().await;
     let client = db.client().await;
 
-    let expected: [(&str, &[&str]); 13] = [
+    let expected: [(&str, &[&str]); 15] = [
         (
             "raw_api_data",
             &[
@@ -189,6 +189,28 @@ async fn migrations_create_every_table_with_the_columns_the_services_use() {
         (
             "etl_rejects_replay",
             &["source", "source_id", "raw_id", "reason"],
+        ),
+        (
+            "etl_source_config",
+            &[
+                "source",
+                "kind",
+                "schedule_seconds",
+                "url",
+                "mapping",
+                "updated_at",
+            ],
+        ),
+        (
+            "etl_requests",
+            &[
+                "id",
+                "source",
+                "action",
+                "requested_by",
+                "requested_at",
+                "taken_at",
+            ],
         ),
     ];
     for (table, cols) in expected {

@@ -427,8 +427,10 @@ async fn secrets_stay_with_their_origin_and_out_of_every_error() {
     }
 }
 
+/// Reads, and one write: the console's actions, which only record a request (for an admin
+/// key: `console::run_now_and_replay_are_taken_by_the_services_for_an_admin_key_only`).
 #[test]
-fn every_api_operation_is_a_read_of_data_history_stats_or_health() {
+fn every_api_operation_is_a_read_but_the_admin_keys_actions() {
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(workspace().join("services/query/openapi.json")).unwrap(),
     )
@@ -460,8 +462,10 @@ fn every_api_operation_is_a_read_of_data_history_stats_or_health() {
             ("/health/ready", vec!["get"]),
             ("/rejects", vec!["get"]),
             ("/runs", vec!["get"]),
+            ("/sources/{source}/{action}", vec!["post"]),
             ("/stats", vec!["get"]),
         ],
-        "every operation is a read: of normalized data, the pipeline's history, stats or health"
+        "every operation is a read (of normalized data, the pipeline's history, stats or \
+         health) or the console's actions"
     );
 }

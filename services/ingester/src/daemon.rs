@@ -86,6 +86,11 @@ impl Application {
             self.retention_days,
             shutdown.clone(),
         ));
+        tasks.spawn(console_requests(
+            self.ingester.clone(),
+            self.triggers.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(admin = %self.admin_addr, sources = self.triggers.len(), "ingester started");
 
         let server = Server::new_with_acceptor(self.acceptor).run_with_graceful_shutdown(
@@ -161,4 +166,41 @@ async fn schedule(ingester: Ingester, name: String, every: Duration, trigger: Ar
             return;
         }
     }
+}
+
+/// The console's side of the daemon: publishes the sources as this ingester runs them (once
+/// the database answers), then runs each source asked for by "run now" as a trigger would.
+async fn console_requests(
+    ingester: Ingester,
+    triggers: Arc<admin::Triggers>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use etl_shared::console;
+    loop {
+        let published = match ingester.pool().get().await {
+            Ok(client) => console::publish_sources(&**client, ingester.sources())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => break,
+            Err(error) => tracing::debug!(%error, "could not publish the sources yet"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(console::POLL_INTERVAL) => {}
+        }
+    }
+    let pool = ingester.pool().clone();
+    console::take_periodically(pool, console::Action::Run, shutdown, |source| {
+        let trigger = triggers.get(&source).cloned();
+        async move {
+            match trigger {
+                Some(trigger) => trigger.notify_one(),
+                None => tracing::warn!(source, "asked to run a source this ingester does not have"),
+            }
+        }
+    })
+    .await;
 }

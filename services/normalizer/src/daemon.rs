@@ -78,7 +78,7 @@ impl Application {
             async move { listen::run(database, wake, shutdown, || n.count_reconnect()).await }
         });
         tasks.spawn({
-            let (every, wake, shutdown) = (self.poll_interval, wake_tx, shutdown.clone());
+            let (every, wake, shutdown) = (self.poll_interval, wake_tx.clone(), shutdown.clone());
             async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
@@ -87,6 +87,30 @@ impl Application {
                         _ = tick.tick() => { let _ = wake.send(Wake::All); }
                     }
                 }
+            }
+        });
+        // Replays asked for from the console: begun here, carried out by the source's worker.
+        tasks.spawn({
+            let (n, shutdown, wake) = (normalizer.clone(), shutdown.clone(), wake_tx.clone());
+            let pool = normalizer.pool().clone();
+            async move {
+                etl_shared::console::take_periodically(
+                    pool,
+                    etl_shared::console::Action::Replay,
+                    shutdown,
+                    |source| {
+                        let (n, wake) = (n.clone(), wake.clone());
+                        async move {
+                            match n.begin_replay(&source).await {
+                                Ok(()) => {
+                                    let _ = wake.send(Wake::Source(source));
+                                }
+                                Err(e) => tracing::warn!(source, error = %e, "could not begin the replay asked for"),
+                            }
+                        }
+                    },
+                )
+                .await
             }
         });
         tasks.spawn({

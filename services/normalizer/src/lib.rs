@@ -519,6 +519,20 @@ impl Normalizer {
         Ok(outcome)
     }
 
+    /// Starts a replay of `name` to its current mapping, which its next runs (on any replica)
+    /// carry out: what a replay asked for from the console does.
+    pub async fn begin_replay(&self, name: &str) -> Result<(), NormalizeError> {
+        let fingerprint = self
+            .inner
+            .fingerprints
+            .get(name)
+            .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
+        let client = self.inner.pool.get().await?;
+        replay::mode(&client, name, fingerprint).await?;
+        replay::begin(&client, name, fingerprint, replay::Reason::Requested).await?;
+        Ok(())
+    }
+
     /// `etl-normalizer replay --source NAME`: re-normalizes `name` from its raw rows now, to
     /// the current mapping, and returns once the new version is served (or why it is not).
     pub async fn replay(&self, name: &str) -> Result<RunCounts, NormalizeError> {
@@ -527,12 +541,7 @@ impl Normalizer {
             .sources
             .get(name)
             .ok_or_else(|| NormalizeError::UnknownSource(name.into()))?;
-        {
-            let client = self.inner.pool.get().await?;
-            replay::mode(&client, name, &self.inner.fingerprints[name]).await?;
-            let fingerprint = &self.inner.fingerprints[name];
-            replay::begin(&client, name, fingerprint, replay::Reason::Requested).await?;
-        }
+        self.begin_replay(name).await?;
         let mut pause = std::time::Duration::from_millis(50);
         loop {
             let client = self.inner.pool.get().await?;

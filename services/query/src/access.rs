@@ -37,7 +37,15 @@ fn is_open(path: &str) -> bool {
 /// The clients allowed in, by the SHA-256 of their key.
 #[derive(Debug, Clone)]
 pub struct ApiKeys {
-    names: HashMap<[u8; 32], Arc<str>>,
+    names: HashMap<[u8; 32], Caller>,
+}
+
+/// Who sent a request, as its key says; put in the request's extensions for the handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: Arc<str>,
+    /// May ask for actions (the console's "run now" and "replay"): `admin = true` in the file.
+    pub admin: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +59,8 @@ pub enum KeysError {
     Invalid { path: String, reason: String },
 }
 
-/// The file's shape: `[[keys]]` tables of `name` and `sha256` (64 hex digits).
+/// The file's shape: `[[keys]]` tables of `name`, `sha256` (64 hex digits) and optionally
+/// `admin = true`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysFile {
@@ -63,6 +72,8 @@ struct KeysFile {
 struct KeyEntry {
     name: String,
     sha256: String,
+    #[serde(default)]
+    admin: bool,
 }
 
 impl ApiKeys {
@@ -92,15 +103,19 @@ impl ApiKeys {
             }
             let digest = decode_sha256(&entry.sha256)
                 .ok_or_else(|| format!("the sha256 of key {name:?} is not 64 hex digits"))?;
-            if names.insert(digest, Arc::from(name)).is_some() {
+            let caller = Caller {
+                name: Arc::from(name),
+                admin: entry.admin,
+            };
+            if names.insert(digest, caller).is_some() {
                 return Err(format!("key {name:?} has the same sha256 as another"));
             }
         }
         Ok(Self { names })
     }
 
-    /// The name of the client whose key this is.
-    fn client_of(&self, key: &str) -> Option<&Arc<str>> {
+    /// The client whose key this is.
+    fn client_of(&self, key: &str) -> Option<&Caller> {
         self.names.get(&sha256(key.as_bytes()))
     }
 }
@@ -123,8 +138,9 @@ fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// A new key for client `name`, and its entry for the keys file.
-pub fn new_key(name: &str) -> (String, String) {
+/// A new key for client `name` (allowed the console's actions when `admin`), and its entry for
+/// the keys file.
+pub fn new_key(name: &str, admin: bool) -> (String, String) {
     use base64::Engine;
     use ring::rand::SecureRandom;
     let mut secret = [0u8; 32];
@@ -140,8 +156,9 @@ pub fn new_key(name: &str) -> (String, String) {
         .map(|b| format!("{b:02x}"))
         .collect();
     let entry = format!(
-        "[[keys]]\nname = {}\nsha256 = \"{digest}\"\n",
-        toml_string(name)
+        "[[keys]]\nname = {}\nsha256 = \"{digest}\"\n{}",
+        toml_string(name),
+        if admin { "admin = true\n" } else { "" }
     );
     (key, entry)
 }
@@ -199,12 +216,12 @@ impl Access {
     }
 
     /// Calls `ep` if the request may pass; else the 401 or 429 problem.
-    pub async fn check<E: Endpoint>(&self, ep: E, req: Request) -> poem::Result<Response> {
+    pub async fn check<E: Endpoint>(&self, ep: E, mut req: Request) -> poem::Result<Response> {
         let Some(keys) = self.keys.as_ref().filter(|_| !is_open(req.uri().path())) else {
             return ep.call(req).await.map(IntoResponse::into_response);
         };
         let presented = bearer::credential(req.headers());
-        let client = match presented.map(|key| keys.client_of(key)) {
+        let caller = match presented.map(|key| keys.client_of(key)) {
             None => {
                 return Ok(bearer::unauthorized(
                     "Bearer realm=\"etl-query\"",
@@ -217,11 +234,11 @@ impl Access {
                     "the API key is not one of this service's",
                 ))
             }
-            Some(Some(client)) => client.clone(),
+            Some(Some(caller)) => caller.clone(),
         };
-        tracing::Span::current().record("client", &*client);
+        tracing::Span::current().record("client", &*caller.name);
         if let Some(limit) = &self.limit {
-            if let Err(retry_after) = limit.take(&client) {
+            if let Err(retry_after) = limit.take(&caller.name) {
                 let mut response = Problem::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     ProblemCode::RateLimited,
@@ -238,6 +255,7 @@ impl Access {
                 return Ok(response);
             }
         }
+        req.extensions_mut().insert(caller);
         ep.call(req).await.map(IntoResponse::into_response)
     }
 }
@@ -248,9 +266,13 @@ mod tests {
 
     #[test]
     fn a_new_keys_entry_lets_its_key_in_and_nothing_else() {
-        let (key, entry) = new_key("dash \"board\"");
-        let keys = ApiKeys::parse(&entry).unwrap();
-        assert_eq!(keys.client_of(&key).map(|n| &**n), Some("dash \"board\""));
+        let (key, entry) = new_key("dash \"board\"", false);
+        let (admin_key, admin_entry) = new_key("ops", true);
+        let keys = ApiKeys::parse(&format!("{entry}{admin_entry}")).unwrap();
+        let caller = keys.client_of(&key).unwrap();
+        assert_eq!((&*caller.name, caller.admin), ("dash \"board\"", false));
+        let admin = keys.client_of(&admin_key).unwrap();
+        assert_eq!((&*admin.name, admin.admin), ("ops", true));
         assert!(keys.client_of("etlq_guess").is_none());
         assert!(keys.client_of(&key[..key.len() - 1]).is_none());
     }

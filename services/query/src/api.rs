@@ -10,6 +10,7 @@ use poem_openapi::payload::{Binary, Json};
 use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent, Tags};
 
+use crate::actions::{self, ActionName, ActionRequest};
 use crate::caching;
 use crate::data::{self, After, Cursor, DataPage, DataQuery, DataRecord, Filters, Sort, Start};
 use crate::export::{ExportError, Exports, Format};
@@ -29,6 +30,8 @@ enum Tag {
     Stats,
     /// What the pipeline did: its runs, and the records it rejected.
     History,
+    /// Actions on a source, for admin keys only: run it now, replay it.
+    Actions,
     /// Liveness and readiness.
     Health,
 }
@@ -210,6 +213,37 @@ enum ExportBody {
 
 fn bad_export_request(err: poem::Error) -> ExportResponse {
     ExportResponse::BadRequest(Json(Problem::from_bad_request(err)))
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_action_request")]
+enum ActionResponse {
+    /// The request is recorded; an ingester (`run`) or a normalizer (`replay`) takes it within
+    /// about a second, and its run then shows in `/runs`.
+    #[oai(status = 202, content_type = "application/json")]
+    Accepted(Json<ActionRequest>),
+    /// A parameter is malformed; `parameter` names it.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// Not an admin key (403, `forbidden`; also when no keys are configured), no ingester
+    /// runs that source (404, `not_found`), no or an unknown key (401, `unauthorized`), the
+    /// key's rate limit (429, `rate_limited`), …; `code` says which.
+    #[oai(status_range = "4XX", content_type = "application/problem+json")]
+    ClientError(StatusCode, Json<Problem>),
+    /// The database did not answer in time (503, `timeout` or `unavailable`), or another
+    /// server problem; `code` says which.
+    #[oai(status_range = "5XX", content_type = "application/problem+json")]
+    ServerError(StatusCode, Json<Problem>),
+}
+
+fn bad_action_request(err: poem::Error) -> ActionResponse {
+    // poem-openapi names path parameters by position (`param1`) in its message.
+    let problem = if err.to_string().contains("ActionName") {
+        Problem::invalid_parameter("action", "must be `run` or `replay`")
+    } else {
+        Problem::from_bad_request(err)
+    };
+    ActionResponse::BadRequest(Json(problem))
 }
 
 #[derive(ApiResponse)]
@@ -553,6 +587,40 @@ impl Api {
             Err(e) => {
                 let (status, problem) = problem::server_error(&e);
                 RecordResponse::ServerError(status, problem)
+            }
+        }
+    }
+
+    /// Ask for an action on a source
+    ///
+    /// `run`: ingest the source now, as its schedule would (an ingester takes the request);
+    /// `replay`: re-normalize it from its raw rows to its current mapping (a normalizer does).
+    /// Needs an API key marked `admin = true`; without keys configured, actions are refused.
+    #[oai(
+        path = "/sources/:source/:action",
+        method = "post",
+        operation_id = "askAction",
+        tag = "Tag::Actions"
+    )]
+    async fn ask_action(
+        &self,
+        req: &poem::Request,
+        /// The source, as the sources file names it.
+        #[oai(validator(min_length = 1, max_length = 63, pattern = r"^[a-z0-9_-]+$"))]
+        source: Path<String>,
+        /// What to do.
+        action: Path<ActionName>,
+    ) -> ActionResponse {
+        let caller = req.extensions().get::<crate::access::Caller>();
+        match actions::ask(&self.reader, caller, &source.0, action.0).await {
+            Ok(request) => ActionResponse::Accepted(Json(request)),
+            Err(refused) => {
+                let (status, problem) = refused.problem();
+                if status.is_client_error() {
+                    ActionResponse::ClientError(status, Json(problem))
+                } else {
+                    ActionResponse::ServerError(status, Json(problem))
+                }
             }
         }
     }

@@ -5,6 +5,7 @@
 //! `main.rs` parses the command line; [`Application`] is what tests and the binary start.
 
 pub mod access;
+mod actions;
 mod api;
 mod caching;
 mod compression;
@@ -299,17 +300,20 @@ fn routes(
             }
             .instrument(span)
         })
-        .catch_all_error(|err| async move {
-            let method_not_allowed = err.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED;
-            let mut response = Problem::from_error(&err).into_response();
-            if method_not_allowed {
-                // Every resource here is read-only (RFC 9110 asks a 405 to say what is allowed).
+        .catch_all_error(|err| async move { Problem::from_error(&err).into_response() })
+        .around(|ep, req| async move {
+            // RFC 9110 asks a 405 to say what is allowed: the actions take POST, every other
+            // resource is read-only.
+            let actions = req.uri().path().starts_with("/sources/");
+            let mut response = ep.call(req).await?.into_response();
+            if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+                let allowed = if actions { "POST" } else { "GET, HEAD" };
                 response.headers_mut().insert(
                     poem::http::header::ALLOW,
-                    poem::http::HeaderValue::from_static("GET, HEAD"),
+                    poem::http::HeaderValue::from_static(allowed),
                 );
             }
-            response
+            Ok(response)
         });
     let app = metrics.wrap(app).around(compression::compress);
     if settings.cors_origins.is_empty() {

@@ -28,6 +28,9 @@ enum Command {
     ApiKey {
         /// Who the key is for (shown in the request logs).
         name: String,
+        /// The key may also ask for actions (the console's "run now" and "replay").
+        #[arg(long)]
+        admin: bool,
     },
 }
 
@@ -51,8 +54,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied: {}", report.applied.len());
         }
         Command::Spec => println!("{}", etl_query::openapi_json()),
-        Command::ApiKey { name } => {
-            let (key, entry) = etl_query::access::new_key(&name);
+        Command::ApiKey { name, admin } => {
+            let (key, entry) = etl_query::access::new_key(&name, admin);
             eprintln!("the key for {name:?} (shown once: it is kept nowhere):");
             println!("{key}");
             eprintln!("its entry for QUERY_API_KEYS_FILE:\n\n{entry}");

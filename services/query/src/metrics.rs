@@ -146,6 +146,13 @@ pub fn route_of(path: &str) -> &'static str {
     if path.starts_with("/docs") {
         return "/docs";
     }
+    if let Some(rest) = path.strip_prefix("/sources/") {
+        // `/sources/{source}/{action}`, the console's actions.
+        if matches!(rest.split_once('/'), Some((s, a)) if !s.is_empty() && matches!(a, "run" | "replay"))
+        {
+            return "/sources/{source}/{action}";
+        }
+    }
     if let Some(key) = path.strip_prefix("/data/") {
         // `/data/{source}/{source_id}`: two non-empty segments (a `/` in an id is `%2F`).
         if matches!(key.split_once('/'), Some((s, id)) if !s.is_empty() && !id.is_empty() && !id.contains('/'))

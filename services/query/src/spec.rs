@@ -25,6 +25,7 @@ fn parameter_example(name: &str) -> Option<Value> {
         "status" => json!("failed"),
         "stage" => json!("ingest"),
         "format" => json!("csv"),
+        "action" => json!("run"),
         "If-None-Match" => json!("W/\"d0123456789abcdef\""),
         _ => return None,
     })

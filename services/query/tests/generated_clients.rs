@@ -29,7 +29,7 @@ fn from_xtask(var: &str) -> String {
 
 /// A client's API key, and the keys file that lets it in (kept until dropped).
 fn api_key() -> (String, tempfile::NamedTempFile) {
-    let (key, entry) = etl_query::access::new_key("generated client");
+    let (key, entry) = etl_query::access::new_key("generated client", false);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), entry).unwrap();
     (key, file)
