@@ -376,7 +376,8 @@ pub struct Pruned {
 /// Removes history older than `days`: ingest rejects of runs other than their source's latest
 /// successful one (those are what the source's rejects are now), then runs that ended before
 /// then, except each service's latest run of each source and runs whose rejects are kept.
-/// Normalize rejects are the current state of raw rows, not history: they stay.
+/// Normalize rejects are the current state of raw rows, not history: they stay. Taken console
+/// requests older than `days` go too.
 pub async fn prune_history(pool: &Pool, days: u32) -> Result<Pruned, RunError> {
     let client = pool.get().await?;
     let days = i32::try_from(days).unwrap_or(i32::MAX);
@@ -398,6 +399,14 @@ pub async fn prune_history(pool: &Pool, days: u32) -> Result<Pruned, RunError> {
                AND r.started_at < (SELECT max(l.started_at) FROM etl_runs l
                                    WHERE l.service = r.service AND l.source = r.source)
                AND NOT EXISTS (SELECT 1 FROM etl_rejects j WHERE j.run_id = r.id)",
+            &[&days],
+        )
+        .await?;
+    // The console's requests, once taken: history like the runs they started.
+    client
+        .execute(
+            "DELETE FROM etl_requests
+             WHERE taken_at < now() - make_interval(days => $1)",
             &[&days],
         )
         .await?;

@@ -447,7 +447,11 @@ async fn history_past_the_retention_is_pruned_but_the_latest_runs_and_current_re
         .batch_execute(
             "UPDATE etl_runs SET started_at = started_at - interval '40 days',
                                  ended_at = ended_at - interval '40 days';
-             UPDATE etl_rejects SET created_at = created_at - interval '40 days'",
+             UPDATE etl_rejects SET created_at = created_at - interval '40 days';
+             INSERT INTO etl_requests (source, action, requested_by, requested_at, taken_at)
+             VALUES ('aging', 'run', 'ops', now() - interval '40 days', now() - interval '40 days'),
+                    ('aging', 'run', 'ops', now() - interval '1 day', now() - interval '1 day'),
+                    ('aging', 'replay', 'ops', now() - interval '40 days', NULL)",
         )
         .await
         .unwrap();
@@ -470,6 +474,22 @@ async fn history_past_the_retention_is_pruned_but_the_latest_runs_and_current_re
     let (statuses, lines): (Vec<String>, Vec<i64>) = (row.get(0), row.get(1));
     assert_eq!(statuses, ["success", "failed"]);
     assert_eq!(lines, [3], "the current reject (line 3) stays");
+    let requests: Vec<(bool, bool)> = client
+        .query(
+            "SELECT requested_at > now() - interval '2 days', taken_at IS NULL
+             FROM etl_requests ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        requests,
+        [(true, false), (false, true)],
+        "the old taken request goes; a recent one and one never taken stay"
+    );
 
     let again = etl_shared::runs::prune_history(ingester.pool(), 30)
         .await
