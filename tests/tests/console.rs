@@ -57,6 +57,24 @@ async fn run_now_and_replay_are_taken_by_the_services_for_an_admin_key_only() {
     )
     .await;
 
+    // The ingester published the source as its file declares it.
+    let stats: Value = reqwest::Client::new()
+        .get(format!("{api}/stats"))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let config = &stats["sources"][0]["config"];
+    assert_eq!(config["kind"], "csv", "{stats}");
+    assert_eq!(config["schedule_seconds"], 3600);
+    assert_eq!(config["url"], server.url("/rows.csv"));
+    assert_eq!(config["mapping"]["source_id"], serde_json::json!(["id"]));
+    assert_eq!(config["mapping"]["by_position"], false);
+    assert_eq!(config["mapping"]["value"], "value");
+
     let client = reqwest::Client::new();
     let ask = |path: &str, key: Option<&str>| {
         let mut request = client.post(format!("{api}{path}"));

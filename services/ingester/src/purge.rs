@@ -80,6 +80,9 @@ pub async fn purge(pool: &Pool, source: &str) -> Result<Purged, PurgeError> {
         "DELETE FROM etl_source_state WHERE source = $1",
         "DELETE FROM etl_replays WHERE source = $1",
         "DELETE FROM etl_rejects_replay WHERE source = $1",
+        // What the console showed of it and asked for it.
+        "DELETE FROM etl_source_config WHERE source = $1",
+        "DELETE FROM etl_requests WHERE source = $1",
     ] {
         state_rows += tx.execute(state, &[&source]).await?;
     }

@@ -68,6 +68,91 @@ pub struct SourceStats {
     pub last_normalize: Option<RunInfo>,
     #[oai(skip_serializing_if_is_none)]
     pub replay: Option<ReplayInfo>,
+    #[oai(skip_serializing_if_is_none)]
+    pub config: Option<SourceConfig>,
+}
+
+/// The source as an ingester's sources file declares it (published when the ingester starts;
+/// absent before any has).
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// Seconds between scheduled runs.
+    pub schedule_seconds: i64,
+    /// Where it is read from, without credentials and with query values masked.
+    pub url: String,
+    pub mapping: SourceMapping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum SourceKind {
+    Rest,
+    Csv,
+}
+
+/// Where each normalized field comes from: JSON pointers (REST) or column names (CSV).
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct SourceMapping {
+    /// The columns or pointers whose values make the record's id (several: a composite key);
+    /// empty when the id is the record's position (`by_position`).
+    pub source_id: Vec<String>,
+    /// The id is the record's position in its source.
+    pub by_position: bool,
+    pub name: String,
+    pub value: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub description: Option<String>,
+}
+
+impl Example for SourceConfig {
+    fn example() -> Self {
+        Self {
+            kind: SourceKind::Rest,
+            schedule_seconds: 300,
+            url: "https://api.example.com/v1/products?api_key=***".into(),
+            mapping: SourceMapping::example(),
+        }
+    }
+}
+
+impl Example for SourceMapping {
+    fn example() -> Self {
+        Self {
+            source_id: vec!["/sku".into()],
+            by_position: false,
+            name: "/title".into(),
+            value: "/price/amount".into(),
+            description: Some("/details/summary".into()),
+        }
+    }
+}
+
+impl SourceMapping {
+    /// The mapping as `etl_shared::console::publish_sources` stores it.
+    fn from_published(json: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(json).ok()?;
+        let text = |key: &str| value[key].as_str().map(str::to_owned);
+        let (source_id, by_position) = match &value["source_id"] {
+            serde_json::Value::Array(parts) => (
+                parts
+                    .iter()
+                    .filter_map(|p| p.as_str().map(str::to_owned))
+                    .collect(),
+                false,
+            ),
+            _ => (Vec::new(), true),
+        };
+        Some(Self {
+            source_id,
+            by_position,
+            name: text("name")?,
+            value: text("value")?,
+            description: text("description"),
+        })
+    }
 }
 
 /// A replay of a source in progress, or stopped because its mapping cannot apply.
@@ -184,6 +269,7 @@ impl Example for SourceStats {
                 ..RunInfo::example()
             }),
             replay: None,
+            config: Some(SourceConfig::example()),
         }
     }
 }
@@ -313,6 +399,7 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         CHECKPOINTS,
         LATEST_RUNS,
         REPLAYS,
+        CONFIGS,
     ]
     .map(|sql| Statement::new(sql, vec![]));
     let mut answers = reader
@@ -321,8 +408,8 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         .into_iter()
         .skip(1);
     let mut next = || answers.next().unwrap_or_default();
-    let (normalized, raw, rejects, checkpoints, latest_runs, replays) =
-        (next(), next(), next(), next(), next(), next());
+    let (normalized, raw, rejects, checkpoints, latest_runs, replays, configs) =
+        (next(), next(), next(), next(), next(), next(), next());
     let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
     for row in normalized {
         let s = entry(&mut sources, row.get(0));
@@ -369,6 +456,18 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
             reason: one_of(&row, 5)?,
         });
     }
+    for row in configs {
+        let mapping: String = row.get(4);
+        let Some(mapping) = SourceMapping::from_published(&mapping) else {
+            continue;
+        };
+        entry(&mut sources, row.get(0)).config = Some(SourceConfig {
+            kind: one_of(&row, 1)?,
+            schedule_seconds: row.get(2),
+            url: row.get(3),
+            mapping,
+        });
+    }
     let sources: Vec<SourceStats> = sources.into_values().collect();
     Ok(Stats {
         generated_at: OffsetDateTime::now_utc(),
@@ -410,6 +509,7 @@ fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut Sour
         last_ingest: None,
         last_normalize: None,
         replay: None,
+        config: None,
     })
 }
 
@@ -470,6 +570,9 @@ const LATEST_RUNS: &str = concat!(
 );
 
 /// Replays under way: how far each is, and how many raw changes are past its position.
+const CONFIGS: &str =
+    "SELECT source, kind, schedule_seconds, url, mapping::text FROM etl_source_config";
+
 const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,
         (SELECT count(*) FROM raw_api_data r WHERE r.source = p.source AND r.change_id > p.position)
         + (SELECT count(*) FROM raw_csv_data r WHERE r.source = p.source AND r.change_id > p.position),
