@@ -32,6 +32,8 @@ fn is_open(path: &str) -> bool {
             | "/metrics"
     ) || path == "/docs"
         || path.starts_with("/docs/")
+        || path == "/console"
+        || path.starts_with("/console/")
 }
 
 /// The clients allowed in, by the SHA-256 of their key.

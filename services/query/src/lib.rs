@@ -9,6 +9,7 @@ mod actions;
 mod api;
 mod caching;
 mod compression;
+mod console;
 pub mod data;
 mod export;
 pub mod history;
@@ -261,6 +262,7 @@ fn routes(
                 get(text_endpoint("text/html; charset=utf-8", swagger_ui)),
             ),
         )
+        .nest("/console", console::routes())
         .at(
             "/metrics",
             get(metrics::endpoint)

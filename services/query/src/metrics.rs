@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-const ROUTES: [&str; 12] = [
+const ROUTES: [&str; 14] = [
     "/data",
     "/data/export",
     "/runs",
@@ -28,6 +28,8 @@ const ROUTES: [&str; 12] = [
     "/openapi.yaml",
     "/metrics",
     "/docs",
+    "/console",
+    "/sources/{source}/{action}",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,6 +147,9 @@ pub fn route_of(path: &str) -> &'static str {
     let path = path.trim_end_matches('/');
     if path.starts_with("/docs") {
         return "/docs";
+    }
+    if path == "/console" || path.starts_with("/console/") {
+        return "/console";
     }
     if let Some(rest) = path.strip_prefix("/sources/") {
         // `/sources/{source}/{action}`, the console's actions.

@@ -1051,6 +1051,7 @@ async fn with_keys_configured_only_probes_spec_and_metrics_answer_without_one() 
         "/openapi.yaml",
         "/docs",
         "/metrics",
+        "/console",
     ] {
         let (status, _, _) = raw_get(&app, open, &[]).await;
         assert_eq!(status, 200, "{open} answers without a key");
@@ -1416,6 +1417,51 @@ async fn the_served_spec_is_the_committed_one_and_swagger_ui_is_served() {
                 .to_string()
                 .contains(&format!("\"operationId\":\"{operation}\"")),
             "{operation}"
+        );
+    }
+}
+
+/// The console's page, script and style come from the binary, each with a policy that lets
+/// the page run its own script only and reach this service only; its script puts what the
+/// API says in as text, never as markup.
+#[tokio::test]
+async fn the_console_is_served_from_the_binary_under_a_strict_content_security_policy() {
+    let db = TestDb::new().await;
+    let app = App::start(&db.url, &[]).await;
+    let mut bodies = Vec::new();
+    for (path, content_type) in [
+        ("/console", "text/html; charset=utf-8"),
+        ("/console/console.js", "text/javascript; charset=utf-8"),
+        ("/console/console.css", "text/css; charset=utf-8"),
+    ] {
+        let (status, headers, body) = raw_get(&app, path, &[]).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(headers["content-type"], content_type, "{path}");
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            policy.contains("default-src 'none'") && policy.contains("script-src 'self'"),
+            "{path}: {policy}"
+        );
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        bodies.push(String::from_utf8(body.to_vec()).unwrap());
+    }
+    let (page, script) = (&bodies[0], &bodies[1]);
+    assert!(page.contains(r#"<script src="/console/console.js" defer></script>"#));
+    assert!(page.contains(r#"href="/console/console.css""#));
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "no inline script or style, which the policy would block"
+    );
+    for unsafe_sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+    ] {
+        assert!(
+            !script.contains(unsafe_sink),
+            "the script uses {unsafe_sink}"
         );
     }
 }
