@@ -70,6 +70,10 @@ pub struct SourceStats {
     pub replay: Option<ReplayInfo>,
     #[oai(skip_serializing_if_is_none)]
     pub config: Option<SourceConfig>,
+    /// When the latest successful ingest run ended: how fresh the source's data is, even
+    /// while its latest runs fail. Absent until one succeeds.
+    #[oai(skip_serializing_if_is_none)]
+    pub last_successful_ingest_at: Option<OffsetDateTime>,
 }
 
 /// The source as an ingester's sources file declares it (published when the ingester starts;
@@ -270,6 +274,7 @@ impl Example for SourceStats {
             }),
             replay: None,
             config: Some(SourceConfig::example()),
+            last_successful_ingest_at: Some(example_time() + time::Duration::seconds(12)),
         }
     }
 }
@@ -398,6 +403,7 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         REJECTS,
         CHECKPOINTS,
         LATEST_RUNS,
+        LAST_SUCCESSFUL_INGESTS,
         REPLAYS,
         CONFIGS,
     ]
@@ -408,8 +414,16 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
         .into_iter()
         .skip(1);
     let mut next = || answers.next().unwrap_or_default();
-    let (normalized, raw, rejects, checkpoints, latest_runs, replays, configs) =
-        (next(), next(), next(), next(), next(), next(), next());
+    let (normalized, raw, rejects, checkpoints, latest_runs, last_successes, replays, configs) = (
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+    );
     let mut sources: BTreeMap<String, SourceStats> = BTreeMap::new();
     for row in normalized {
         let s = entry(&mut sources, row.get(0));
@@ -446,6 +460,9 @@ async fn compute(reader: &Reader) -> Result<Stats, QueryError> {
             Service::Ingester => s.last_ingest = Some(run),
             Service::Normalizer => s.last_normalize = Some(run),
         }
+    }
+    for row in last_successes {
+        entry(&mut sources, row.get(0)).last_successful_ingest_at = row.get(1);
     }
     for row in replays {
         entry(&mut sources, row.get(0)).replay = Some(ReplayInfo {
@@ -510,6 +527,7 @@ fn entry(sources: &mut BTreeMap<String, SourceStats>, name: String) -> &mut Sour
         last_normalize: None,
         replay: None,
         config: None,
+        last_successful_ingest_at: None,
     })
 }
 
@@ -569,10 +587,17 @@ const LATEST_RUNS: &str = concat!(
     " FROM etl_runs ORDER BY service, source, started_at DESC, id DESC"
 );
 
-/// Replays under way: how far each is, and how many raw changes are past its position.
+/// When each source's latest successful ingest ended (the runs' index walks each source's
+/// newest runs first).
+const LAST_SUCCESSFUL_INGESTS: &str = "SELECT DISTINCT ON (source) source, ended_at
+    FROM etl_runs WHERE service = 'ingester' AND status = 'success'
+    ORDER BY source, started_at DESC, id DESC";
+
+/// Each source as its ingesters declare it.
 const CONFIGS: &str =
     "SELECT source, kind, schedule_seconds, url, mapping::text FROM etl_source_config";
 
+/// Replays under way: how far each is, and how many raw changes are past its position.
 const REPLAYS: &str = "SELECT p.source, p.started_at, p.processed,
         (SELECT count(*) FROM raw_api_data r WHERE r.source = p.source AND r.change_id > p.position)
         + (SELECT count(*) FROM raw_csv_data r WHERE r.source = p.source AND r.change_id > p.position),
