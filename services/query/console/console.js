@@ -81,21 +81,23 @@ function stateOf(source) {
   if (source.replay && source.replay.error) return ["red", `replay stopped: ${source.replay.error}`];
   if (!ingest) return ["amber", "never ingested"];
   const schedule = source.config ? source.config.schedule_seconds : null;
-  const ended = ingest.ended_at ? Date.parse(ingest.ended_at) : null;
-  if (schedule && ended && Date.now() - ended > 2 * schedule * 1000 + 60000)
-    return ["amber", `stale: last ingest ${ago(ingest.ended_at)}, ${every(schedule)}`];
+  const fresh = source.last_successful_ingest_at;
+  if (schedule && fresh && Date.now() - Date.parse(fresh) > 2 * schedule * 1000 + 60000)
+    return ["amber", `stale: last successful ingest ${ago(fresh)}, ${every(schedule)}`];
   const lag = source.checkpoint ? source.checkpoint.lag : source.raw_records;
   if (lag > 0) return ["amber", `${lag} rows waiting to be normalized`];
   if (source.replay) return ["amber", `replaying: ${source.replay.remaining} rows to go`];
-  if (ingest.records_rejected > 0) return ["amber", `last ingest rejected ${ingest.records_rejected} records`];
+  if (ingest.records_rejected > 0)
+    return ["amber", `last ingest rejected ${ingest.records_rejected} ${ingest.records_rejected === 1 ? "record" : "records"}`];
   return ["green", `ingested ${ago(ingest.ended_at || ingest.started_at)}, all normalized`];
 }
 
 function stateCell(source) {
   const [level, reason] = stateOf(source);
   return el("td", { "data-label": "State" },
-    el("span", { class: `state ${level}` }, level),
-    el("span", { class: "reason" }, reason));
+    el("div", { class: "state-cell" },
+      el("span", { class: `state ${level}` }, level),
+      el("span", { class: "reason" }, reason)));
 }
 
 function runSummary(run) {
@@ -125,6 +127,7 @@ async function overview() {
     td("Kind", source.config ? `${source.config.kind}, ${every(source.config.schedule_seconds)}` : "–"),
     td("Last ingest", runSummary(source.last_ingest)),
     td("Last normalize", runSummary(source.last_normalize)),
+    td("Last successful ingest", ago(source.last_successful_ingest_at)),
     td("Last change normalized", ago(source.checkpoint && source.checkpoint.last_processed_at)),
     td("Lag (rows)", source.checkpoint ? source.checkpoint.lag : source.raw_records, true),
     td("Records", source.records, true),
@@ -134,8 +137,8 @@ async function overview() {
     el("h2", {}, `Sources (${stats.sources.length}), ${stats.total_records} records`),
     stats.sources.length
       ? table("Every source's state", ["Source", "State", "Kind", "Last ingest", "Last normalize",
-        "Last change normalized", "Lag (rows)", "Records", "Rejected at ingest",
-        "Rejected at normalize"], rows)
+        "Last successful ingest", "Last change normalized", "Lag (rows)", "Records",
+        "Rejected at ingest", "Rejected at normalize"], rows)
       : el("p", {}, "No source yet: an ingester publishes its sources when it starts."),
   ];
 }
@@ -193,13 +196,38 @@ async function act(name, action) {
   }
 }
 
-async function sourcePage(name) {
-  const query = `source=${encodeURIComponent(name)}&page_size=20`;
-  const [stats, runs, rejects, ingests] = await Promise.all([
+const PAGE_SIZE = 20;
+
+/** The link to a source's page, with the page of runs and of rejects it shows. */
+function sourceHref(name, pages) {
+  const query = new URLSearchParams();
+  if (pages.runs > 1) query.set("runs", pages.runs);
+  if (pages.rejects > 1) query.set("rejects", pages.rejects);
+  const tail = query.toString();
+  return `#/source/${encodeURIComponent(name)}${tail ? `?${tail}` : ""}`;
+}
+
+/** "Newer" and "Older" links under a paged table, when there is somewhere to go. */
+function pager(name, pages, which, answer) {
+  const page = pages[which];
+  const links = [];
+  if (page > 1)
+    links.push(el("a", { href: sourceHref(name, { ...pages, [which]: page - 1 }), rel: "prev" }, "← Newer"));
+  if (answer.has_more)
+    links.push(el("a", { href: sourceHref(name, { ...pages, [which]: page + 1 }), rel: "next" }, "Older →"));
+  if (!links.length && page === 1) return null;
+  return el("nav", { class: "pager", "aria-label": `Pages of ${which}` },
+    el("span", {}, `Page ${page}`), ...links);
+}
+
+async function sourcePage(name, pages) {
+  const source_ = `source=${encodeURIComponent(name)}`;
+  const [stats, runs, rejects, ingests, records] = await Promise.all([
     api("/stats"),
-    api(`/runs?${query}`),
-    api(`/rejects?${query}`),
-    api(`/runs?${query}&service=ingester`),
+    api(`/runs?${source_}&page_size=${PAGE_SIZE}&page=${pages.runs}`),
+    api(`/rejects?${source_}&page_size=${PAGE_SIZE}&page=${pages.rejects}`),
+    api(`/runs?${source_}&page_size=${PAGE_SIZE}&service=ingester`),
+    api(`/data?${source_}&page_size=5&sort=-updated_at`),
   ]);
   const source = stats.sources.find((s) => s.source === name);
   if (!source) return [el("h2", {}, name), el("p", {}, "No such source.")];
@@ -210,8 +238,15 @@ async function sourcePage(name) {
     el("h2", {}, name, " ", el("span", { class: `state ${level}` }, level)),
     el("p", { class: "reason" }, reason),
     el("div", { class: "buttons" },
-      el("button", { type: "button", onclick: () => act(name, "run") }, "Run now"),
-      el("button", { type: "button", class: "secondary", onclick: () => act(name, "replay") }, "Replay")),
+      el("button", { type: "button", id: "run-now", onclick: () => act(name, "run") }, "Run now"),
+      el("button", { type: "button", id: "replay", class: "secondary", onclick: () => act(name, "replay") }, "Replay")),
+    el("h2", {}, "Freshness"),
+    el("dl", {},
+      el("dt", {}, "Last successful ingest"), el("dd", {}, ago(source.last_successful_ingest_at)),
+      el("dt", {}, "Last change normalized"), el("dd", {}, ago(source.checkpoint && source.checkpoint.last_processed_at)),
+      el("dt", {}, "Lag (rows)"), el("dd", {}, source.checkpoint ? source.checkpoint.lag : source.raw_records),
+      el("dt", {}, "Records"), el("dd", {}, source.records),
+      el("dt", {}, "Rejected"), el("dd", {}, `${source.rejected_at_ingest} at ingest, ${source.rejected_at_normalize} at normalize`)),
     el("h2", {}, "Configuration"),
     config ? el("dl", {},
       el("dt", {}, "Kind"), el("dd", {}, config.kind),
@@ -224,7 +259,7 @@ async function sourcePage(name) {
       : el("p", {}, "Not published by an ingester yet."),
     el("h2", {}, "Throughput"),
     sparkline(ingests.data),
-    el("h2", {}, "Runs"),
+    el("h2", { id: "runs" }, "Runs"),
     table(`Runs of ${name}`, ["Run", "Service", "Status", "Started", "Duration", "Read", "New", "Changed", "Rejected", "Error"],
       runs.data.map((run) => el("tr", { "data-run": run.run_id },
         td("Run", run.run_id, true),
@@ -237,7 +272,8 @@ async function sourcePage(name) {
         td("Changed", run.records_updated, true),
         td("Rejected", run.records_rejected, true),
         td("Error", run.error_message || "")))),
-    el("h2", {}, "Rejects"),
+    pager(name, pages, "runs", runs),
+    el("h2", { id: "rejects" }, "Rejects"),
     rejects.data.length
       ? table(`Rejected records of ${name}`, ["Stage", "Where", "Reason", "Record"],
         rejects.data.map((reject) => el("tr", { "data-reject": reject.id },
@@ -246,16 +282,45 @@ async function sourcePage(name) {
           td("Reason", reject.reason),
           td("Record", el("pre", {}, reject.raw_encoding === "base64" ? `(base64) ${reject.raw}` : reject.raw)))))
       : el("p", {}, "No rejected record."),
+    pager(name, pages, "rejects", rejects),
+    el("h2", {}, "Latest records"),
+    records.data.length
+      ? table(`Latest records of ${name}`, ["source_id", "Name", "Value", "Description", "Updated"],
+        records.data.map((record) => el("tr", { "data-record": record.source_id },
+          td("source_id", record.source_id),
+          td("Name", record.name),
+          td("Value", record.value, true),
+          td("Description", record.description || ""),
+          td("Updated", ago(record.updated_at)))))
+      : el("p", {}, "No record yet."),
   ];
+}
+
+/** What identifies a focusable element across a re-render: its id, else its link. */
+function focusKey(node) {
+  if (node.id) return `#${CSS.escape(node.id)}`;
+  const href = node.getAttribute("href");
+  return href ? `a[href="${CSS.escape(href)}"]` : null;
 }
 
 async function render() {
   const main = document.getElementById("main");
-  const route = location.hash.match(/^#\/source\/(.+)$/);
+  const route = location.hash.match(/^#\/source\/([^?]+)(?:\?(.*))?$/);
+  // A refresh replaces the content: the focus goes back where it was, for keyboard users.
+  const focused = document.activeElement;
+  const key = focused && focused !== main && main.contains(focused) ? focusKey(focused) : null;
   try {
-    const content = route ? await sourcePage(decodeURIComponent(route[1])) : await overview();
-    main.replaceChildren(...content);
+    let content;
+    if (route) {
+      const query = new URLSearchParams(route[2] || "");
+      const page = (name) => Math.max(1, parseInt(query.get(name), 10) || 1);
+      content = await sourcePage(decodeURIComponent(route[1]), { runs: page("runs"), rejects: page("rejects") });
+    } else {
+      content = await overview();
+    }
+    main.replaceChildren(...content.filter((node) => node !== null));
     document.getElementById("key-form").hidden = true;
+    if (key) main.querySelector(key)?.focus({ preventScroll: true });
     say(`Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`);
   } catch (error) {
     say(error instanceof Unauthorized ? "An API key is needed." : `Could not load: ${error.message}`, true);

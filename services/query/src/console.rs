@@ -10,6 +10,7 @@ use poem::{get, Endpoint, Response, Route};
 const PAGE: &str = include_str!("../console/index.html");
 const SCRIPT: &str = include_str!("../console/console.js");
 const STYLE: &str = include_str!("../console/console.css");
+const ICON: &str = include_str!("../console/favicon.svg");
 
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; \
@@ -26,7 +27,7 @@ fn asset(content_type: &'static str, body: &'static str) -> impl Endpoint<Output
     })
 }
 
-/// `/console` (the page), `/console/console.js` and `/console/console.css`.
+/// `/console` (the page), `/console/console.js`, `/console/console.css` and its icon.
 pub fn routes() -> Route {
     Route::new()
         .at("/", get(asset("text/html; charset=utf-8", PAGE)))
@@ -35,4 +36,5 @@ pub fn routes() -> Route {
             get(asset("text/javascript; charset=utf-8", SCRIPT)),
         )
         .at("/console.css", get(asset("text/css; charset=utf-8", STYLE)))
+        .at("/favicon.svg", get(asset("image/svg+xml", ICON)))
 }

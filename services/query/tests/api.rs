@@ -1433,6 +1433,7 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
         ("/console", "text/html; charset=utf-8"),
         ("/console/console.js", "text/javascript; charset=utf-8"),
         ("/console/console.css", "text/css; charset=utf-8"),
+        ("/console/favicon.svg", "image/svg+xml"),
     ] {
         let (status, headers, body) = raw_get(&app, path, &[]).await;
         assert_eq!(status, 200, "{path}");
@@ -1448,6 +1449,7 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
     let (page, script) = (&bodies[0], &bodies[1]);
     assert!(page.contains(r#"<script src="/console/console.js" defer></script>"#));
     assert!(page.contains(r#"href="/console/console.css""#));
+    assert!(page.contains(r#"href="/console/favicon.svg""#));
     assert!(
         !page.contains("<script>") && !page.contains("style="),
         "no inline script or style, which the policy would block"
