@@ -5,10 +5,12 @@
 //! The server comes from `DATABASE_URL`, which `cargo xtask test` sets to the Postgres it
 //! provisioned (an existing one, or a throwaway cluster).
 
+mod browser;
 mod fixtures;
 
 use std::time::Duration;
 
+pub use browser::{screenshot_dir, Browser};
 pub use fixtures::{sources_toml, streamed_csv, SourceToml, SourcesFile, TestServer};
 
 pub use etl_shared::db::url_with_database as with_database;

@@ -2,6 +2,8 @@
 //! so its tests can drive it directly.
 
 pub mod bench;
+pub mod browser;
+pub mod npm;
 pub mod pg;
 pub mod pyclient;
 pub mod stack;

@@ -109,6 +109,9 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
     })
     .await??;
     eprintln!("xtask: TypeScript client generated and type-checked");
+    let browser_bridge =
+        tokio::task::spawn_blocking(|| xtask::browser::install(&workspace_dir(), &target_dir()))
+            .await??;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The end-to-end tests run the real binaries as processes: build them first.
     let built = Command::new(&cargo)
@@ -139,6 +142,7 @@ async fn test(database: &Database, args: Vec<String>) -> Result<ExitCode> {
         .env("ETL_PY_CLIENT_DIR", &client.package_dir)
         .env("ETL_NODE", &ts_client.node)
         .env("ETL_TS_CLIENT_SMOKE", &ts_client.smoke_script)
+        .env("ETL_BROWSER_BRIDGE", &browser_bridge)
         .env("ETL_BIN_DIR", target_dir().join("debug"));
     run_to_end(command).await
 }

@@ -20,27 +20,7 @@ pub struct GeneratedClient {
 pub fn generate_and_check(workspace: &Path, target_dir: &Path) -> Result<GeneratedClient> {
     let sources = workspace.join("services/query/tests/ts");
     let tools = target_dir.join("nodetools");
-    let lock = std::fs::read(sources.join("package-lock.json"))?;
-    let marker = tools.join(format!("installed-{:016x}", fingerprint(&lock)));
-    if !marker.exists() {
-        eprintln!(
-            "xtask: installing @hey-api/openapi-ts and typescript into {}",
-            tools.display()
-        );
-        let _ = std::fs::remove_dir_all(&tools);
-        std::fs::create_dir_all(&tools)?;
-        for file in ["package.json", "package-lock.json"] {
-            std::fs::copy(sources.join(file), tools.join(file))?;
-        }
-        run_reporting_nothing(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
-                .current_dir(&tools),
-            &[],
-        )
-        .context("npm ci of the TypeScript tools (Debian: apt-get install nodejs npm)")?;
-        std::fs::write(&marker, "")?;
-    }
+    crate::npm::install(&sources, &tools, "@hey-api/openapi-ts and typescript")?;
     let bin = tools.join("node_modules/.bin");
     let out = target_dir.join("generated/ts-client");
     let _ = std::fs::remove_dir_all(&out);
@@ -69,12 +49,5 @@ pub fn generate_and_check(workspace: &Path, target_dir: &Path) -> Result<Generat
     Ok(GeneratedClient {
         node: PathBuf::from("node"),
         smoke_script: out.join("out/client_smoke.js"),
-    })
-}
-
-/// FNV-1a: tells one lockfile from another, so a changed pin reinstalls.
-fn fingerprint(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
