@@ -290,6 +290,25 @@ async fn the_overview_shows_each_source_with_its_counts_and_turns_red_when_its_l
     console.pipeline.stop().await;
 }
 
+/// Waits for the runs table to start with a successful run newer than `newest_run`; its
+/// service and records read.
+async fn new_successful_run(browser: &mut Browser, newest_run: i64) -> Value {
+    browser
+        .until(
+            &format!(
+                "(() => {{
+                    const row = document.querySelector('tr[data-run]');
+                    const cell = (label) => row.querySelector(`td[data-label=${{label}}]`).innerText;
+                    return row && Number(row.dataset.run) > {newest_run}
+                        && cell('Status') === 'success'
+                        && {{ service: cell('Service'), read: cell('Read') }};
+                }})()"
+            ),
+            DEADLINE,
+        )
+        .await
+}
+
 /// `count` finished ingest runs of `source` from the last days, every other one failed, as a
 /// source's history holds them (older than anything the services will run).
 async fn seed_history(db: &TestDb, source: &str, count: i32) {
@@ -310,7 +329,7 @@ async fn seed_history(db: &TestDb, source: &str, count: i32) {
 }
 
 #[tokio::test]
-async fn a_source_page_shows_rejects_with_reason_and_bytes_pages_its_runs_and_runs_now_by_keyboard()
+async fn a_source_page_shows_rejects_with_reason_and_bytes_pages_its_runs_and_its_actions_add_runs()
 {
     let db = TestDb::new().await;
     seed_history(&db, "orders", 24).await;
@@ -435,20 +454,7 @@ async fn a_source_page_shows_rejects_with_reason_and_bytes_pages_its_runs_and_ru
             .starts_with("run of orders asked for (request "),
         "{status}"
     );
-    let run = browser
-        .until(
-            &format!(
-                "(() => {{
-                    const row = document.querySelector('tr[data-run]');
-                    const cell = (label) => row.querySelector(`td[data-label=${{label}}]`).innerText;
-                    return row && Number(row.dataset.run) > {newest_run}
-                        && cell('Status') === 'success'
-                        && {{ service: cell('Service'), read: cell('Read') }};
-                }})()"
-            ),
-            DEADLINE,
-        )
-        .await;
+    let run = new_successful_run(&mut browser, newest_run).await;
     assert_eq!(run["service"], "ingester", "{run}");
     assert_eq!(run["read"], "5", "{run}");
     assert_eq!(
@@ -457,6 +463,23 @@ async fn a_source_page_shows_rejects_with_reason_and_bytes_pages_its_runs_and_ru
         "the focus stays on the button through the page's refreshes"
     );
     assert_no_problems(&mut browser, "the source page after a run").await;
+
+    // "Replay" by pointer: confirmed, then a normalizer run of the whole source appears.
+    let newest_run = browser
+        .eval("Number(document.querySelector('tr[data-run]').dataset.run)")
+        .await
+        .as_i64()
+        .unwrap();
+    browser.click("#replay").await;
+    assert_eq!(
+        browser.text("#confirm-title").await.as_deref(),
+        Some("Replay orders?")
+    );
+    browser.click("#confirm-ok").await;
+    let replay = new_successful_run(&mut browser, newest_run).await;
+    assert_eq!(replay["service"], "normalizer", "{replay}");
+    assert_eq!(replay["read"], "4", "every raw row again: {replay}");
+    assert_no_problems(&mut browser, "the source page after a replay").await;
 
     browser.resize(PHONE.0, PHONE.1).await;
     assert_fits_the_width(&mut browser, "the source page").await;
