@@ -169,13 +169,19 @@ async fn up(database: &Database) -> Result<ExitCode> {
     let api = format!("http://{}", stack.query_addr);
     println!(
         "\nThe ETL platform is up: the demo sources are ingested and normalized.\n\n\
+         Console      {api}/console\n\
          Swagger UI   {api}/docs\n\
-         OpenAPI      {api}/openapi.json\n\n\
-         Try:\n  curl '{api}/data?page=1&page_size=5'\n  curl '{api}/data?search=lamp&source=products'\n  curl '{api}/stats'\n\n\
+         OpenAPI      {api}/openapi.json\n\
+         API key      {key}   (an admin key made for this stack: the console asks for it)\n\n\
+         Try:\n  export KEY={key}\n\
+         \x20 curl -H \"Authorization: Bearer $KEY\" '{api}/data?page=1&page_size=5'\n\
+         \x20 curl -H \"Authorization: Bearer $KEY\" '{api}/data?search=lamp&source=products'\n\
+         \x20 curl -H \"Authorization: Bearer $KEY\" '{api}/stats'\n\n\
          Database     {url}\n\
          Logs         {}\n\n\
          Stop with ctrl-c here, or `cargo xtask down` (`just down`) from another terminal.",
-        stack.logs.display()
+        stack.logs.display(),
+        key = stack.api_key,
     );
     stop_requested().await;
     eprintln!("xtask: stopping the services");

@@ -60,6 +60,9 @@ pub struct Stack {
     children: Vec<(&'static str, Child)>,
     pub query_addr: SocketAddr,
     pub logs: PathBuf,
+    /// An admin API key made for this stack: the API asks for it, and with it the console's
+    /// Run now and Replay work.
+    pub api_key: String,
 }
 
 /// Builds the services, starts the demo source and the three services against `database_url`,
@@ -76,15 +79,21 @@ pub async fn start(workspace: &Path, target: &Path, database_url: &str) -> Resul
     let sources = stack_dir.join("sources.toml");
     std::fs::write(&sources, template.replace("{demo}", &demo.to_string()))?;
 
+    let (api_key, entry) = etl_query::access::new_key("operator", true);
+    let keys = stack_dir.join("api-keys.toml");
+    std::fs::write(&keys, entry)?;
+
     let query_addr = free_addr(8080)?;
     let mut stack = Stack {
         children: Vec::new(),
         query_addr,
         logs: logs.clone(),
+        api_key,
     };
     let common = [
         ("DATABASE_URL", database_url.to_owned()),
         ("SOURCES_FILE", sources.display().to_string()),
+        ("QUERY_API_KEYS_FILE", keys.display().to_string()),
         ("RUST_LOG", "info".to_owned()),
     ];
     let services: [(&'static str, (&str, String)); 3] = [
