@@ -233,7 +233,7 @@ async fn the_overview_shows_each_source_with_its_counts_and_turns_red_when_its_l
     );
     assert_eq!(
         state_of(&mut browser, "orders").await,
-        ("amber".into(), "last ingest rejected 1 record".into())
+        ("amber".into(), "last ingest rejected 1 of 5 records".into())
     );
     let flaky_row = overview_row(&mut browser, "flaky").await;
     assert_eq!(flaky_row["Records"], "2", "{flaky_row}");

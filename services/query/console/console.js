@@ -4,6 +4,9 @@
 
 const REFRESH_MS = 10000;
 const KEY = "etl-console-key";
+// A run that rejects more than this share of what it read turns its source amber; a few bad
+// rows in a large file are a data-quality note (the counts show them), not an alarm.
+const REJECTS_AMBER = 0.01;
 
 /** An element with attributes and children (strings become text nodes). */
 function el(tag, attrs = {}, ...children) {
@@ -87,9 +90,13 @@ function stateOf(source) {
   const lag = source.checkpoint ? source.checkpoint.lag : source.raw_records;
   if (lag > 0) return ["amber", `${lag} rows waiting to be normalized`];
   if (source.replay) return ["amber", `replaying: ${source.replay.remaining} rows to go`];
-  if (ingest.records_rejected > 0)
-    return ["amber", `last ingest rejected ${ingest.records_rejected} ${ingest.records_rejected === 1 ? "record" : "records"}`];
-  return ["green", `ingested ${ago(ingest.ended_at || ingest.started_at)}, all normalized`];
+  for (const [stage, run] of [["ingest", ingest], ["normalize", normalize]]) {
+    if (run && run.records_rejected > REJECTS_AMBER * run.records_processed)
+      return ["amber", `last ${stage} rejected ${run.records_rejected} of ${run.records_processed} records`];
+  }
+  const rejected = source.rejected_at_ingest + source.rejected_at_normalize;
+  return ["green", `ingested ${ago(ingest.ended_at || ingest.started_at)}, all normalized` +
+    (rejected ? `; ${source.rejected_at_ingest} rejected at ingest, ${source.rejected_at_normalize} at normalize` : "")];
 }
 
 function stateCell(source) {
