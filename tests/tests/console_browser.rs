@@ -100,8 +100,8 @@ impl Console {
 }
 
 /// Opens the console at `fragment` (`""` for the overview), enters the admin key in the form
-/// it shows, and waits for `ready` to be on the page. The only problem until then is the
-/// request the key was missing from.
+/// it shows first (the page knows this service asks for keys: no request is refused), and
+/// waits for `ready` to be on the page.
 async fn sign_in(console: &Console, fragment: &str, ready: &str) -> Browser {
     let mut browser = Browser::start();
     browser
@@ -120,10 +120,7 @@ async fn sign_in(console: &Console, fragment: &str, ready: &str) -> Browser {
     browser.press("Enter").await;
     browser.wait(ready, Duration::from_secs(20)).await;
     let problems = browser.problems().await;
-    assert!(
-        !problems.is_empty() && problems.iter().all(|p| p.contains("401")),
-        "before the key, only 401s: {problems:?}"
-    );
+    assert!(problems.is_empty(), "signing in: {problems:?}");
     browser
 }
 

@@ -344,10 +344,18 @@ function start() {
     render();
     document.getElementById("main").focus();
   });
-  render();
+  // A service that asks for keys says so in the page: ask before the first request.
+  const keysRequired = document.querySelector('meta[name="etl-api-keys"]').content === "required";
+  if (keysRequired && !sessionStorage.getItem(KEY)) {
+    askForKey();
+    say("An API key is needed.");
+  } else {
+    render();
+  }
   setInterval(() => {
-    // No refresh under an open dialog: the confirmation keeps its context.
-    if (!document.getElementById("confirm").open) render();
+    // No refresh under an open dialog (the confirmation keeps its context) or while a key
+    // is asked for.
+    if (!document.getElementById("confirm").open && document.getElementById("key-form").hidden) render();
   }, REFRESH_MS);
 }
 

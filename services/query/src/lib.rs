@@ -262,7 +262,7 @@ fn routes(
                 get(text_endpoint("text/html; charset=utf-8", swagger_ui)),
             ),
         )
-        .nest("/console", console::routes())
+        .nest("/console", console::routes(settings.api_keys.is_some()))
         .at(
             "/metrics",
             get(metrics::endpoint)

@@ -1056,6 +1056,11 @@ async fn with_keys_configured_only_probes_spec_and_metrics_answer_without_one() 
         let (status, _, _) = raw_get(&app, open, &[]).await;
         assert_eq!(status, 200, "{open} answers without a key");
     }
+    let (_, _, page) = raw_get(&app, "/console", &[]).await;
+    assert!(
+        String::from_utf8_lossy(&page).contains(r#"<meta name="etl-api-keys" content="required">"#),
+        "the console's page says a key is needed, so it asks before its first request"
+    );
     // The keys file holds digests, not keys.
     let text = std::fs::read_to_string(file.path()).unwrap();
     assert!(
@@ -1450,6 +1455,10 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
     assert!(page.contains(r#"<script src="/console/console.js" defer></script>"#));
     assert!(page.contains(r#"href="/console/console.css""#));
     assert!(page.contains(r#"href="/console/favicon.svg""#));
+    assert!(
+        page.contains(r#"<meta name="etl-api-keys" content="optional">"#),
+        "without a keys file the page reads without asking for a key"
+    );
     assert!(
         !page.contains("<script>") && !page.contains("style="),
         "no inline script or style, which the policy would block"
