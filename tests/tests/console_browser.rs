@@ -598,3 +598,59 @@ async fn assert_never_ran(browser: &mut Browser, page: &str) {
     );
     assert_no_problems(browser, page).await;
 }
+
+#[tokio::test]
+async fn without_api_keys_the_console_reads_freely_and_says_why_it_offers_no_action() {
+    let db = TestDb::new().await;
+    let server = TestServer::serving("/orders.csv", ORDERS).await;
+    let sources = SourcesFile::of(&[
+        SourceToml::csv("orders", &server.url("/orders.csv")).with(r#"schedule = "1h""#)
+    ]);
+    let mut pipeline = Pipeline::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("SOURCES_FILE", sources.env_value()),
+        ("QUERY_STATS_MAX_AGE_SECS", "0".to_owned()),
+    ]);
+    let mut browser = Browser::start();
+    browser
+        .open(
+            &format!("{}/console#/source/orders", pipeline.api()),
+            DESKTOP.0,
+            DESKTOP.1,
+        )
+        .await;
+    // The services may still be starting: the page shows an error until its next refresh.
+    let note = browser
+        .until(
+            "document.getElementById('actions-off')?.innerText",
+            DEADLINE,
+        )
+        .await;
+    assert!(
+        note.as_str().unwrap().contains("QUERY_API_KEYS_FILE"),
+        "{note}"
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelectorAll('#run-now, #replay').length")
+            .await,
+        0,
+        "no button that could only be refused"
+    );
+    assert_eq!(
+        browser
+            .eval("document.getElementById('key-form').hidden")
+            .await,
+        true,
+        "no key asked for"
+    );
+    // Any failure while the services were starting is behind us: a fresh load finds none.
+    browser.problems().await;
+    browser
+        .goto(&format!("{}/console#/source/orders", pipeline.api()))
+        .await;
+    browser.wait("#actions-off", DEADLINE).await;
+    assert_no_problems(&mut browser, "the source page without keys").await;
+    pipeline.assert_running();
+    pipeline.stop().await;
+}

@@ -7,6 +7,9 @@ const KEY = "etl-console-key";
 // A run that rejects more than this share of what it read turns its source amber; a few bad
 // rows in a large file are a data-quality note (the counts show them), not an alarm.
 const REJECTS_AMBER = 0.01;
+// Whether this service asks for API keys (its page says so). Without keys the API reads
+// freely and refuses every action.
+const KEYS_REQUIRED = document.querySelector('meta[name="etl-api-keys"]').content === "required";
 
 /** An element with attributes and children (strings become text nodes). */
 function el(tag, attrs = {}, ...children) {
@@ -244,9 +247,13 @@ async function sourcePage(name, pages) {
   return [
     el("h2", {}, name, " ", el("span", { class: `state ${level}` }, level)),
     el("p", { class: "reason" }, reason),
-    el("div", { class: "buttons" },
-      el("button", { type: "button", id: "run-now", onclick: () => act(name, "run") }, "Run now"),
-      el("button", { type: "button", id: "replay", class: "secondary", onclick: () => act(name, "replay") }, "Replay")),
+    KEYS_REQUIRED
+      ? el("div", { class: "buttons" },
+        el("button", { type: "button", id: "run-now", onclick: () => act(name, "run") }, "Run now"),
+        el("button", { type: "button", id: "replay", class: "secondary", onclick: () => act(name, "replay") }, "Replay"))
+      : el("p", { id: "actions-off" },
+        "Run now and Replay need an admin API key, and this service has no keys file " +
+        "(QUERY_API_KEYS_FILE; etl-query api-key NAME --admin makes one)."),
     el("h2", {}, "Freshness"),
     el("dl", {},
       el("dt", {}, "Last successful ingest"), el("dd", {}, ago(source.last_successful_ingest_at)),
@@ -345,8 +352,7 @@ function start() {
     document.getElementById("main").focus();
   });
   // A service that asks for keys says so in the page: ask before the first request.
-  const keysRequired = document.querySelector('meta[name="etl-api-keys"]').content === "required";
-  if (keysRequired && !sessionStorage.getItem(KEY)) {
+  if (KEYS_REQUIRED && !sessionStorage.getItem(KEY)) {
     askForKey();
     say("An API key is needed.");
   } else {
