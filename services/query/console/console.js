@@ -199,7 +199,11 @@ async function act(name, action) {
   if (choice !== "ok") return;
   try {
     const request = await api(`/sources/${encodeURIComponent(name)}/${action}`, { method: "POST" });
-    say(`${action} of ${name} asked for (request ${request.request_id}); its run appears below shortly.`);
+    notice = {
+      text: `${action} of ${name} asked for (request ${request.request_id}); its run appears below shortly.`,
+      until: Date.now() + 30000,
+    };
+    say(notice.text);
     setTimeout(render, 1500);
   } catch (error) {
     say(`${action} of ${name} refused: ${error.message}`, true);
@@ -317,7 +321,14 @@ function focusKey(node) {
   return href ? `a[href="${CSS.escape(href)}"]` : null;
 }
 
+// Renders can overlap (the timer, a click, a navigation): only the latest one started may
+// fill the page, so a slow refresh of the overview never replaces the source page just opened.
+let latestRender = 0;
+// What the operator last asked for, kept in the status line for a while across refreshes.
+let notice = null;
+
 async function render() {
+  const started = ++latestRender;
   const main = document.getElementById("main");
   const route = location.hash.match(/^#\/source\/([^?]+)(?:\?(.*))?$/);
   // A refresh replaces the content: the focus goes back where it was, for keyboard users.
@@ -332,11 +343,15 @@ async function render() {
     } else {
       content = await overview();
     }
+    if (started !== latestRender) return;
     main.replaceChildren(...content.filter((node) => node !== null));
     document.getElementById("key-form").hidden = true;
     if (key) main.querySelector(key)?.focus({ preventScroll: true });
-    say(`Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`);
+    if (notice && Date.now() > notice.until) notice = null;
+    say(`${notice ? `${notice.text} ` : ""}Updated ${new Date().toLocaleTimeString()}; ` +
+      `refreshes every ${REFRESH_MS / 1000} s.`);
   } catch (error) {
+    if (started !== latestRender) return;
     say(error instanceof Unauthorized ? "An API key is needed." : `Could not load: ${error.message}`, true);
   }
 }
