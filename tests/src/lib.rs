@@ -607,11 +607,21 @@ pub fn url_at(url: &str, addr: std::net::SocketAddr) -> String {
     )
 }
 
-/// A free port on 127.0.0.1 for a service under test to listen on.
+/// A free port on 127.0.0.1 for a service under test to listen on. The port is free now but
+/// is bound by the service only later, so it is drawn at random below Linux's ephemeral range
+/// (32768 and up): there, a test server or client binding port 0 in a parallel test cannot be
+/// handed the same port meanwhile (that happened: a console test's query port answered 404
+/// from another test's source server).
 pub fn free_local_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
+    const PORTS: std::ops::Range<u16> = 20_000..32_000;
+    for _ in 0..1_000 {
+        let draw = uuid::Uuid::new_v4().as_u128() % u128::from(PORTS.end - PORTS.start);
+        let port = PORTS.start + u16::try_from(draw).expect("below the range's width");
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("a bound address");
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {PORTS:?}")
 }
 
 /// An admin token in a file of its own, for `ADMIN_TOKEN_FILE` (removed when dropped).
