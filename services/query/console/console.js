@@ -76,6 +76,16 @@ function every(seconds) {
   return `every ${seconds} s`;
 }
 
+/** Rows waiting to be normalized: every raw row until the normalizer has looked at the source. */
+function lagOf(source) {
+  return source.checkpoint ? source.checkpoint.lag : source.raw_records;
+}
+
+/** When the normalizer last applied a change of the source. */
+function lastNormalizedChange(source) {
+  return ago(source.checkpoint && source.checkpoint.last_processed_at);
+}
+
 /** Red, amber or green, and why, from a source's stats. */
 function stateOf(source) {
   const ingest = source.last_ingest;
@@ -90,7 +100,7 @@ function stateOf(source) {
   const fresh = source.last_successful_ingest_at;
   if (schedule && fresh && Date.now() - Date.parse(fresh) > 2 * schedule * 1000 + 60000)
     return ["amber", `stale: last successful ingest ${ago(fresh)}, ${every(schedule)}`];
-  const lag = source.checkpoint ? source.checkpoint.lag : source.raw_records;
+  const lag = lagOf(source);
   if (lag > 0) return ["amber", `${lag} rows waiting to be normalized`];
   if (source.replay) return ["amber", `replaying: ${source.replay.remaining} rows to go`];
   for (const [stage, run] of [["ingest", ingest], ["normalize", normalize]]) {
@@ -138,8 +148,8 @@ async function overview() {
     td("Last ingest", runSummary(source.last_ingest)),
     td("Last normalize", runSummary(source.last_normalize)),
     td("Last successful ingest", ago(source.last_successful_ingest_at)),
-    td("Last change normalized", ago(source.checkpoint && source.checkpoint.last_processed_at)),
-    td("Lag (rows)", source.checkpoint ? source.checkpoint.lag : source.raw_records, true),
+    td("Last change normalized", lastNormalizedChange(source)),
+    td("Lag (rows)", lagOf(source), true),
     td("Records", source.records, true),
     td("Rejected at ingest", source.rejected_at_ingest, true),
     td("Rejected at normalize", source.rejected_at_normalize, true)));
@@ -261,8 +271,8 @@ async function sourcePage(name, pages) {
     el("h2", {}, "Freshness"),
     el("dl", {},
       el("dt", {}, "Last successful ingest"), el("dd", {}, ago(source.last_successful_ingest_at)),
-      el("dt", {}, "Last change normalized"), el("dd", {}, ago(source.checkpoint && source.checkpoint.last_processed_at)),
-      el("dt", {}, "Lag (rows)"), el("dd", {}, source.checkpoint ? source.checkpoint.lag : source.raw_records),
+      el("dt", {}, "Last change normalized"), el("dd", {}, lastNormalizedChange(source)),
+      el("dt", {}, "Lag (rows)"), el("dd", {}, lagOf(source)),
       el("dt", {}, "Records"), el("dd", {}, source.records),
       el("dt", {}, "Rejected"), el("dd", {}, `${source.rejected_at_ingest} at ingest, ${source.rejected_at_normalize} at normalize`)),
     el("h2", {}, "Configuration"),
